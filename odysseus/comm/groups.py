@@ -1,0 +1,93 @@
+"""Process groups: what callers may pass, and the host-side exchange of sequence lengths."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._compat import all_gather_tensor
+from .ledger import record
+from .sizes import shard_sizes
+
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DeviceMesh = ()
+
+GroupLike = "dist.ProcessGroup | DeviceMesh | None"
+
+_META_GROUPS: dict = {}
+
+
+def resolve_group(group=None) -> dist.ProcessGroup | None:
+    """Turn ``None``, a ``ProcessGroup`` or a 1-D ``DeviceMesh`` into a ``ProcessGroup``.
+
+    ``None`` means the default group, or no group at all (a single process) when torch.distributed has
+    not been initialised; every collective is then the identity.
+    """
+    if group is None:
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"expected a 1-D DeviceMesh, got one with {group.ndim} dims {tuple(group.shape)}; "
+                "slice it first, e.g. mesh['sp']"
+            )
+        return group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(f"expected a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+
+
+def group_size(pg: dist.ProcessGroup | None) -> int:
+    return 1 if pg is None else dist.get_world_size(pg)
+
+
+def group_rank(pg: dist.ProcessGroup | None) -> int:
+    return 0 if pg is None else dist.get_rank(pg)
+
+
+def meta_group(pg: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """A gloo group over the same ranks, for small host-side exchanges.
+
+    Lengths travel on the CPU so that reading them never waits for the GPU stream. Every rank of ``pg``
+    must call this the first time (modules do it in their constructors).
+    """
+    if pg is None or dist.get_backend(pg) == "gloo":
+        return pg
+    if pg not in _META_GROUPS:
+        ranks = dist.get_process_group_ranks(pg)
+        _META_GROUPS[pg] = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+    return _META_GROUPS[pg]
+
+
+def exchange_lengths(local_len: int, pg: dist.ProcessGroup | None, who: str = "sequence") -> list[int]:
+    """Every rank's sequence-shard length, checked against the :func:`shard_sizes` rule.
+
+    All ranks see the same list, so a bad layout raises the same ``ValueError`` on every rank.
+    """
+    world = group_size(pg)
+    if world == 1:
+        lengths = [local_len]
+    else:
+        mine = torch.tensor([local_len], dtype=torch.int64)
+        every = torch.empty(world, dtype=torch.int64)
+        all_gather_tensor(every, mine, group=meta_group(pg))
+        record("all_gather", 8 * (world - 1), 8 * (world - 1), world, "metadata", "lengths")
+        lengths = every.tolist()
+    check_layout(lengths, who)
+    return lengths
+
+
+def check_layout(lengths: list[int], who: str = "sequence") -> None:
+    """Raise unless ``lengths`` is what :func:`odysseus.shard_sequence` gives for ``sum(lengths)`` tokens."""
+    total, world = sum(lengths), len(lengths)
+    if total < world:
+        raise ValueError(f"{who}: a sequence of {total} tokens cannot be split over {world} ranks")
+    expected = shard_sizes(total, world)
+    if lengths != expected:
+        raise ValueError(
+            f"{who}: the ranks hold shards of lengths {lengths}, but shard_sequence splits a sequence of "
+            f"{total} tokens over {world} ranks as {expected}; was the full sequence (or a wrongly split "
+            "one) passed to a sequence-parallel module?"
+        )

@@ -1,0 +1,101 @@
+"""Raw collectives on tensors (no autograd), each reporting its real bytes to the CommLedger.
+
+Uneven shards are padded to the largest one on the wire (gloo and NCCL want equal chunks) and trimmed
+before returning; the ledger counts the unpadded bytes, which is what the algorithm must move.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._compat import all_gather_tensor, reduce_scatter_tensor
+from .groups import group_rank, group_size
+from .ledger import record
+from .sizes import offsets, shard_sizes
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    return t[0].numel() * t.element_size() if t.shape[0] else 0
+
+
+def all_gather(
+    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str = "activation", label: str = ""
+) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``; rank i contributes ``sizes[i]`` slices."""
+    world, rank = group_size(pg), group_rank(pg)
+    if world == 1:
+        return x
+    xm = x.movedim(dim, 0)
+    if xm.shape[0] != sizes[rank]:
+        raise ValueError(f"all_gather: rank {rank} holds {xm.shape[0]} rows along dim {dim}, expected {sizes[rank]}")
+    m, rest = max(sizes), xm.shape[1:]
+    inp = xm.contiguous()
+    if sizes[rank] != m:
+        inp = torch.cat([inp, inp.new_zeros(m - sizes[rank], *rest)])
+    out = inp.new_empty(world * m, *rest)
+    all_gather_tensor(out, inp, group=pg)
+    if any(s != m for s in sizes):
+        out = torch.cat([out[i * m : i * m + s] for i, s in enumerate(sizes)])
+    rb = _row_bytes(inp)
+    record("all_gather", (world - 1) * sizes[rank] * rb, (sum(sizes) - sizes[rank]) * rb, world, category, label)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(
+    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str = "activation", label: str = ""
+) -> torch.Tensor:
+    """Sum ``x`` over ranks and keep this rank's ``sizes[rank]`` slices along ``dim``."""
+    world, rank = group_size(pg), group_rank(pg)
+    if world == 1:
+        return x
+    xm = x.movedim(dim, 0)
+    if xm.shape[0] != sum(sizes):
+        raise ValueError(f"reduce_scatter: got {xm.shape[0]} rows along dim {dim}, expected {sum(sizes)}")
+    m, rest = max(sizes), xm.shape[1:]
+    if all(s == m for s in sizes):
+        inp = xm.contiguous()
+    else:
+        inp = xm.new_zeros(world * m, *rest)
+        o = offsets(sizes)
+        for i, s in enumerate(sizes):
+            inp[i * m : i * m + s] = xm[o[i] : o[i + 1]]
+    out = inp.new_empty(m, *rest)
+    reduce_scatter_tensor(out, inp, group=pg)
+    rb = _row_bytes(inp)
+    record("reduce_scatter", (sum(sizes) - sizes[rank]) * rb, (world - 1) * sizes[rank] * rb, world, category, label)
+    return out[: sizes[rank]].movedim(0, dim)
+
+
+def all_to_all(
+    chunks: list[torch.Tensor], recv_numels: list[int], pg, *, category: str = "activation", label: str = ""
+) -> list[torch.Tensor]:
+    """Send ``chunks[j]`` (any shape, flattened) to rank j; return the flat chunk received from each rank."""
+    world, rank = group_size(pg), group_rank(pg)
+    if world == 1:
+        return [chunks[0].reshape(-1)]
+    send = torch.cat([c.reshape(-1) for c in chunks])
+    recv = send.new_empty(sum(recv_numels))
+    dist.all_to_all_single(
+        recv, send, output_split_sizes=recv_numels, input_split_sizes=[c.numel() for c in chunks], group=pg
+    )
+    es = send.element_size()
+    sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) * es
+    received = (sum(recv_numels) - recv_numels[rank]) * es
+    record("all_to_all", sent, received, world, category, label)
+    return list(recv.split(recv_numels))
+
+
+def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str = "") -> torch.Tensor:
+    """Sum ``x`` over ranks in place and return it.
+
+    Counted as a reduce-scatter plus an all-gather over ``numel`` split by :func:`shard_sizes`.
+    """
+    world, rank = group_size(pg), group_rank(pg)
+    if world == 1:
+        return x
+    dist.all_reduce(x, group=pg)
+    chunks = shard_sizes(x.numel(), world)
+    moved = ((x.numel() - chunks[rank]) + (world - 1) * chunks[rank]) * x.element_size()
+    record("all_reduce", moved, moved, world, category, label)
+    return x

@@ -1,0 +1,112 @@
+"""Single-device, pure-PyTorch Llama block: the ground truth every strategy is tested against.
+
+Parameter names follow Hugging Face Llama (``self_attn.q_proj``, ``mlp.gate_proj``, ...), so state dicts
+load both ways.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TransformerConfig
+from .rope import apply_rope, rope_cos_sin
+from .validation import check_input, normalize_position_ids
+
+
+class RMSNorm(nn.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back (as Hugging Face does)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., hidden)`` -> same shape."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal GQA self-attention with RoPE; attention scores computed explicitly (no fused kernel)."""
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        c, kw = config, dict(bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: (batch, seq, hidden)``, ``position_ids: (batch or 1, seq)`` or ``(seq,)`` -> ``(batch, seq, hidden)``.
+
+        ``position_ids`` defaults to ``0..seq-1``; it only moves RoPE, the causal mask follows token order.
+        """
+        c = self.config
+        check_input(x, self.q_proj.weight, c.hidden_size, "Attention")
+        B, L, _ = x.shape
+        pos = normalize_position_ids(position_ids, B, L, 0, x.device)
+        q = self.q_proj(x).view(B, L, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(B, L, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(B, L, c.num_kv_heads, c.head_dim)
+        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k = k.repeat_interleave(c.q_per_kv, dim=2)
+        v = v.repeat_interleave(c.q_per_kv, dim=2)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * c.head_dim**-0.5
+        if c.causal:
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
+            scores = scores.masked_fill(mask, float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, c.num_heads * c.head_dim)
+        return self.o_proj(out)
+
+
+class FFN(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        d, i, kw = config.hidden_size, config.intermediate_size, dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(d, i, **kw)
+        self.up_proj = nn.Linear(d, i, **kw)
+        self.down_proj = nn.Linear(i, d, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (batch, seq, hidden)`` -> ``(batch, seq, hidden)``."""
+        check_input(x, self.gate_proj.weight, self.config.hidden_size, "FFN")
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Llama block: ``h = x + attn(norm(x))``, ``y = h + ffn(norm(h))``."""
+
+    def __init__(self, config: TransformerConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.self_attn = Attention(config, device, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, device, dtype)
+        self.mlp = FFN(config, device, dtype)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x: (batch, seq, hidden)`` -> ``(batch, seq, hidden)``."""
+        h = x + self.self_attn(self.input_layernorm(x), position_ids)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
+    """Fill linear weights with N(0, std) and norm weights with ones (Llama's initialisation); returns it."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+    return module

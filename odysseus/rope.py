@@ -1,0 +1,27 @@
+"""Rotary position embedding in the rotate-half form (as in Hugging Face Llama)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for ``position_ids: (batch or 1, seq)`` -> two ``(batch or 1, seq, 1, head_dim)``.
+
+    Angles are computed in fp32 and then cast, which is what Hugging Face does, so bf16 runs agree.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim)
+    )
+    freqs = position_ids.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: (batch, seq, heads, head_dim)`` by tables from :func:`rope_cos_sin`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
