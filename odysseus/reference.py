@@ -16,7 +16,7 @@ from .validation import check_input, normalize_position_ids
 
 
 class RMSNorm(nn.Module):
-    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 and cast back (as Hugging Face does)."""
+    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in at least fp32 and cast back (as Hugging Face does)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
         super().__init__()
@@ -25,9 +25,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x: (..., hidden)`` -> same shape."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        xc = x.to(torch.promote_types(x.dtype, torch.float32))
+        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xc.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -62,7 +62,7 @@ class Attention(nn.Module):
         if c.causal:
             mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, c.num_heads * c.head_dim)
         return self.o_proj(out)
 
@@ -97,6 +97,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x: (batch, seq, hidden)`` -> ``(batch, seq, hidden)``."""
+        check_input(x, self.input_layernorm.weight, self.config.hidden_size, "TransformerBlock")
         h = x + self.self_attn(self.input_layernorm(x), position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))
 

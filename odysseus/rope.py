@@ -10,12 +10,13 @@ def rope_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for ``position_ids: (batch or 1, seq)`` -> two ``(batch or 1, seq, 1, head_dim)``.
 
-    Angles are computed in fp32 and then cast, which is what Hugging Face does, so bf16 runs agree.
+    Angles are computed in fp32 (fp64 for fp64 inputs) and then cast, which is what Hugging Face does,
+    so bf16 runs agree with it.
     """
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).float() / head_dim)
-    )
-    freqs = position_ids.float()[..., None] * inv_freq
+    compute = torch.promote_types(dtype, torch.float32)
+    exponent = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.int64).to(compute) / head_dim
+    inv_freq = 1.0 / (theta**exponent)
+    freqs = position_ids.to(compute)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

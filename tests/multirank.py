@@ -75,7 +75,7 @@ def run_ranks(world: int, fn, *args, timeout: float = 120.0, pg_timeout: float |
                     raise TimeoutError(f"ranks {missing} of {world} did not finish within {timeout}s") from None
                 dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode not in (None, 0)]
                 if dead and results.empty():
-                    raise RankError(dead[0], f"process died with exit code {procs[dead[0]].exitcode}")
+                    raise RankError(dead[0], f"process died with exit code {procs[dead[0]].exitcode}") from None
                 continue
             if not ok:
                 raise RankError(rank, payload)

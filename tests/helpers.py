@@ -1,0 +1,45 @@
+"""Shared test utilities: configs, comparisons that say where they differ."""
+
+from __future__ import annotations
+
+import torch
+
+from odysseus import TransformerConfig
+from odysseus.reference import TransformerBlock, init_weights
+
+# The odd shape every parity test includes: nothing divides evenly.
+ODD = dict(hidden_size=96, num_heads=6, num_kv_heads=2, intermediate_size=160)
+EVEN = dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=128)
+
+
+def make_block(dtype=torch.float32, seed: int = 0, **cfg) -> TransformerBlock:
+    """A reference block with N(0, 0.02)-ish weights and non-trivial norm weights."""
+    config = TransformerConfig(**(cfg or ODD))
+    g = torch.Generator().manual_seed(seed)
+    block = init_weights(TransformerBlock(config), std=0.08, generator=g)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if "layernorm" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return block.to(dtype)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = "") -> None:
+    """allclose that reports the worst element, its index and the error size."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    bad = err > bound
+    if bad.any() or not torch.isfinite(actual).all():
+        idx = tuple(int(i) for i in torch.nonzero(bad | ~torch.isfinite(actual))[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.numel()} elements differ; worst abs err {err.max().item():.3e} "
+            f"(scale {expected.abs().max().item():.3e}); first at {idx}: {actual[idx].item()} vs {expected[idx].item()}"
+        )
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |a - e| / max |e|, in fp64."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
