@@ -3,5 +3,28 @@
 from . import reference
 from .comm import CommLedger, gather_sequence, shard_sequence
 from .config import TransformerConfig
+from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize
+from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
+from .strategies.tp import TPFFN, TPAttention
+from .strategies.tp_sp import TPSPFFN, TPSPAttention
+from .strategies.ulysses import UlyssesAttention
 
-__all__ = ["CommLedger", "TransformerConfig", "gather_sequence", "reference", "shard_sequence"]
+__all__ = [
+    "STRATEGIES",
+    "CommLedger",
+    "OdysseusAttention",
+    "ParallelBlock",
+    "SeqParallelFFN",
+    "TPAttention",
+    "TPFFN",
+    "TPSPAttention",
+    "TPSPFFN",
+    "TransformerConfig",
+    "UlyssesAttention",
+    "dense_state_dict",
+    "finalize_grads",
+    "gather_sequence",
+    "parallelize",
+    "reference",
+    "shard_sequence",
+]

@@ -6,6 +6,8 @@ load both ways.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -102,12 +104,22 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def init_weights(module: nn.Module, std: float = 0.02, generator: torch.Generator | None = None) -> nn.Module:
-    """Fill linear weights with N(0, std) and norm weights with ones (Llama's initialisation); returns it."""
+def seeded_normal(name: str, shape: tuple[int, ...], seed: int = 0, std: float = 0.02) -> torch.Tensor:
+    """N(0, std) weights for the linear layer ``name`` (``q_proj``, ``down_proj``, ...), on the CPU in fp32.
+
+    Keyed by (seed, name) so that a parallel module can draw the dense weight of any layer and keep its slice.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.randn(shape, generator=g) * std
+
+
+def init_weights(module: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Llama's initialisation: linear weights N(0, std) (see :func:`seeded_normal`), norm weights one."""
     with torch.no_grad():
-        for m in module.modules():
+        for name, m in module.named_modules():
             if isinstance(m, nn.Linear):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
+                leaf = name.rsplit(".", 1)[-1]
+                m.weight.copy_(seeded_normal(leaf, tuple(m.weight.shape), seed, std))
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
     return module

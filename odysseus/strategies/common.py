@@ -1,0 +1,139 @@
+"""What every parallel module shares: its group, and how each local parameter maps to the dense one."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..comm import group_rank, group_size, head_ranges, kv_range, meta_group, offsets, resolve_group, shard_sizes
+from ..config import TransformerConfig
+from ..overlap import check_backend
+from ..reference import seeded_normal
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """How a local parameter relates to the dense parameter of the same name.
+
+    ``dim is None``: the whole tensor is replicated. Otherwise rank j holds rows ``ranges[j]`` of dense
+    dim ``dim`` (ranges may overlap: a kv head needed by several ranks). ``sync="sum"`` means the local
+    gradients are partial and ``finalize_grads`` must sum them over the ranks that hold the same entries.
+    """
+
+    dim: int | None = None
+    ranges: tuple[tuple[int, int], ...] = ()
+    sync: str = "none"
+
+
+def split_ranges(n: int, world: int, what: str) -> list[tuple[int, int]]:
+    """Contiguous ``[start, end)`` ranges of ``n`` items over ``world`` ranks (first ones one larger)."""
+    if n < world:
+        raise ValueError(f"cannot split {what}={n} over world size {world}: every rank needs at least one")
+    o = offsets(shard_sizes(n, world))
+    return [(o[j], o[j + 1]) for j in range(world)]
+
+
+@dataclass(frozen=True)
+class HeadSplit:
+    """Query and kv heads of every rank when heads are split over ``world`` ranks."""
+
+    q: tuple[tuple[int, int], ...]
+    kv: tuple[tuple[int, int], ...]
+    kv_of_q: tuple[int, ...]
+    """For this rank's local query heads: which local kv head each reads."""
+    shared_kv: bool
+    """Some kv head lives on several ranks (its gradient then needs summing)."""
+
+    @classmethod
+    def build(cls, config: TransformerConfig, world: int, rank: int) -> HeadSplit:
+        q = tuple(head_ranges(config.num_heads, world))
+        kv = tuple(kv_range(r, config.q_per_kv) for r in q)
+        (qs, qe), (ks, _) = q[rank], kv[rank]
+        kv_of_q = tuple(h // config.q_per_kv - ks for h in range(qs, qe))
+        shared = any(kv[j][1] > kv[j + 1][0] for j in range(world - 1))
+        return cls(q, kv, kv_of_q, shared)
+
+
+def rows(ranges, width: int) -> list[tuple[int, int]]:
+    """Head ranges -> row ranges of a projection whose heads are ``width`` wide."""
+    return [(s * width, e * width) for s, e in ranges]
+
+
+def dense_shapes(c: TransformerConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer of the dense block, by Hugging Face name."""
+    qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {
+        "q_proj": (qd, c.hidden_size),
+        "k_proj": (kvd, c.hidden_size),
+        "v_proj": (kvd, c.hidden_size),
+        "o_proj": (c.hidden_size, qd),
+        "gate_proj": (c.intermediate_size, c.hidden_size),
+        "up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+    }
+
+
+class ParallelModule(nn.Module):
+    """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
+
+    ``weights`` maps linear-layer names (``q_proj``...) to dense ``(out, in)`` tensors to slice; without
+    it, each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``), so a
+    fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world size.
+    """
+
+    strategy: str = ""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        group=None,
+        *,
+        backend: str = "auto",
+        weights: Mapping[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        std: float = 0.02,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(config, TransformerConfig):
+            raise TypeError(f"expected a TransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.pg = resolve_group(group)
+        self.world, self.rank = group_size(self.pg), group_rank(self.pg)
+        self.backend = check_backend(backend)
+        self.param_specs: dict[str, ParamSpec] = {}
+        self._weights, self._seed, self._std = weights, seed, std
+        self._device, self._dtype = device, dtype
+        meta_group(self.pg)  # collective on first use: every rank builds its modules, so do it here
+
+    def add_linear(self, name: str, dim: int | None = None, ranges=(), sync: str = "none") -> None:
+        """Create ``self.<name>`` holding this rank's slice of the dense linear weight ``name``."""
+        shape = dense_shapes(self.config)[name]
+        if self._weights is not None:
+            dense = self._weights[name].detach()
+            if tuple(dense.shape) != shape:
+                raise ValueError(f"{name}: dense weight has shape {tuple(dense.shape)}, expected {shape}")
+        else:
+            dense = seeded_normal(name, shape, self._seed, self._std)
+        if dim is not None:
+            s, e = ranges[self.rank]
+            dense = dense.narrow(dim, s, e - s)
+        device = self._device if self._device is not None else dense.device
+        dtype = self._dtype if self._dtype is not None else dense.dtype
+        lin = nn.Linear(dense.shape[1], dense.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
+        setattr(self, name, lin)
+        self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}, rank={self.rank}, world={self.world}, backend={self.backend!r}"
+
+    @classmethod
+    def from_dense(cls, ref: nn.Module, group=None, **kwargs) -> ParallelModule:
+        """This rank's share of the reference module ``ref`` (same device and dtype as ``ref``)."""
+        weights = {n: m.weight for n, m in ref.named_children() if isinstance(m, nn.Linear)}
+        return cls(ref.config, group, weights=weights, **kwargs)
