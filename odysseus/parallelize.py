@@ -14,6 +14,7 @@ from torch import nn
 from . import reference
 from .comm import primitives
 from .comm.groups import group_rank, group_size, resolve_group
+from .comm.ledger import phase
 from .overlap import check_backend
 from .strategies.common import ParamSpec
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
@@ -187,7 +188,10 @@ def finalize_grads(module: nn.Module) -> None:
                 padded.narrow(spec.dim, s, e - s).copy_(g)
                 g = padded
             dense.append(g)
-        flat = primitives.all_reduce(torch.cat([g.reshape(-1) for g in dense]), pg, category="gradient", label="grads")
+        with phase("backward"):
+            flat = primitives.all_reduce(
+                torch.cat([g.reshape(-1) for g in dense]), pg, category="gradient", label="grads"
+            )
         for (p, spec, rank), g, summed in zip(params, dense, flat.split([g.numel() for g in dense])):
             summed = summed.view(g.shape)
             if spec.dim is not None:

@@ -7,6 +7,7 @@ Records are taken in eager mode (under ``torch.compile`` a call site reports onc
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -86,8 +87,23 @@ class CommLedger:
         return "\n".join(lines)
 
 
+_PHASE: list[str] = []
+
+
+@contextmanager
+def phase(name: str):
+    """Report collectives issued inside as ``name`` (e.g. gradient sync after ``backward()`` returned)."""
+    _PHASE.append(name)
+    try:
+        yield
+    finally:
+        _PHASE.pop()
+
+
 def current_phase() -> str:
-    """``backward`` inside an autograd backward pass, else ``forward``."""
+    """``backward`` inside an autograd backward pass (or a :func:`phase` block), else ``forward``."""
+    if _PHASE:
+        return _PHASE[-1]
     return "backward" if torch._C._current_graph_task_id() != -1 else "forward"
 
 
