@@ -3,7 +3,7 @@
 from . import reference
 from .comm import CommLedger, gather_sequence, shard_sequence
 from .config import TransformerConfig
-from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize
+from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize, zero3
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
 from .strategies.tp import TPFFN, TPAttention
 from .strategies.tp_sp import TPSPFFN, TPSPAttention
@@ -27,4 +27,5 @@ __all__ = [
     "parallelize",
     "reference",
     "shard_sequence",
+    "zero3",
 ]

@@ -198,3 +198,37 @@ def finalize_grads(module: nn.Module) -> None:
                 s, e = spec.ranges[rank]
                 summed = summed.narrow(spec.dim, s, e - s)
             p.grad = summed.clone()
+
+
+def zero3(module: nn.Module, **fsdp_kwargs) -> nn.Module:
+    """Shard the replicated weights of a parallel module with FSDP2 ``fully_shard`` (ZeRO-3), in place.
+
+    Sharded on the module's own group: "Odysseus+ZeRO3" shards the FFN and norms, "Ulysses+ZeRO3" every
+    weight, TP-SP its norms. FSDP2 averages gradients by default; this sets its divide factor to 1 to keep
+    the sum-of-local-losses convention, so gradients still equal the reference's. Returns ``module``.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    targets: dict[str, nn.Module] = {}
+    for prefix, m in module.named_modules():
+        specs = getattr(m, "param_specs", {})
+        replicated = [n for n, s in specs.items() if s.dim is None and s.sync == "sum"]
+        if not replicated:
+            continue
+        if len(replicated) == len(list(m.parameters())):
+            targets[prefix] = m
+            continue
+        for name in replicated:
+            owner = name.rsplit(".", 1)[0]
+            targets[f"{prefix}.{owner}" if prefix else owner] = m.get_submodule(owner)
+    # Shard inner modules before outer ones, as fully_shard expects.
+    for prefix, m in sorted(targets.items(), key=lambda kv: -kv[0].count(".")):
+        owner_pg = next(getattr(o, "pg") for o in (m, module) if hasattr(o, "pg"))
+        device_type = next(m.parameters()).device.type
+        fully_shard(m, mesh=DeviceMesh.from_group(owner_pg, device_type), **fsdp_kwargs)
+        set_factor = getattr(m, "set_gradient_divide_factor", None) or m.set_reduce_scatter_divide_factor
+        set_factor(1.0)
+        if hasattr(m, "set_force_sum_reduction_for_comms"):  # plain SUM, not PREMUL_SUM(1), which gloo lacks
+            m.set_force_sum_reduction_for_comms(True)
+    return module
