@@ -210,23 +210,22 @@ def zero3(module: nn.Module, **fsdp_kwargs) -> nn.Module:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    targets: dict[str, nn.Module] = {}
+    targets: dict[str, tuple[nn.Module, object]] = {}  # name -> (module to shard, its group)
     for prefix, m in module.named_modules():
         specs = getattr(m, "param_specs", {})
         replicated = [n for n, s in specs.items() if s.dim is None and s.sync == "sum"]
         if not replicated:
             continue
         if len(replicated) == len(list(m.parameters())):
-            targets[prefix] = m
+            targets[prefix] = (m, m.pg)
             continue
         for name in replicated:
             owner = name.rsplit(".", 1)[0]
-            targets[f"{prefix}.{owner}" if prefix else owner] = m.get_submodule(owner)
+            targets[f"{prefix}.{owner}" if prefix else owner] = (m.get_submodule(owner), m.pg)
     # Shard inner modules before outer ones, as fully_shard expects.
-    for prefix, m in sorted(targets.items(), key=lambda kv: -kv[0].count(".")):
-        owner_pg = next(getattr(o, "pg") for o in (m, module) if hasattr(o, "pg"))
+    for _, (m, pg) in sorted(targets.items(), key=lambda kv: -kv[0].count(".")):
         device_type = next(m.parameters()).device.type
-        fully_shard(m, mesh=DeviceMesh.from_group(owner_pg, device_type), **fsdp_kwargs)
+        fully_shard(m, mesh=DeviceMesh.from_group(pg, device_type), **fsdp_kwargs)
         set_factor = getattr(m, "set_gradient_divide_factor", None) or m.set_reduce_scatter_divide_factor
         set_factor(1.0)
         if hasattr(m, "set_force_sum_reduction_for_comms"):  # plain SUM, not PREMUL_SUM(1), which gloo lacks
