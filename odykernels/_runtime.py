@@ -1,0 +1,113 @@
+"""Where a kernel runs: compiled on a CUDA device, or through Triton's interpreter for CPU tensors.
+
+Triton picks interpreter or compiler once, when ``@triton.jit`` decorates, from ``TRITON_INTERPRET``,
+and only if it is set before ``triton`` itself is imported (``tl.zeros`` and ``tl.cdiv`` are jit
+functions too). A process-wide switch would also turn every kernel of a GPU test into an interpreted one.
+So each launcher asks :func:`launchable` for the right object per call: CPU tensors get an interpreted
+twin built from the same Python function, CUDA tensors the compiled kernel. With ``TRITON_INTERPRET=1``
+set early the kernels are already interpreted and are returned unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+
+import torch
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+# The interpreter runs programs one after another; a few programs per grid are enough to exercise the
+# persistent loops (each program takes several tiles) without paying for many.
+CPU_PROGRAMS = 3
+
+_twins: dict[JITFunction, InterpretedFunction] = {}
+
+
+def _interpreted(kernel: JITFunction) -> InterpretedFunction:
+    """The interpreted twin of ``kernel``; helpers it calls are twinned too, through a copy of its globals."""
+    twin = _twins.get(kernel)
+    if twin is not None:
+        return twin
+    fn = kernel.fn
+    scope = dict(fn.__globals__)
+    clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__module__ = fn.__module__
+    clone.__qualname__ = fn.__qualname__
+    twin = InterpretedFunction(clone)
+    # Registered before the recursion so helpers that refer back to each other terminate.
+    _twins[kernel] = twin
+    for name, value in scope.items():
+        if isinstance(value, JITFunction):
+            scope[name] = _interpreted(value)
+    return twin
+
+
+@contextlib.contextmanager
+def _stdlib_twins():
+    """Swap triton.language's own jit functions (``tl.zeros``, ``x.sum()``...) for twins during a launch."""
+    saved = []
+    for owner in (tl, tl.tensor):
+        for name, value in list(vars(owner).items()):
+            if isinstance(value, JITFunction):
+                saved.append((owner, name, value))
+                setattr(owner, name, _interpreted(value))
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+class _InterpretedLaunch:
+    """``twin[grid](...)`` with triton.language's jit functions twinned for the duration of the run."""
+
+    def __init__(self, twin: InterpretedFunction):
+        self.twin = twin
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            with _stdlib_twins():
+                return self.twin[grid](*args, **kwargs)
+
+        return run
+
+
+def launchable(kernel, device: torch.device):
+    """``kernel`` ready to launch with tensors on ``device`` (``kernel[grid](...)``)."""
+    if device.type == "cpu" and isinstance(kernel, JITFunction):
+        return _InterpretedLaunch(_interpreted(kernel))
+    return kernel
+
+
+def is_interpreted(kernel, device: torch.device) -> bool:
+    """Whether launching ``kernel`` on ``device`` goes through the CPU interpreter."""
+    return device.type == "cpu" or isinstance(kernel, InterpretedFunction)
+
+
+@functools.cache
+def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, number of SMs) of a CUDA device."""
+    props = torch.cuda.get_device_properties(device)
+    return (props.major, props.minor), props.multi_processor_count
+
+
+def num_programs(device: torch.device, num_tiles: int, interpreted: bool) -> int:
+    """Grid size of a persistent kernel: one program per SM (or :data:`CPU_PROGRAMS`), never more than tiles."""
+    slots = CPU_PROGRAMS if interpreted else device_info(device)[1]
+    return max(1, min(slots, num_tiles))
+
+
+def check_supported_device(device: torch.device, what: str) -> None:
+    """Raise unless ``device`` is CUDA or CPU (the interpreter)."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"{what}: tensors on {device} are not supported; expected cuda (or cpu for the interpreter)")
+
+
+def normalize_device(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>`` so cached per-device values share one key."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -1,0 +1,339 @@
+"""GEMM x reduce-scatter: each rank's partial product is pushed, chunk by chunk, to the rank that owns it.
+
+Rank ``r`` holds ``A_r`` [M, K_r] (all M rows, its slice of K) and ``B_r`` [K_r, N]; the layer output is
+``sum_r A_r @ B_r`` split by rows, chunk ``d`` (rows ``[starts[d], starts[d+1])``) going to rank ``d``.
+
+Producer (:func:`matmul_rs`): programs compute the output tiles of destination chunks in the order
+rank+1, rank+2, ..., rank (own chunk last, so peers get their data as early as possible), store each tile
+straight into the destination's receive buffer, slot ``r``, and once every tile of that destination is
+stored, set the destination's flag ``r`` to the epoch.
+
+Consumer (:func:`reduce_slots`): rank ``d`` sums its ``world`` slots in the fixed order 0..world-1 in fp32,
+waiting (bounded) on each source's flag before reading its slot. The order, not arrival, fixes the
+rounding, so the result is deterministic.
+
+Signalling granularity: one flag per (destination, source), set once per call when the whole slot is
+written. The producer counts finished tiles per destination in ``counters`` (its own memory); the program
+that finishes the last tile of a destination resets that counter to 0 and sets the flag. Flags carry the
+epoch, so neither flags nor counters need clearing between calls.
+
+Peer addressing: a kernel gets one base pointer (this rank's receive buffer / flags) plus int64 element
+offsets ``peer_offsets[j]`` = (peer j's buffer address - base address) / element size, and addresses
+peer ``j`` as ``base + peer_offsets[j] + local offset``. With CUDA symmetric memory the offsets come from
+the rendezvous handle's ``buffer_ptrs``; in a single-process simulation all buffers are slices of one
+tensor. Loaded pointers are avoided because the CPU interpreter cannot dereference them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from odykernels._chunks import (
+    CHUNK,
+    CHUNK_MTILES,
+    CHUNK_START,
+    ROW_END,
+    ROW_START,
+    TABLE_COLS,
+    check_chunks,
+    mtile_table,
+)
+from odykernels._runtime import is_interpreted, launchable, normalize_device, num_programs
+from odykernels.matmul import (
+    check_dtype,
+    check_operands,
+    check_out,
+    config_for,
+    grouped_tile,
+    input_precision,
+    store_tile,
+    tile_dot,
+    wrapped_cols,
+)
+from odykernels.signal import check_status, check_status_tensor, new_status, notify, wait_flag
+
+# See ag_matmul.DEFAULT_MAX_POLLS: bounds a wait to seconds on a GPU (poll latency not measured yet).
+DEFAULT_MAX_POLLS = 1 << 22
+
+
+@triton.jit(do_not_specialize=["rank", "epoch"])
+def _matmul_rs_kernel(
+    a_ptr,
+    b_ptr,
+    recv_ptr,
+    recv_offsets_ptr,
+    flags_ptr,
+    flag_offsets_ptr,
+    counters_ptr,
+    mtiles_ptr,
+    num_mtiles,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_rs,
+    stride_rm,
+    stride_rn,
+    rank,
+    epoch,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
+        mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
+        row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
+        row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
+        dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+        dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
+        dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # The tail of a chunk's last M-tile wraps onto the chunk's own rows: never the next chunk's.
+        in_chunk = row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
+        acc = tile_dot(
+            a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
+            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+        )  # fmt: skip
+        slot_ptr = recv_ptr + tl.load(recv_offsets_ptr + dest) + rank.to(tl.int64) * stride_rs
+        store_tile(slot_ptr, acc, rows - dest_start, cols, row_end - dest_start, N, stride_rm, stride_rn)
+        # Publish this program's stores before counting the tile (system scope: they went to a peer).
+        tl.debug_barrier()
+        done = tl.atomic_add(counters_ptr + dest, 1, sem="acq_rel", scope="sys")
+        if done == dest_mtiles * num_pid_n - 1:
+            # Last tile of this destination: every other program's count was acquired above, so the
+            # release below publishes their tiles too. Nobody touches this counter again this call.
+            tl.atomic_xchg(counters_ptr + dest, 0, sem="relaxed", scope="gpu")
+            notify(flags_ptr + tl.load(flag_offsets_ptr + dest) + rank, epoch)
+
+
+@triton.jit(do_not_specialize=["epoch", "max_polls"])
+def _reduce_slots_kernel(
+    recv_ptr,
+    flags_ptr,
+    out_ptr,
+    status_ptr,
+    rows,
+    N,
+    world,
+    stride_rs,
+    stride_rm,
+    stride_rn,
+    stride_om,
+    stride_on,
+    epoch,
+    max_polls,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    tile = pid_m * tl.num_programs(1) + pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < N)
+    slot_ptrs = recv_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for src in range(0, world):
+        wait_flag(flags_ptr + src, epoch, max_polls, status_ptr, src, tile)
+        part = tl.load(slot_ptrs, mask=mask, other=0.0)
+        acc += part.to(tl.float32)
+        # Pointer steps stay 64-bit: slot ``src`` starts src * stride_rs elements in, possibly past 2**31.
+        slot_ptrs += stride_rs
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n.to(tl.int64)[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Elementwise and memory-bound: 64x128 tiles give 16-byte row accesses for 16-bit data with 4 warps
+# (a common choice for such kernels, not timed here). The interpreter runs a few large programs faster.
+REDUCE_BLOCK = (64, 128)
+REDUCE_NUM_WARPS = 4
+REDUCE_BLOCK_INTERPRETER = (32, 32)
+
+
+def _check_peer_offsets(offsets: torch.Tensor, world: int, device: torch.device, name: str, what: str) -> None:
+    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (world,) or offsets.device != device:
+        raise ValueError(
+            f"{what}: {name} must be int64 [{world}] on {device}, "
+            f"got {offsets.dtype} {list(offsets.shape)} on {offsets.device}"
+        )
+
+
+def _check_recv(recv: torch.Tensor, world: int, max_rows: int, N: int, device: torch.device, what: str) -> None:
+    if recv.dim() != 3 or recv.shape[0] != world or recv.shape[1] < max_rows or recv.shape[2] != N:
+        raise ValueError(
+            f"{what}: recv has shape {list(recv.shape)}, expected [{world}, >= {max_rows}, {N}] "
+            f"(source slot, rows of the largest chunk, N)"
+        )
+    if recv.device != device:
+        raise ValueError(f"{what}: recv is on {recv.device}, expected {device}")
+    check_dtype(recv.dtype, device, f"{what}: recv")
+
+
+def _check_flags(flags: torch.Tensor, world: int, device: torch.device, what: str) -> None:
+    if flags.dtype != torch.int32 or tuple(flags.shape) != (world,) or flags.device != device:
+        raise ValueError(
+            f"{what}: flags must be int32 [{world}] on {device}, "
+            f"got {flags.dtype} {list(flags.shape)} on {flags.device}"
+        )
+
+
+def _check_epoch(epoch: int, what: str) -> None:
+    if not 1 <= epoch < 2**31:
+        raise ValueError(f"{what}: epoch={epoch} must be in [1, 2**31) (0 is the never-written flag value)")
+
+
+def matmul_rs(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    chunk_sizes: list[int],
+    rank: int,
+    recv: torch.Tensor,
+    peer_offsets: torch.Tensor,
+    flags: torch.Tensor,
+    flag_peer_offsets: torch.Tensor,
+    epoch: int,
+    counters: torch.Tensor | None = None,
+) -> None:
+    """Compute ``a @ b`` and push each destination chunk's rows into that rank's receive buffer, slot ``rank``.
+
+    Layouts (identical on every rank, as symmetric memory requires):
+
+    * receive buffer ``recv``: (world, max_rows, N), ``recv[s, i, :]`` = row ``starts[d] + i`` of source
+      ``s``'s partial product on destination rank ``d``; ``max_rows >= max(chunk_sizes)``; any float dtype
+      the kernels support (fp32 keeps partials exact before the sum; 16-bit halves the traffic).
+    * flags: int32 (world,), ``flags[s]`` on rank ``d`` = epoch of the last call whose slot ``s`` is
+      complete on ``d``. Start at 0; never reset.
+
+    Args:
+        a: (M, K_r) this rank's activations over the full sequence, its slice of K.
+        b: (K_r, N) this rank's weight rows; same dtype/device as ``a``.
+        chunk_sizes: output rows per destination rank, ``len == world``, summing to M.
+        rank: this rank.
+        recv: this rank's receive buffer (the base every peer address is relative to), contiguous in the
+            sense that every peer's buffer has the same strides.
+        peer_offsets: int64 (world,), ``(address of peer j's recv - recv.data_ptr()) // recv.element_size()``;
+            ``peer_offsets[rank] == 0``. May be negative.
+        flags: this rank's int32 (world,) flags (base for ``flag_peer_offsets``).
+        flag_peer_offsets: int64 (world,), the same for the flags, in int32 elements.
+        epoch: this call's number, >= 1, the value written into the destinations' flags.
+        counters: optional int32 (world,) zeroed scratch on this device; the kernel leaves it zeroed, so
+            it can be kept across calls (not shared by two launches in flight). Allocated if None.
+
+    Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
+    With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
+    """
+    what = "matmul_rs"
+    check_operands(a, b, what)
+    M, K = a.shape
+    N = b.shape[1]
+    device = a.device
+    check_chunks(chunk_sizes, rank, M, what)
+    world = len(chunk_sizes)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
+    _check_flags(flags, world, device, what)
+    _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
+    _check_epoch(epoch, what)
+    if counters is None:
+        counters = torch.zeros(world, dtype=torch.int32, device=device)
+    elif counters.dtype != torch.int32 or tuple(counters.shape) != (world,) or counters.device != device:
+        raise ValueError(
+            f"{what}: counters must be int32 [{world}] on {device}, "
+            f"got {counters.dtype} {list(counters.shape)} on {counters.device}"
+        )
+    if M == 0 or N == 0:
+        return
+
+    cfg = config_for(M, N, K, a.dtype, device, _matmul_rs_kernel)
+    table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
+    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device))
+    launchable(_matmul_rs_kernel, device)[(progs,)](
+        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), recv.stride(0), recv.stride(1), recv.stride(2),
+        rank, epoch,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def reduce_slots(
+    recv: torch.Tensor,
+    flags: torch.Tensor,
+    chunk_sizes: list[int],
+    rank: int,
+    epoch: int,
+    out: torch.Tensor | None = None,
+    max_polls: int = DEFAULT_MAX_POLLS,
+    status: torch.Tensor | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Sum the ``world`` slots of this rank's receive buffer in source order 0..world-1 (fp32 accumulate).
+
+    Args:
+        recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
+        flags: int32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
+        chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
+            ``chunk_sizes[rank]`` rows.
+        rank: this rank.
+        epoch: the epoch the producers of this call wrote, >= 1.
+        out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
+        max_polls: reads of one flag before a wait gives up.
+        status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`).
+        check: synchronize and raise ``TimeoutError`` naming the rank, the missing source and the flag
+            values; with ``check=False`` a ``status`` is required and nothing synchronizes.
+
+    Returns:
+        (chunk_sizes[rank], N) tensor ``out``.
+    """
+    what = "reduce_slots"
+    device = recv.device
+    world = len(chunk_sizes)
+    if recv.dim() != 3:
+        raise ValueError(f"{what}: recv must be 3-D [world, max_rows, N], got shape {list(recv.shape)}")
+    N = recv.shape[2]
+    check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    _check_flags(flags, world, device, what)
+    _check_epoch(epoch, what)
+    if max_polls < 1:
+        raise ValueError(f"{what}: max_polls={max_polls} must be >= 1")
+    if status is None:
+        if not check:
+            raise ValueError(f"{what}: check=False needs a status tensor to record timeouts in")
+        status = new_status(device)
+    else:
+        check_status_tensor(status, what)
+        if status.device != device:
+            raise ValueError(f"{what}: status is on {status.device}, expected {device}")
+    rows = chunk_sizes[rank]
+    if out is None:
+        out = torch.empty((rows, N), dtype=recv.dtype, device=device)
+    else:
+        check_out(out, (rows, N), device, what)
+    if rows == 0 or N == 0:
+        return out
+
+    interpreted = is_interpreted(_reduce_slots_kernel, device)
+    block_m, block_n = REDUCE_BLOCK_INTERPRETER if interpreted else REDUCE_BLOCK
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
+    launchable(_reduce_slots_kernel, device)[grid](
+        recv, flags, out, status, rows, N, world,
+        recv.stride(0), recv.stride(1), recv.stride(2), out.stride(0), out.stride(1),
+        epoch, max_polls,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=REDUCE_NUM_WARPS,
+    )  # fmt: skip
+    if check:
+        check_status(status, rank, what, index_name="source")
+    return out
