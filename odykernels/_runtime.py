@@ -5,7 +5,7 @@ and only if it is set before ``triton`` itself is imported (``tl.zeros`` and ``t
 functions too). A process-wide switch would also turn every kernel of a GPU test into an interpreted one.
 So each launcher asks :func:`launchable` for the right object per call: CPU tensors get an interpreted
 twin built from the same Python function, CUDA tensors the compiled kernel. With ``TRITON_INTERPRET=1``
-set early the kernels are already interpreted and are returned unchanged.
+set early the kernels are already interpreted and launch as they are (with the same index fix).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import types
 
 import torch
 import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -45,10 +46,25 @@ def _interpreted(kernel: JITFunction) -> InterpretedFunction:
     return twin
 
 
+def _patch_index(patch_tensor):
+    """Wrap the interpreter's tensor patching so ``range(tensor)`` converts 1-element arrays with ``.item()``.
+
+    Triton 3.6's interpreter calls ``int()`` on a 1-element 1-D array, an error from NumPy 2.4 on (3.7
+    squeezes first); kernels loop over runtime bounds, so without this they fail there.
+    """
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    return patched
+
+
 @contextlib.contextmanager
 def _stdlib_twins():
     """Swap triton.language's own jit functions (``tl.zeros``, ``x.sum()``...) for twins during a launch."""
-    saved = []
+    saved = [(interpreter, "_patch_lang_tensor", interpreter._patch_lang_tensor)]
+    interpreter._patch_lang_tensor = _patch_index(interpreter._patch_lang_tensor)
     for owner in (tl, tl.tensor):
         for name, value in list(vars(owner).items()):
             if isinstance(value, JITFunction):
@@ -62,7 +78,7 @@ def _stdlib_twins():
 
 
 class _InterpretedLaunch:
-    """``twin[grid](...)`` with triton.language's jit functions twinned for the duration of the run."""
+    """``twin[grid](...)`` with triton.language's jit functions twinned (and the index fix) during the run."""
 
     def __init__(self, twin: InterpretedFunction):
         self.twin = twin
@@ -77,7 +93,9 @@ class _InterpretedLaunch:
 
 def launchable(kernel, device: torch.device):
     """``kernel`` ready to launch with tensors on ``device`` (``kernel[grid](...)``)."""
-    if device.type == "cpu" and isinstance(kernel, JITFunction):
+    if isinstance(kernel, InterpretedFunction):  # TRITON_INTERPRET=1 was set before triton was imported
+        return _InterpretedLaunch(kernel)
+    if device.type == "cpu":
         return _InterpretedLaunch(_interpreted(kernel))
     return kernel
 
