@@ -1,0 +1,422 @@
+"""Hugging Face Llama models with every decoder layer split by an odysseus strategy.
+
+.. code-block:: python
+
+    model = LlamaForCausalLM.from_pretrained(path)          # or LlamaForCausalLM(config)
+    parallelize_llama(model, "odysseus")                     # in place (also returns the model)
+    logits = model(odysseus.shard_sequence(input_ids)).logits  # (batch, seq_local, vocab); "tp": full input_ids
+    loss = causal_lm_loss(logits, input_ids)                 # this rank's term of the global mean loss
+    loss.backward()
+    finalize_model_grads(model)                              # gradients now equal the unsplit model's
+    save_pretrained(model, "ckpt/")                          # loadable by LlamaForCausalLM.from_pretrained
+
+Every ``LlamaDecoderLayer`` is replaced by a :class:`ParallelLlamaDecoderLayer` holding this rank's share
+of the same weights under the same names; the embeddings, the final norm and the LM head stay
+replicated. For ``"tp"`` every rank is fed the full sequence; for ``"tp-sp"``, ``"ulysses"`` and
+``"odysseus"`` its :func:`odysseus.shard_sequence` shard. The layers always use the true global positions
+and causal attention over the global sequence: the causal mask and rotary table that ``LlamaModel``
+builds for the local shard are not used. Hence: no KV cache (training and full-sequence scoring only),
+no padding masks, no ``position_ids``, no attention weights or per-layer hidden states in the output;
+each of these raises a ``ValueError`` that says so.
+
+Loss convention (sequence-split strategies): the global loss is the sum of the ranks' local losses, and
+weights that see only local tokens (embeddings, final norm, LM head, and the replicated weights inside the
+layers) have their gradients summed over ranks by :func:`finalize_model_grads`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from ..comm import primitives
+from ..comm.groups import group_rank, group_size, resolve_group
+from ..comm.ledger import phase
+from ..comm.sizes import offsets, shard_sizes
+from ..config import TransformerConfig
+from ..overlap import check_backend
+from ..parallelize import ParallelBlock, check_strategy, dense_state_dict, finalize_grads
+
+__all__ = [
+    "ParallelLlamaDecoderLayer",
+    "causal_lm_loss",
+    "check_llama_config",
+    "finalize_model_grads",
+    "global_loss",
+    "hf_state_dict",
+    "parallelize_llama",
+    "save_pretrained",
+    "shift_labels_for_shard",
+]
+
+# The weights a Llama decoder layer may hold; anything else (a bias, an extra norm) has no odysseus home.
+_LAYER_KEYS = frozenset(
+    [
+        "input_layernorm.weight",
+        "post_attention_layernorm.weight",
+        *(f"self_attn.{n}_proj.weight" for n in "qkvo"),
+        *(f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")),
+    ]
+)
+# Names transformers has used across releases for a layer's KV cache argument.
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+_NO_CACHE = (
+    "parallelize_llama models have no KV cache: they run causal attention over the whole (global) sequence "
+    "in one call; use them for training and full-sequence scoring, not generate()"
+)
+
+
+def _rope_parameters(hf_config) -> dict:
+    # transformers >= 5 keeps RoPE settings in rope_parameters; 4.x in rope_scaling (None for default RoPE).
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:
+        params = getattr(hf_config, "rope_scaling", None)
+    return dict(params or {})
+
+
+def check_llama_config(hf_config) -> TransformerConfig:
+    """The :class:`odysseus.TransformerConfig` of a ``transformers`` ``LlamaConfig``, after checking that every
+    setting the odysseus layers would silently ignore is at its plain-Llama value.
+
+    Raises ``ValueError`` naming each unsupported field, its value and the supported one: RoPE scaling other
+    than ``"default"``, partial rotary, attention or MLP biases, an activation other than ``silu``, a sliding
+    window, attention dropout, ``pretraining_tp > 1``, non-causal attention.
+    """
+    problems = []
+    rope = _rope_parameters(hf_config)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        problems.append(f"rope type {rope_type!r} (rope parameters {rope}); only 'default' RoPE is supported")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']}; expected 1.0")
+    for field, supported in (
+        ("attention_bias", False),
+        ("mlp_bias", False),
+        ("hidden_act", "silu"),
+        ("sliding_window", None),
+        ("attention_dropout", 0.0),
+        ("pretraining_tp", 1),
+        ("is_causal", True),
+    ):
+        value = getattr(hf_config, field, supported)
+        if value != supported:
+            problems.append(f"{field}={value!r}; expected {supported!r}")
+    if problems:
+        raise ValueError("parallelize_llama cannot run this Llama config: " + "; ".join(problems))
+    return TransformerConfig.from_hf(hf_config)
+
+
+class ParallelLlamaDecoderLayer(ParallelBlock):
+    """An :class:`odysseus.ParallelBlock` called the way ``LlamaModel`` calls a ``LlamaDecoderLayer``.
+
+    ``forward(hidden_states, **kwargs) -> Tensor`` with ``hidden_states: (batch, seq_local, hidden)`` (the full
+    ``(batch, seq, hidden)`` for ``"tp"``). Parameter names are the Hugging Face layer's. The keyword arguments
+    ``LlamaModel`` passes (``attention_mask``, ``position_ids``, ``position_embeddings``, ``cache_position``)
+    describe the local shard and are ignored: the block computes causal attention over the global sequence
+    at the true global positions. A KV cache or a request for attention weights raises ``ValueError``.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        for key in _CACHE_ARGS:
+            if kwargs.get(key) is not None:
+                raise ValueError(f"{key} was passed to a decoder layer; {_NO_CACHE}")
+        if kwargs.get("use_cache"):
+            raise ValueError(f"use_cache={kwargs['use_cache']!r}; expected False: {_NO_CACHE}")
+        if kwargs.get("output_attentions"):
+            raise ValueError("output_attentions=True: the odysseus layers do not materialise attention weights")
+        return super().forward(hidden_states)
+
+
+def _layers(model: nn.Module) -> list[ParallelLlamaDecoderLayer]:
+    return [m for m in model.modules() if isinstance(m, ParallelLlamaDecoderLayer)]
+
+
+def _setup(model: nn.Module) -> tuple[str, dist.ProcessGroup | None]:
+    """(strategy, process group) of a model parallelized by :func:`parallelize_llama`."""
+    layers = _layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no ParallelLlamaDecoderLayer; call parallelize_llama first")
+    setups = {(layer.strategy, layer.pg) for layer in layers}
+    if len(setups) != 1:
+        raise ValueError(f"the layers of {type(model).__name__} use different (strategy, group) pairs: {setups}")
+    return setups.pop()
+
+
+def _positional_names(module: nn.Module) -> list[str]:
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _check_attention_mask(mask) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        shape = tuple(mask.shape) if hasattr(mask, "shape") else type(mask).__name__
+        raise ValueError(
+            f"attention_mask of shape {shape}: parallelize_llama models take None or an all-ones (batch, seq) "
+            "mask; their attention is always causal over the whole sequence"
+        )
+    if not bool(mask.all()):
+        raise ValueError(
+            f"attention_mask has {int((mask == 0).sum())} masked (padding) tokens; parallelize_llama models attend "
+            "causally to every token, so pass unpadded sequences (or an all-ones mask)"
+        )
+
+
+def _model_call_hook(module: nn.Module, config):
+    """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore."""
+    names = _positional_names(module)
+
+    def hook(mod, args, kwargs):
+        given = {**dict(zip(names, args)), **kwargs}
+        for key in _CACHE_ARGS:
+            if given.get(key) is not None:
+                raise ValueError(f"{key} was passed; {_NO_CACHE}")
+        if given.get("use_cache"):
+            raise ValueError(f"use_cache={given['use_cache']!r}; expected False or None: {_NO_CACHE}")
+        if "use_cache" in names and names.index("use_cache") >= len(args):
+            # The config's default (use_cache=True for Llama) would make LlamaModel build a cache for nothing.
+            kwargs = {**kwargs, "use_cache": False}
+        if given.get("position_ids") is not None:
+            raise ValueError(
+                "position_ids were passed; parallelize_llama models always use the true global positions "
+                "0..seq-1 of the full sequence (each rank's shard at its offset), so pass position_ids=None"
+            )
+        _check_attention_mask(given.get("attention_mask"))
+        for flag in ("output_attentions", "output_hidden_states"):
+            if given.get(flag) or (given.get(flag) is None and getattr(config, flag, False)):
+                raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
+        if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
+            raise ValueError(
+                "activation (gradient) checkpointing is enabled on the model but the odysseus layers do not "
+                "checkpoint; disable it (model.activation_checkpointing_disable())"
+            )
+        return args, kwargs
+
+    return hook
+
+
+def _labels_hook(module: nn.Module, strategy: str, world: int):
+    names = _positional_names(module)
+
+    def hook(mod, args, kwargs):
+        if {**dict(zip(names, args)), **kwargs}.get("labels") is not None:
+            raise ValueError(
+                f"labels were passed to a {strategy!r} model at world size {world}: Hugging Face's loss would shift "
+                "labels within each rank's shard and average per rank; compute the loss with "
+                "odysseus.integrations.hf.causal_lm_loss(logits, labels, group) instead"
+            )
+
+    return hook
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module whose forward calls the layer ``name``: its nearest ancestor that is not a container."""
+    parts = name.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        ancestor = model.get_submodule(".".join(parts[:cut]))
+        if not isinstance(ancestor, (nn.ModuleList, nn.ModuleDict)):
+            return ancestor, ".".join(parts[:cut])
+    return model, ""
+
+
+def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str = "auto") -> nn.Module:
+    """Split every ``LlamaDecoderLayer`` of ``model`` over ``group`` with ``strategy``, in place; returns ``model``.
+
+    ``model``: a ``transformers`` ``LlamaForCausalLM``, ``LlamaModel`` or any module built from
+    ``LlamaDecoderLayer`` s, with its weights (pretrained or fresh) on any device and dtype; the layers keep
+    them. ``strategy``: one of :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or
+    None (the default group). ``backend``: see :func:`odysseus.parallelize`. Collective: call on every rank
+    with the same weights.
+
+    Afterwards feed ``input_ids: (batch, seq)`` for ``"tp"`` and their :func:`odysseus.shard_sequence` shard
+    ``(batch, seq_local)`` otherwise; outputs (hidden states, logits) have the input's layout. Calls with a KV
+    cache, ``use_cache=True``, a padding mask, ``position_ids``, ``output_attentions`` or
+    ``output_hidden_states`` raise ``ValueError``, as does ``labels`` for a sequence-split strategy on more than
+    one rank (use :func:`causal_lm_loss`).
+    """
+    check_strategy(strategy)
+    check_backend(backend)
+    pg = resolve_group(group)
+    if isinstance(model, (LlamaDecoderLayer, ParallelLlamaDecoderLayer)):
+        raise TypeError("pass the model that holds the decoder layers (e.g. LlamaForCausalLM), not a single layer")
+    if _layers(model):
+        raise ValueError(f"{type(model).__name__} is already parallelized; parallelize_llama a fresh model")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LlamaDecoderLayer)]
+    if not found:
+        raise TypeError(f"{type(model).__name__} holds no transformers LlamaDecoderLayer; nothing to parallelize")
+    returns = inspect.signature(LlamaDecoderLayer.forward).return_annotation
+    if returns is not torch.Tensor:
+        import transformers
+
+        raise NotImplementedError(
+            f"transformers {transformers.__version__}: LlamaDecoderLayer.forward returns {returns}, but "
+            "parallelize_llama drives models whose decoder layers return a torch.Tensor (transformers >= 5)"
+        )
+    hf_config = getattr(model, "config", None) or found[0][1].self_attn.config
+    config = check_llama_config(hf_config)
+    if any(m.gradient_checkpointing for _, m in found):
+        raise ValueError(
+            "activation (gradient) checkpointing is enabled but the odysseus layers do not checkpoint; disable it "
+            "first (model.activation_checkpointing_disable())"
+        )
+
+    owners = {}
+    for name, layer in found:
+        weights = layer.state_dict()
+        if set(weights) != _LAYER_KEYS:
+            raise ValueError(
+                f"{name} holds weights {sorted(weights)}; a Llama layer odysseus can split holds {sorted(_LAYER_KEYS)}"
+            )
+        parent_name, _, child = name.rpartition(".")
+        new = ParallelLlamaDecoderLayer(config, strategy, pg, weights=weights, backend=backend)
+        model.get_submodule(parent_name).register_module(child, new)
+        owner, owner_name = _owner(model, name)
+        owners[owner_name] = owner
+    for owner in owners.values():
+        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config), with_kwargs=True)
+    world = group_size(pg)
+    if strategy != "tp" and world > 1 and "labels" in inspect.signature(model.forward).parameters:
+        model.register_forward_pre_hook(_labels_hook(model, strategy, world), with_kwargs=True)
+    return model
+
+
+def _shift(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``labels: (batch, seq)`` -> the next token's label at every position, ``ignore_index`` at the last."""
+    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
+
+
+def shift_labels_for_shard(labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets of this rank's tokens: ``labels: (batch, seq)``, the same full tensor on every rank,
+    -> ``(batch, seq_local)``, the shard :func:`odysseus.shard_sequence` gives of ``labels[:, 1:]`` followed by
+    ``ignore_index``.
+
+    So the target of the last token of rank r's shard is the first label of rank r+1's shard, and the last
+    token of the sequence has none. Pass ``input_ids`` as ``labels`` for plain language modelling.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
+    pg = resolve_group(group)
+    shifted = _shift(labels, ignore_index)
+    sizes = shard_sizes(labels.shape[1], group_size(pg))
+    if min(sizes) == 0:
+        raise ValueError(f"a sequence of {labels.shape[1]} tokens cannot be split over {len(sizes)} ranks")
+    rank = group_rank(pg)
+    return shifted[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token cross-entropy, as this rank's term of the global mean loss (fp32 scalar).
+
+    ``logits``: ``(batch, seq_local, vocab)`` from a sequence-split model, or ``(batch, seq, vocab)`` from a
+    ``"tp"`` model (told apart by their length). ``labels: (batch, seq)``: the full labels (or ``input_ids``),
+    the same on every rank, ``ignore_index`` where no loss is wanted.
+
+    Sequence-split: returns ``sum of this rank's token losses / number of target tokens in the whole batch``,
+    so the sum over ranks is the mean loss of the unsplit model (what ``LlamaForCausalLM(labels=...)`` gives);
+    call ``backward()`` on it on every rank. Full logits: returns that mean loss itself, identical on every
+    rank. The count needs no communication, as every rank holds the full labels.
+    """
+    pg = resolve_group(group)
+    labels = labels.to(logits.device)
+    world, L = group_size(pg), labels.shape[-1]
+    if logits.dim() != 3 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)}: "
+            "expected (batch, seq or seq_local, vocab) with the labels' batch"
+        )
+    if logits.shape[1] == L:
+        targets = _shift(labels, ignore_index)
+    else:
+        targets = shift_labels_for_shard(labels, pg, ignore_index)
+        if logits.shape[1] != targets.shape[1]:
+            raise ValueError(
+                f"logits hold {logits.shape[1]} tokens; with labels of {L} tokens over {world} ranks rank "
+                f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
+            )
+    count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
+    # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
+    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
+    return total / count
+
+
+def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The global loss value for logging (detached): the sum of the ranks' ``loss`` for sequence-split
+    strategies, ``loss`` itself for ``"tp"``. Collective for sequence-split strategies."""
+    strategy, pg = _setup(model)
+    value = loss.detach().clone()
+    if strategy == "tp":
+        return value
+    return primitives.all_reduce(value, pg, category="metadata", label="loss")
+
+
+def finalize_model_grads(model: nn.Module) -> None:
+    """Make every gradient of a :func:`parallelize_llama` model equal the unsplit model's, in place.
+
+    Sequence-split strategies: the embeddings, final norm and LM head saw only this rank's tokens, so their
+    gradients are summed over the group (one all-reduce per dtype and device, recorded by the CommLedger as
+    ``category="gradient"``). Then :func:`odysseus.finalize_grads` syncs the layers' replicated weights. For
+    ``"tp"`` every rank saw the whole sequence and the same loss: only the layers need it. FSDP2-sharded
+    weights are left to FSDP2. Collective: call on every rank after ``backward()``.
+    """
+    strategy, pg = _setup(model)
+    if strategy != "tp" and group_size(pg) > 1:
+        in_layers = {id(p) for layer in _layers(model) for p in layer.parameters()}
+        buckets: dict[tuple, list[nn.Parameter]] = {}
+        for p in model.parameters():
+            if id(p) in in_layers or not p.requires_grad or hasattr(p, "placements"):
+                continue
+            buckets.setdefault((p.dtype, p.device), []).append(p)
+        for params in buckets.values():
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            with phase("backward"):
+                flat = primitives.all_reduce(
+                    torch.cat([g.reshape(-1) for g in grads]), pg, category="gradient", label="model grads"
+                )
+            for p, summed in zip(params, flat.split([g.numel() for g in grads])):
+                p.grad = summed.view_as(p).clone()
+    finalize_grads(model)
+
+
+def hf_state_dict(model: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
+    """The unsplit model's state dict (or, with ``grad=True``, its parameter gradients) under the Hugging Face
+    keys of ``model.state_dict()``: full tensors, the same on every rank, loadable into a fresh
+    ``transformers`` model with ``load_state_dict``. Tied weights appear under each of their keys as separate
+    tensors. Collective: call on every rank (after :func:`finalize_model_grads` for ``grad=True``).
+    """
+    dense = dense_state_dict(model, grad=grad)
+    param_name = {id(p): name for name, p in model.named_parameters()}
+    out, used = {}, set()
+    for key, t in model.state_dict(keep_vars=True).items():
+        name = param_name.get(id(t))
+        if name is None:
+            if not grad:
+                out[key] = t.detach().clone()
+            continue
+        out[key] = dense[name].clone() if name in used else dense[name]
+        used.add(name)
+    return out
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None:
+    """Write the unsplit model as a ``transformers`` checkpoint: ``config.json`` and ``model.safetensors``.
+
+    ``LlamaForCausalLM.from_pretrained(save_directory)`` (or the class of ``model``) loads it on one device.
+    Global rank 0 writes; every rank gathers (collective) and waits until the files exist.
+    """
+    from safetensors.torch import save_file
+
+    state = hf_state_dict(model)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        os.makedirs(save_directory, exist_ok=True)
+        model.config.save_pretrained(save_directory)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        save_file(tensors, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,137 @@
+"""parallelize_llama's contract: what it accepts, what it refuses, and the message it refuses with."""
+
+import pytest
+import torch
+from multirank import RankError, run_ranks
+from test_hf_numerics import batch, tiny_llama
+from torch import nn
+from transformers import DynamicCache, LlamaConfig, LlamaModel
+
+from odysseus import shard_sequence
+from odysseus.integrations.hf import (
+    ParallelLlamaDecoderLayer,
+    causal_lm_loss,
+    check_llama_config,
+    parallelize_llama,
+)
+
+SIZES = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, intermediate_size=160)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, "rope type 'linear'"),
+        ("attention_bias", True, "attention_bias=True; expected False"),
+        ("mlp_bias", True, "mlp_bias=True; expected False"),
+        ("hidden_act", "gelu", "hidden_act='gelu'; expected 'silu'"),
+        ("attention_dropout", 0.1, "attention_dropout=0.1; expected 0.0"),
+    ],
+)
+def test_unsupported_config_is_refused(field, value, message):
+    config = LlamaConfig(**SIZES, **{field: value})
+    with pytest.raises(ValueError, match="cannot run this Llama config") as err:
+        check_llama_config(config)
+    assert message in str(err.value)
+
+
+def test_config_fields_are_carried_over():
+    config = LlamaConfig(**SIZES, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    c = check_llama_config(config)
+    assert (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (96, 6, 2, 16)
+    assert (c.intermediate_size, c.rope_theta, c.rms_norm_eps) == (160, 5e5, 1e-5)
+
+
+def test_layers_are_replaced_in_place_under_the_same_names():
+    model = tiny_llama()
+    names = sorted(n for n, _ in model.named_parameters())
+    out = parallelize_llama(model, "odysseus")
+    assert out is model
+    assert all(isinstance(layer, ParallelLlamaDecoderLayer) for layer in model.model.layers)
+    assert sorted(n for n, _ in model.named_parameters()) == names
+
+
+def test_bad_models_and_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown strategy 'megatron'"):
+        parallelize_llama(tiny_llama(), "megatron")
+    with pytest.raises(TypeError, match="holds no transformers LlamaDecoderLayer"):
+        parallelize_llama(nn.Sequential(nn.Linear(4, 4)), "tp")
+    with pytest.raises(TypeError, match="not a single layer"):
+        parallelize_llama(tiny_llama().model.layers[0], "tp")
+    model = parallelize_llama(tiny_llama(), "tp")
+    with pytest.raises(ValueError, match="already parallelized"):
+        parallelize_llama(model, "tp")
+    checkpointed = tiny_llama()
+    checkpointed.activation_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation_checkpointing_disable"):
+        parallelize_llama(checkpointed, "tp")
+
+
+def test_calls_the_layers_cannot_honour_are_refused():
+    model = parallelize_llama(tiny_llama(), "odysseus")
+    ids, _ = batch()
+    with pytest.raises(ValueError, match="use_cache=True; expected False"):
+        model(ids, use_cache=True)
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(ids, cache=DynamicCache(config=model.config))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="3 masked"):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="position_ids were passed"):
+        model(ids, position_ids=torch.arange(ids.shape[1])[None])
+    with pytest.raises(ValueError, match="output_hidden_states=True"):
+        model(ids, output_hidden_states=True)
+    with pytest.raises(ValueError, match="use_cache=True; expected False"):
+        model.model.layers[0](torch.zeros(1, 5, 96), use_cache=True)
+
+
+def test_eval_mode_and_all_ones_mask_match_the_plain_call():
+    # LlamaConfig defaults to use_cache=True, which in eval mode would make LlamaModel build a cache.
+    ref = tiny_llama()
+    model = parallelize_llama(tiny_llama(), "ulysses").eval()
+    ids, _ = batch()
+    with torch.no_grad():
+        plain = model(ids).logits
+        masked = model(ids, attention_mask=torch.ones_like(ids)).logits
+        expected = ref.eval()(ids).logits
+    assert torch.equal(plain, masked)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_llama_model_without_head_is_parallelized():
+    config = LlamaConfig(**SIZES, num_hidden_layers=2, vocab_size=128, attn_implementation="eager")
+    torch.manual_seed(0)
+    ref = LlamaModel(config)
+    model = parallelize_llama(LlamaModel(config), "tp-sp")
+    model.load_state_dict(ref.state_dict())
+    ids, _ = batch()
+    torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def _labels_refused(rank, world):
+    model = parallelize_llama(tiny_llama(), "odysseus")
+    ids, labels = batch()
+    try:
+        model(shard_sequence(ids), labels=shard_sequence(labels))
+    except ValueError as e:
+        assert "causal_lm_loss" in str(e), str(e)
+    else:
+        raise AssertionError("labels were accepted by a sequence-split model")
+    logits = model(shard_sequence(ids)).logits
+    if rank == 0:  # the loss is local: one rank alone can be wrong
+        causal_lm_loss(logits[:, :-1], labels)
+
+
+def test_sequence_split_labels_and_misaligned_logits_are_refused():
+    with pytest.raises(RankError, match=r"logits hold 30 tokens; .* rank 0 expects its shard of 31 tokens"):
+        run_ranks(2, _labels_refused)
+
+
+def test_tp_keeps_hugging_face_labels():
+    ref, model = tiny_llama(), parallelize_llama(tiny_llama(), "tp")
+    ids, labels = batch()
+    torch.testing.assert_close(model(ids, labels=labels).loss, ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        causal_lm_loss(model(ids).logits, labels), ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6
+    )
