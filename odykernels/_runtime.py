@@ -112,9 +112,14 @@ def device_info(device: torch.device) -> tuple[tuple[int, int], int]:
     return (props.major, props.minor), props.multi_processor_count
 
 
-def num_programs(device: torch.device, num_tiles: int, interpreted: bool) -> int:
-    """Grid size of a persistent kernel: one program per SM (or :data:`CPU_PROGRAMS`), never more than tiles."""
+def num_programs(device: torch.device, num_tiles: int, interpreted: bool, limit: int | None = None) -> int:
+    """Grid size of a persistent kernel: one program per SM (or :data:`CPU_PROGRAMS`), at most ``limit``
+    and never more than tiles."""
     slots = CPU_PROGRAMS if interpreted else device_info(device)[1]
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"max_programs={limit} must be >= 1")
+        slots = min(slots, limit)
     return max(1, min(slots, num_tiles))
 
 

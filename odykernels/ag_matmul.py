@@ -91,6 +91,7 @@ def ag_matmul(
     max_polls: int = DEFAULT_MAX_POLLS,
     status: torch.Tensor | None = None,
     check: bool = True,
+    max_programs: int | None = None,
 ) -> torch.Tensor:
     """``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it has landed.
 
@@ -113,6 +114,9 @@ def ag_matmul(
         check: synchronize after the launch and raise ``TimeoutError`` (naming rank, chunk and flag values)
             if a wait gave up. With ``check=False`` nothing synchronizes; then ``status`` is required, and
             the caller checks it later with :func:`odykernels.signal.check_status`.
+        max_programs: cap on the persistent grid (default: one program per SM). Each program holds most of
+            an SM's registers, so a kernel that must run on this GPU while this one waits (a local copy
+            kernel feeding the flags, say) needs SMs left free for it; the waits are bounded either way.
 
     Returns:
         (M, N) tensor ``out``. After a timeout its tiles of the late chunk hold garbage.
@@ -154,7 +158,7 @@ def ag_matmul(
     table = mtile_table(chunk_sizes, rank, cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
     tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, is_interpreted(_ag_matmul_kernel, device))
+    progs = num_programs(normalize_device(device), tiles, is_interpreted(_ag_matmul_kernel, device), max_programs)
     launchable(_ag_matmul_kernel, device)[(progs,)](
         a_full, b, out, flags, status, table, num_mtiles, N, K,
         a_full.stride(0), a_full.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),

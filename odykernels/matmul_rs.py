@@ -202,6 +202,7 @@ def matmul_rs(
     flag_peer_offsets: torch.Tensor,
     epoch: int,
     counters: torch.Tensor | None = None,
+    max_programs: int | None = None,
 ) -> None:
     """Compute ``a @ b`` and push each destination chunk's rows into that rank's receive buffer, slot ``rank``.
 
@@ -227,6 +228,8 @@ def matmul_rs(
         epoch: this call's number, >= 1, the value written into the destinations' flags.
         counters: optional int32 (world,) zeroed scratch on this device; the kernel leaves it zeroed, so
             it can be kept across calls (not shared by two launches in flight). Allocated if None.
+        max_programs: cap on the persistent grid (default: one program per SM), to leave SMs to kernels
+            that run beside this one (e.g. the peers' reductions or other communication).
 
     Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
     With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
@@ -257,7 +260,7 @@ def matmul_rs(
     table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
     tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device))
+    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device), max_programs)
     launchable(_matmul_rs_kernel, device)[(progs,)](
         a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), recv.stride(0), recv.stride(1), recv.stride(2),

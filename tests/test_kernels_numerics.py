@@ -167,6 +167,27 @@ def test_ag_matmul_empty_chunks_and_epoch_numerics():
         assert_close(got, a_full.double() @ b.double(), torch.float32, f"rank {rank}")
 
 
+def test_fused_kernels_with_one_program_numerics():
+    # One program walks every tile of every chunk: the persistent loops cover the whole table.
+    sizes = split_rows(M, 3)
+    a, b = randn(M, K, dtype=torch.float32, seed=1), randn(K, N, dtype=torch.float32, seed=2)
+    out = torch.full((M, N), float("nan"))
+    ag_matmul(a, b, sizes, 1, torch.full((3,), 2, dtype=torch.int32), 2, out=out, max_programs=1)
+    assert_close(out, a.double() @ b.double(), torch.float32, "ag_matmul, one program")
+    sim = SimulatedRS(sizes, N, torch.float32, "cpu")
+    recv_offsets = torch.tensor([j * sim.recv[0].numel() for j in range(3)], dtype=torch.int64)
+    flag_offsets = torch.tensor([3 * j for j in range(3)], dtype=torch.int64)
+    odykernels.matmul_rs(a, b, sizes, 0, sim.recv[0], recv_offsets, sim.flags[0], flag_offsets, 1, max_programs=1)
+    starts = chunk_starts(sizes)
+    for d in range(3):
+        assert torch.equal(sim.flags[d], torch.tensor([1, 0, 0], dtype=torch.int32))
+        assert_close(
+            sim.recv[d, 0, : sizes[d]], (a.double() @ b.double())[starts[d] : starts[d + 1]], torch.float32, "slot"
+        )
+    with pytest.raises(ValueError, match="max_programs=0 must be >= 1"):
+        ag_matmul(a, b, sizes, 1, torch.ones(3, dtype=torch.int32), 1, max_programs=0)
+
+
 def test_ag_matmul_times_out_naming_rank_and_chunk():
     a_full, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
     flags = torch.tensor([1, 0, 1], dtype=torch.int32)  # chunk 1 never lands
