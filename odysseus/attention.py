@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .profiling import ody_range
+
 try:  # optional extra: pip install odysseus[flash]
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
@@ -29,6 +31,11 @@ def local_attention(
 
     ``kv_of_q[i]`` is the local kv head that local query head i reads; the scale is ``D**-0.5``.
     """
+    with ody_range("ody/attn"):
+        return _attention(q, k, v, kv_of_q, causal)
+
+
+def _attention(q, k, v, kv_of_q, causal):
     if len(kv_of_q) != q.shape[2] or max(kv_of_q) >= k.shape[2]:
         raise ValueError(f"kv_of_q={kv_of_q} does not fit {q.shape[2]} query heads and {k.shape[2]} kv heads")
     if not uniform_gqa(kv_of_q, k.shape[2]):

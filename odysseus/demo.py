@@ -40,7 +40,7 @@ def _measure(rank: int, world: int, config: odysseus.TransformerConfig, seq: int
         xin = shard_sequence(x) if split else x
         gin = shard_sequence(gy) if split else gy
 
-        def step():
+        def step(block=block, xin=xin, gin=gin):
             block.zero_grad()
             xi = xin.detach().requires_grad_()
             y = block(xi)
@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.world} gloo ranks on CPU\n"
     )
     per_rank = run_ranks(args.world, _measure, config, args.seq, args.repeats, timeout=600)
-    print("| strategy | max rel err out | max rel err grads | recv KiB/rank act | recv KiB/rank grad "
-          "| saved act KiB/rank | step ms (median, max over ranks) |")
+    print(
+        "| strategy | max rel err out | max rel err grads | recv KiB/rank act | recv KiB/rank grad "
+        "| saved act KiB/rank | step ms (median, max over ranks) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for i, strategy in enumerate(odysseus.STRATEGIES):
         rows = [r[i] for r in per_rank]

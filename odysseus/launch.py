@@ -21,6 +21,7 @@ import traceback
 from datetime import timedelta
 
 import torch
+import torch._dynamo  # noqa: F401  # custom ops import it lazily (~2 s): once here rather than in every fork
 import torch.distributed as dist
 
 

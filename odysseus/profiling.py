@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def ody_range(name: str) -> Iterator[None]:
+    """A named range (``ody/ag_matmul``, ``ody/attn``...) for torch.profiler traces and, on CUDA, NVTX (nsys).
+
+    Inside ``torch.compile`` it is a no-op: compiled graphs carry no Python-level ranges.
+    """
+    if torch.compiler.is_compiling():
+        yield
+        return
+    nvtx = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.profiler.record_function(name):
+        if nvtx:
+            torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            if nvtx:
+                torch.cuda.nvtx.range_pop()
 
 
 class SavedActivations:

@@ -32,13 +32,13 @@ def run_reference(ref, x, gy, position_ids=None):
     return y.detach(), xr.grad, {k: p.grad for k, p in ref.named_parameters()}
 
 
-def _parity(rank, world, strategy, shape, B, L, what, with_pos):
+def _parity(rank, world, strategy, shape, B, L, what, with_pos, backend="auto"):
     ref = make_block(torch.float32, **shape)
     if what == "attn":
         ref = ref.self_attn
     elif what == "ffn":
         ref = ref.mlp
-    par = odysseus.parallelize(ref, strategy)
+    par = odysseus.parallelize(ref, strategy, backend=backend)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, L, ref.config.hidden_size, generator=g)
     gy = torch.randn(B, L, ref.config.hidden_size, generator=g)
@@ -56,12 +56,18 @@ def _parity(rank, world, strategy, shape, B, L, what, with_pos):
     return True
 
 
+# The overlap backends that run on CPU tensors; TP and Ulysses have no all-gather⊗GEMM to overlap.
+STRATEGY_BACKENDS = [("tp", "auto"), ("ulysses", "auto")] + [
+    (s, b) for s in ("tp-sp", "odysseus") for b in ("naive", "pipelined")
+]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy, backend", STRATEGY_BACKENDS)
 @pytest.mark.parametrize("shape", [ODD, EVEN], ids=["odd", "even"])
-def test_block_parity_fp32_numerics(strategy, world, shape):
+def test_block_parity_fp32_numerics(strategy, backend, world, shape):
     B, L = (2, 61) if shape is ODD else (1, 32)
-    assert all(run_ranks(world, _parity, strategy, shape, B, L, "block", False))
+    assert all(run_ranks(world, _parity, strategy, shape, B, L, "block", False, backend))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -75,10 +81,10 @@ def test_given_positions_parity_numerics(strategy):
     assert all(run_ranks(3, _parity, strategy, ODD, 2, 61, "block", True))
 
 
-def _bf16(rank, world, strategy):
+def _bf16(rank, world, strategy, backend):
     ref64 = make_block(torch.float64, **ODD)
     ref16 = make_block(torch.bfloat16, **ODD)
-    par = odysseus.parallelize(ref16, strategy)
+    par = odysseus.parallelize(ref16, strategy, backend=backend)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 61, 96, generator=g, dtype=torch.float64)
     gy = torch.randn(2, 61, 96, generator=g, dtype=torch.float64)
@@ -96,6 +102,6 @@ def _bf16(rank, world, strategy):
     return report
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-def test_bf16_error_within_3x_reference_numerics(strategy):
-    run_ranks(3, _bf16, strategy)
+@pytest.mark.parametrize("strategy, backend", STRATEGY_BACKENDS)
+def test_bf16_error_within_3x_reference_numerics(strategy, backend):
+    run_ranks(3, _bf16, strategy, backend)

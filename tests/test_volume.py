@@ -10,9 +10,9 @@ from odysseus import STRATEGIES, CommLedger, finalize_grads, shard_sequence
 from odysseus.volume import bytes_per_rank, expected_records
 
 
-def _ledger(rank, world, strategy, shape, B, L):
+def _ledger(rank, world, strategy, shape, B, L, backend="auto"):
     ref = make_block(torch.float32, **shape)
-    par = odysseus.parallelize(ref, strategy)
+    par = odysseus.parallelize(ref, strategy, backend=backend)
     x = torch.randn(B, L, ref.config.hidden_size)
     x = x if strategy == "tp" else shard_sequence(x)
     x.requires_grad_()
@@ -30,6 +30,12 @@ def _ledger(rank, world, strategy, shape, B, L):
 @pytest.mark.parametrize("world, shape, B, L", [(2, EVEN, 1, 32), (3, ODD, 2, 61), (4, ODD, 2, 61), (4, EVEN, 2, 37)])
 def test_ledger_matches_closed_form(strategy, world, shape, B, L):
     assert all(run_ranks(world, _ledger, strategy, shape, B, L))
+
+
+@pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
+def test_every_backend_gives_the_same_ledger(strategy):
+    for backend in ("naive", "pipelined"):
+        assert all(run_ranks(3, _ledger, strategy, ODD, 2, 61, backend))
 
 
 def test_textbook_ratios_hold_where_they_should():

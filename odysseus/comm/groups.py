@@ -61,6 +61,7 @@ def meta_group(pg: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
     return _META_GROUPS[pg]
 
 
+@torch.compiler.disable  # host-side ints: run eagerly rather than trace a data-dependent exchange
 def exchange_lengths(local_len: int, pg: dist.ProcessGroup | None, who: str = "sequence") -> list[int]:
     """Every rank's sequence-shard length, checked against the :func:`shard_sizes` rule.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..profiling import ody_range
 from ..validation import check_input
 from .common import ParallelModule
 from .tp_sp import TPSPAttention
@@ -40,4 +41,5 @@ class SeqParallelFFN(ParallelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        with ody_range("ody/ffn"):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

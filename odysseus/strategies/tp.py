@@ -13,6 +13,7 @@ from .. import comm
 from ..attention import local_attention
 from ..comm import exchange_lengths
 from ..overlap import ag_matmul, matmul_rs
+from ..profiling import ody_range
 from ..rope import apply_rope, rope_cos_sin
 from ..validation import check_input, normalize_position_ids
 from .common import HeadSplit, ParallelModule, rows, split_ranges
@@ -89,6 +90,10 @@ class TPFFN(ParallelModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         who = type(self).__name__
         check_input(x, self.gate_proj.weight, self.config.hidden_size, who)
+        with ody_range("ody/ffn"):
+            return self._ffn(x, who)
+
+    def _ffn(self, x: torch.Tensor, who: str) -> torch.Tensor:
         w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
         if self.sequence_parallel:
             sizes = exchange_lengths(x.shape[1], self.pg, who)
