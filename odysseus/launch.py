@@ -50,9 +50,21 @@ def _child(rank, world, store, fn, args, kwargs, results, pg_timeout):
             dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 120.0, pg_timeout: float | None = None, **kwargs) -> list:
-    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` ranks; return the results in rank order."""
-    ctx = mp.get_context("fork")
+def run_ranks(
+    world: int,
+    fn,
+    *args,
+    timeout: float = 120.0,
+    pg_timeout: float | None = None,
+    start_method: str = "fork",
+    **kwargs,
+) -> list:
+    """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` ranks; return the results in rank order.
+
+    ``pg_timeout`` bounds every collective (default: ``timeout``). ``start_method="spawn"`` is for CUDA,
+    which cannot be used in forked children; ``fn`` must then be importable (a module-level function).
+    """
+    ctx = mp.get_context(start_method)
     tmp = tempfile.mkdtemp(prefix="ody-ranks-")
     results = ctx.Queue()
     pg_timeout = pg_timeout if pg_timeout is not None else timeout
