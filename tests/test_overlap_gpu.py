@@ -4,7 +4,6 @@ Ranks talk over gloo (NCCL refuses two ranks on one device); symmetric memory re
 store. Skipped without CUDA.
 """
 
-import os
 
 import pytest
 import torch
