@@ -123,7 +123,8 @@ def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, labe
             _write_flag(ws.flags, j, epoch)
     out = odykernels.ag_matmul(buf, w, [s * B for s in sizes], rank, ws.flags, epoch, max_polls=MAX_POLLS)
     main.wait_stream(ws.side)
-    full = buf.view(L, B, K).transpose(0, 1).contiguous()  # kept for dW; the buffer is reused next call
+    # Kept for dW: a real copy (for B == 1 .contiguous() would return a view of the reused buffer).
+    full = buf.view(L, B, K).transpose(0, 1).clone(memory_format=torch.contiguous_format)
     chunk_bytes = sizes[rank] * B * K * x_local.element_size()
     record(
         "all_gather", (world - 1) * chunk_bytes, (L - sizes[rank]) * B * K * x_local.element_size(), world, label=label
