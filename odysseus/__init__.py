@@ -2,6 +2,7 @@
 
 from . import reference
 from .comm import CommLedger, gather_sequence, shard_sequence
+from .comm.failures import PeerFailure, fail_fast
 from .config import TransformerConfig
 from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize, zero3
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
@@ -14,6 +15,7 @@ __all__ = [
     "CommLedger",
     "OdysseusAttention",
     "ParallelBlock",
+    "PeerFailure",
     "SeqParallelFFN",
     "TPAttention",
     "TPFFN",
@@ -22,6 +24,7 @@ __all__ = [
     "TransformerConfig",
     "UlyssesAttention",
     "dense_state_dict",
+    "fail_fast",
     "finalize_grads",
     "gather_sequence",
     "parallelize",

@@ -16,7 +16,7 @@ from .comm import primitives
 from .comm.groups import group_rank, group_size, resolve_group
 from .comm.ledger import phase
 from .overlap import check_backend
-from .strategies.common import ParamSpec
+from .strategies.common import ParallelModule, ParamSpec
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
 from .strategies.tp import TPFFN, TPAttention
 from .strategies.tp_sp import TPSPFFN, TPSPAttention
@@ -87,23 +87,32 @@ class ParallelBlock(nn.Module):
         return f"strategy={self.strategy!r}"
 
 
-def parallelize(module: nn.Module, strategy: str, group=None, *, backend: str = "auto") -> nn.Module:
+def parallelize(
+    module: nn.Module, strategy: str, group=None, *, backend: str = "auto", check_finite: bool = False
+) -> nn.Module:
     """This rank's share of a reference ``TransformerBlock``, ``Attention`` or ``FFN`` under ``strategy``.
 
     ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group. ``backend`` picks how
-    all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`).
+    all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`);
+    ``check_finite=True`` rejects inputs holding NaN or Inf.
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     check_strategy(strategy)
     check_backend(backend)
     resolve_group(group)
     attn_cls, ffn_cls = _MODULES[strategy]
+    kwargs = dict(backend=backend, check_finite=check_finite)
     if isinstance(module, reference.TransformerBlock):
-        return ParallelBlock.from_dense(module, strategy, group, backend=backend)
+        return ParallelBlock.from_dense(module, strategy, group, **kwargs)
     if isinstance(module, reference.Attention):
-        return attn_cls.from_dense(module, group, backend=backend)
+        return attn_cls.from_dense(module, group, **kwargs)
     if isinstance(module, reference.FFN):
-        return ffn_cls.from_dense(module, group, backend=backend)
+        return ffn_cls.from_dense(module, group, **kwargs)
+    if isinstance(module, (ParallelModule, ParallelBlock)):
+        raise TypeError(
+            f"{type(module).__name__} is already parallelized (strategy {module.strategy!r}); "
+            "parallelize the reference module instead"
+        )
     raise TypeError(
         f"cannot parallelize a {type(module).__name__}; expected odysseus.reference.TransformerBlock, "
         "Attention or FFN (for Hugging Face models use odysseus.integrations.hf.parallelize_llama)"

@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ._compat import all_gather_tensor
+from .failures import named_failures
 from .ledger import record
 from .sizes import shard_sizes
 
@@ -62,20 +63,30 @@ def meta_group(pg: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
 
 
 @torch.compiler.disable  # host-side ints: run eagerly rather than trace a data-dependent exchange
-def exchange_lengths(local_len: int, pg: dist.ProcessGroup | None, who: str = "sequence") -> list[int]:
+def exchange_lengths(
+    local_len: int, pg: dist.ProcessGroup | None, who: str = "sequence", finite: bool | None = None
+) -> list[int]:
     """Every rank's sequence-shard length, checked against the :func:`shard_sizes` rule.
 
-    All ranks see the same list, so a bad layout raises the same ``ValueError`` on every rank.
+    All ranks see the same list, so a bad layout raises the same ``ValueError`` on every rank. With
+    ``finite`` (whether this rank's input is free of NaN/Inf), a non-finite input on any rank raises on all.
     """
     world = group_size(pg)
+    report = [local_len] if finite is None else [local_len, int(finite)]
     if world == 1:
-        lengths = [local_len]
+        every = [report]
     else:
-        mine = torch.tensor([local_len], dtype=torch.int64)
-        every = torch.empty(world, dtype=torch.int64)
-        all_gather_tensor(every, mine, group=meta_group(pg))
-        record("all_gather", 8 * (world - 1), 8 * (world - 1), world, "metadata", "lengths")
-        lengths = every.tolist()
+        mine = torch.tensor(report, dtype=torch.int64)
+        gathered = torch.empty(world * len(report), dtype=torch.int64)
+        with named_failures(f"{who}: length exchange"):
+            all_gather_tensor(gathered, mine, group=meta_group(pg))
+        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths")
+        every = gathered.view(world, len(report)).tolist()
+    if finite is not None:
+        bad = [r for r, (_, ok) in enumerate(every) if not ok]
+        if bad:
+            raise ValueError(f"{who}: the input holds NaN or Inf on rank(s) {bad} (check_finite=True)")
+    lengths = [e[0] for e in every]
     check_layout(lengths, who)
     return lengths
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ._compat import all_gather_tensor, reduce_scatter_tensor
+from .failures import named_failures
 from .groups import group_rank, group_size
 from .ledger import record
 from .sizes import offsets, shard_sizes
@@ -34,7 +35,8 @@ def all_gather(
     if sizes[rank] != m:
         inp = torch.cat([inp, inp.new_zeros(m - sizes[rank], *rest)])
     out = inp.new_empty(world * m, *rest)
-    all_gather_tensor(out, inp, group=pg)
+    with named_failures(f"all_gather {label}"):
+        all_gather_tensor(out, inp, group=pg)
     if any(s != m for s in sizes):
         out = torch.cat([out[i * m : i * m + s] for i, s in enumerate(sizes)])
     rb = _row_bytes(inp)
@@ -61,7 +63,8 @@ def reduce_scatter(
         for i, s in enumerate(sizes):
             inp[i * m : i * m + s] = xm[o[i] : o[i + 1]]
     out = inp.new_empty(m, *rest)
-    reduce_scatter_tensor(out, inp, group=pg)
+    with named_failures(f"reduce_scatter {label}"):
+        reduce_scatter_tensor(out, inp, group=pg)
     rb = _row_bytes(inp)
     record("reduce_scatter", (sum(sizes) - sizes[rank]) * rb, (world - 1) * sizes[rank] * rb, world, category, label)
     return out[: sizes[rank]].movedim(0, dim)
@@ -76,9 +79,10 @@ def all_to_all(
         return [chunks[0].reshape(-1)]
     send = torch.cat([c.reshape(-1) for c in chunks])
     recv = send.new_empty(sum(recv_numels))
-    dist.all_to_all_single(
-        recv, send, output_split_sizes=recv_numels, input_split_sizes=[c.numel() for c in chunks], group=pg
-    )
+    with named_failures(f"all_to_all {label}"):
+        dist.all_to_all_single(
+            recv, send, output_split_sizes=recv_numels, input_split_sizes=[c.numel() for c in chunks], group=pg
+        )
     es = send.element_size()
     sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) * es
     received = (sum(recv_numels) - recv_numels[rank]) * es
@@ -94,7 +98,8 @@ def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str 
     world, rank = group_size(pg), group_rank(pg)
     if world == 1:
         return x
-    dist.all_reduce(x, group=pg)
+    with named_failures(f"all_reduce {label}"):
+        dist.all_reduce(x, group=pg)
     chunks = shard_sizes(x.numel(), world)
     moved = ((x.numel() - chunks[rank]) + (world - 1) * chunks[rank]) * x.element_size()
     record("all_reduce", moved, moved, world, category, label)

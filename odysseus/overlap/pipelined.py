@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..comm.failures import named_failures
 from ..comm.groups import group_rank, group_size
 from ..comm.ledger import record
 from ..comm.sizes import offsets
@@ -38,11 +39,12 @@ def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, labe
     sends = [dist.isend(mine, dst=dist.get_global_rank(pg, j), group=pg) for j in _peers(rank, world)]
     out = x_local.new_empty(o[-1], B, w.shape[1])
     torch.matmul(mine, w, out=out[o[rank] : o[rank + 1]])
-    for j, work in recvs.items():
-        work.wait()
-        torch.matmul(full[o[j] : o[j + 1]], w, out=out[o[j] : o[j + 1]])
-    for work in sends:
-        work.wait()
+    with named_failures(f"ag_matmul {label}"):
+        for j, work in recvs.items():
+            work.wait()
+            torch.matmul(full[o[j] : o[j + 1]], w, out=out[o[j] : o[j + 1]])
+        for work in sends:
+            work.wait()
     received = sum(full[o[j] : o[j + 1]].nbytes for j in recvs)
     record("all_gather", mine.nbytes * len(sends), received, world, "activation", label)
     return out.transpose(0, 1).contiguous(), full.transpose(0, 1).contiguous()
@@ -60,13 +62,14 @@ def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, label: str
         partials.append(torch.matmul(xs[o[j] : o[j + 1]], w))
         sends.append(dist.isend(partials[-1], dst=dist.get_global_rank(pg, j), group=pg))
     torch.matmul(xs[o[rank] : o[rank + 1]], w, out=slots[rank])
-    for work in recvs:
-        work.wait()
-    acc = slots[0].to(torch.promote_types(x.dtype, torch.float32), copy=True)
-    for j in range(1, world):
-        acc += slots[j]
-    for work in sends:
-        work.wait()
+    with named_failures(f"matmul_rs {label}"):
+        for work in recvs:
+            work.wait()
+        acc = slots[0].to(torch.promote_types(x.dtype, torch.float32), copy=True)
+        for j in range(1, world):
+            acc += slots[j]
+        for work in sends:
+            work.wait()
     received = sum(slots[j].nbytes for j in _peers(rank, world))
     record("reduce_scatter", sum(p.nbytes for p in partials), received, world, "activation", label)
     return acc.to(x.dtype).transpose(0, 1).contiguous()

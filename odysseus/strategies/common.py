@@ -8,7 +8,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..comm import group_rank, group_size, head_ranges, kv_range, meta_group, offsets, resolve_group, shard_sizes
+from ..comm import (
+    exchange_lengths,
+    group_rank,
+    group_size,
+    head_ranges,
+    kv_range,
+    meta_group,
+    offsets,
+    resolve_group,
+    shard_sizes,
+)
 from ..config import TransformerConfig
 from ..overlap import check_backend
 from ..reference import seeded_normal
@@ -82,6 +92,8 @@ class ParallelModule(nn.Module):
     ``weights`` maps linear-layer names (``q_proj``...) to dense ``(out, in)`` tensors to slice; without
     it, each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``), so a
     fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world size.
+    ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
+    where the module exchanges lengths anyway).
     """
 
     strategy: str = ""
@@ -95,6 +107,7 @@ class ParallelModule(nn.Module):
         weights: Mapping[str, torch.Tensor] | None = None,
         seed: int = 0,
         std: float = 0.02,
+        check_finite: bool = False,
         device=None,
         dtype=None,
     ):
@@ -105,6 +118,7 @@ class ParallelModule(nn.Module):
         self.pg = resolve_group(group)
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
+        self.check_finite = check_finite
         self.param_specs: dict[str, ParamSpec] = {}
         self._weights, self._seed, self._std = weights, seed, std
         self._device, self._dtype = device, dtype
@@ -128,6 +142,18 @@ class ParallelModule(nn.Module):
         lin.weight = nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
         setattr(self, name, lin)
         self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+
+    def seq_lengths(self, x: torch.Tensor) -> list[int]:
+        """Every rank's sequence length for the shard ``x: (batch, seq_local, hidden)`` (checked layout)."""
+        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
+        return exchange_lengths(x.shape[1], self.pg, type(self).__name__, finite)
+
+    def check_finite_input(self, x: torch.Tensor) -> None:
+        """With ``check_finite``, reject NaN/Inf in ``x`` on this rank (modules that exchange nothing)."""
+        if self.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(
+                f"{type(self).__name__}: the input holds NaN or Inf on rank {self.rank} (check_finite=True)"
+            )
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, rank={self.rank}, world={self.world}, backend={self.backend!r}"

@@ -41,5 +41,6 @@ class SeqParallelFFN(ParallelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
+        self.check_finite_input(x)
         with ody_range("ody/ffn"):
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from .. import comm
 from ..attention import local_attention
-from ..comm import exchange_lengths
 from ..overlap import ag_matmul, matmul_rs
 from ..profiling import ody_range
 from ..rope import apply_rope, rope_cos_sin
@@ -45,10 +44,11 @@ class TPAttention(ParallelModule):
         B = x.shape[0]
         w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t()
         if self.sequence_parallel:
-            sizes = exchange_lengths(x.shape[1], self.pg, who)
+            sizes = self.seq_lengths(x)
             qkv = ag_matmul(x, w_qkv, sizes, self.pg, self.backend, "attn.qkv")
             pos = self._gathered_positions(position_ids, B, sizes, x.device)
         else:
+            self.check_finite_input(x)
             qkv = comm.copy_to_tp(x, self.pg, "attn.qkv") @ w_qkv
             pos = normalize_position_ids(position_ids, B, x.shape[1], 0, x.device)
         nq, nkv = len(self.heads.kv_of_q), self.k_proj.weight.shape[0] // c.head_dim
@@ -88,17 +88,17 @@ class TPFFN(ParallelModule):
         self.add_linear("down_proj", 1, cols)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        who = type(self).__name__
-        check_input(x, self.gate_proj.weight, self.config.hidden_size, who)
+        check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
         with ody_range("ody/ffn"):
-            return self._ffn(x, who)
+            return self._ffn(x)
 
-    def _ffn(self, x: torch.Tensor, who: str) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
         w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
         if self.sequence_parallel:
-            sizes = exchange_lengths(x.shape[1], self.pg, who)
+            sizes = self.seq_lengths(x)
             gu = ag_matmul(x, w_gu, sizes, self.pg, self.backend, "ffn.up")
         else:
+            self.check_finite_input(x)
             gu = comm.copy_to_tp(x, self.pg, "ffn.up") @ w_gu
         gate, up = gu.chunk(2, dim=-1)
         h, w_d = F.silu(gate) * up, self.down_proj.weight.t()

@@ -12,7 +12,7 @@ import torch
 
 from .. import comm
 from ..attention import local_attention
-from ..comm import exchange_lengths, offsets
+from ..comm import offsets
 from ..rope import apply_rope, rope_cos_sin
 from ..validation import check_input, normalize_position_ids
 from .common import HeadSplit, ParallelModule
@@ -35,10 +35,10 @@ class UlyssesAttention(ParallelModule):
             self.add_linear(name, sync=sync)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        c, who = self.config, type(self).__name__
-        check_input(x, self.q_proj.weight, c.hidden_size, who)
+        c = self.config
+        check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         B, L_r, _ = x.shape
-        sizes = exchange_lengths(L_r, self.pg, who)
+        sizes = self.seq_lengths(x)
         pos = normalize_position_ids(position_ids, B, L_r, offsets(sizes)[self.rank], x.device)
         cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
         q = apply_rope(self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)
