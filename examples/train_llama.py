@@ -1,0 +1,175 @@
+"""Train a small Hugging Face Llama with every decoder layer split over the ranks by an odysseus strategy.
+
+    torchrun --nproc-per-node 4 examples/train_llama.py --strategy odysseus --seq 8192
+    torchrun --nproc-per-node 2 examples/train_llama.py --strategy ulysses --zero3 --data corpus.txt --save-every 100
+
+The model is a ``transformers`` ``LlamaForCausalLM`` built from the size flags (random init, the same seed
+on every rank), parallelized in place by ``odysseus.integrations.hf.parallelize_llama``. Data: without
+``--data``, synthetic tokens from a fixed random Markov chain (mostly one likely successor per token, so
+the loss has something to learn); with ``--data PATH``, random windows of the file's bytes (vocabulary 256).
+Every rank draws the same batch and feeds its sequence shard (``tp``: the whole sequence).
+
+The progress bar (rank 0) shows the step, the global loss, tokens per second over all ranks and the peak
+memory of each rank: ``torch.cuda.max_memory_allocated`` on GPU, the peak resident set size
+(``getrusage`` ``ru_maxrss``) of the process on CPU. ``--save-every K`` writes a checkpoint every K steps
+(``DIR/step-K``: ``config.json`` + ``model.safetensors``, by rank 0) that
+``LlamaForCausalLM.from_pretrained`` loads on one device. ``--metrics FILE`` writes the per-step losses (and the
+parameters ZeRO-3 sharded) as JSON. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import odysseus
+from odysseus.integrations.hf import (
+    causal_lm_loss,
+    finalize_model_grads,
+    global_loss,
+    parallelize_llama,
+    save_pretrained,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--strategy", choices=odysseus.STRATEGIES, default="odysseus")
+    p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (global, before splitting)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=256, help="synthetic data only; --data uses 256 (bytes)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--data", help="a text file to train on (byte-level tokens); synthetic tokens without it")
+    p.add_argument("--zero3", action="store_true", help="shard the layers' replicated weights with FSDP2")
+    p.add_argument("--backend", default="auto", help="overlap backend of tp-sp/odysseus (odysseus.parallelize)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: never)")
+    p.add_argument("--out", default="checkpoints", help="checkpoint directory")
+    p.add_argument("--metrics", help="write {'loss': [...]} as JSON here (rank 0)")
+    p.add_argument("--log-every", type=int, default=1, help="refresh the progress bar every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class Batches:
+    """The same ``(batch, seq)`` int64 batch on every rank at every step, from ``--data`` or a Markov chain."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        if args.data:
+            with open(args.data, "rb") as f:
+                self.corpus = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8).long()
+            if len(self.corpus) <= args.seq:
+                raise ValueError(f"--data {args.data} has {len(self.corpus)} bytes; --seq {args.seq} needs more")
+            self.vocab = 256
+        else:
+            self.vocab = args.vocab
+            g = torch.Generator().manual_seed(args.seed)
+            self.successor = torch.randperm(self.vocab, generator=g)
+
+    def get(self, step: int) -> torch.Tensor:
+        a = self.args
+        g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+        if a.data:
+            starts = torch.randint(0, len(self.corpus) - a.seq, (a.batch,), generator=g)
+            return torch.stack([self.corpus[s : s + a.seq] for s in starts.tolist()])
+        ids = torch.empty(a.batch, a.seq, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, self.vocab, (a.batch,), generator=g)
+        noise = torch.randint(0, self.vocab, (a.batch, a.seq), generator=g)
+        follow = torch.rand(a.batch, a.seq, generator=g) < 0.9
+        for t in range(1, a.seq):
+            ids[:, t] = torch.where(follow[:, t], self.successor[ids[:, t - 1]], noise[:, t])
+        return ids
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """GPU: peak allocated by torch; CPU: the process's peak resident set size (ru_maxrss, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.intermediate,
+        vocab_size=vocab,
+        max_position_embeddings=args.seq,
+        use_cache=False,
+    )
+    torch.manual_seed(args.seed)  # every rank builds the same weights; each then keeps its share
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    parallelize_llama(model, args.strategy, backend=args.backend)
+    if args.zero3:
+        odysseus.zero3(model)
+    return model
+
+
+def train(args: argparse.Namespace) -> list[float]:
+    """Run the training loop on this rank (torch.distributed must be initialised); returns the global losses."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    data = Batches(args)
+    model = build_model(args, data.vocab, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    split = args.strategy != "tp"
+    losses: list[float] = []
+    bar = tqdm(total=args.steps, disable=rank != 0, desc=f"{args.strategy} x{world}", dynamic_ncols=True)
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        ids = data.get(step).to(device)
+        logits = model(odysseus.shard_sequence(ids) if split else ids).logits
+        loss = causal_lm_loss(logits, ids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        finalize_model_grads(model)
+        opt.step()
+        losses.append(global_loss(loss, model).item())  # .item() waits for the step: the time below is real
+        elapsed = time.perf_counter() - start
+        if step % args.log_every == 0 or step == args.steps:
+            peaks = [None] * world
+            dist.all_gather_object(peaks, round(peak_memory_mib(device)))
+            bar.set_postfix_str(
+                f"loss {losses[-1]:.4f}  tok/s {args.batch * args.seq / elapsed:,.0f}  peak MiB/rank {peaks}"
+            )
+        bar.update(1)
+        if args.save_every and step % args.save_every == 0:
+            save_pretrained(model, os.path.join(args.out, f"step-{step}"))
+    bar.close()
+    if args.metrics and rank == 0:
+        sharded = [n for n, p in model.named_parameters() if hasattr(p, "placements")]  # FSDP2 DTensors
+        with open(args.metrics, "w") as f:
+            json.dump({"loss": losses, "zero3_sharded": sharded}, f)
+    return losses
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        train(args)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
