@@ -38,6 +38,8 @@ def fail_fast() -> Iterator[None]:
     """Wrap a training step on every rank: an exception here is published to the peers, then re-raised."""
     try:
         yield
+    except PeerFailure:
+        raise  # a consequence, not a cause: publishing it would hide the rank that failed first
     except BaseException as err:
         store = _store() if dist.is_initialized() else None
         if store is not None:
