@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 from helpers import EVEN, ODD, assert_close, make_block
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from odysseus import TransformerConfig
 
@@ -61,13 +63,9 @@ def test_reference_matches_plain_fp64_numerics(shape, given_pos):
         assert_close(p.grad, params[name].grad, 1e-9, 1e-12, f"{name}.grad")
 
 
-def test_reference_matches_transformers_llama_numerics():
-    tfm = pytest.importorskip("transformers")
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    block = make_block(torch.float32, **ODD)
-    c = block.config
-    hf_cfg = tfm.LlamaConfig(
+def hf_config(c: TransformerConfig) -> LlamaConfig:
+    """The transformers LlamaConfig of the same block (eager attention, no biases)."""
+    return LlamaConfig(
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size,
         num_attention_heads=c.num_heads,
@@ -78,6 +76,12 @@ def test_reference_matches_transformers_llama_numerics():
         mlp_bias=False,
         attn_implementation="eager",
     )
+
+
+def test_reference_matches_transformers_llama_numerics():
+    block = make_block(torch.float32, **ODD)
+    c = block.config
+    hf_cfg = hf_config(c)
     assert TransformerConfig.from_hf(hf_cfg) == c
     hf = LlamaDecoderLayer(hf_cfg, layer_idx=0)
     hf.load_state_dict(block.state_dict(), strict=True)
@@ -101,18 +105,8 @@ def test_reference_matches_transformers_llama_numerics():
 
 
 def test_state_dict_loads_into_hf_layout_both_ways():
-    tfm = pytest.importorskip("transformers")
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     block = make_block(**ODD)
-    c = block.config
-    hf_cfg = tfm.LlamaConfig(
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-    )
-    hf = LlamaDecoderLayer(hf_cfg, layer_idx=0)
+    hf = LlamaDecoderLayer(hf_config(block.config), layer_idx=0)
     hf.load_state_dict(block.state_dict(), strict=True)
     block2 = make_block(seed=1, **ODD)
     block2.load_state_dict(hf.state_dict(), strict=True)
