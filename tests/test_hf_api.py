@@ -7,11 +7,12 @@ from test_hf_numerics import batch, tiny_llama
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from odysseus import shard_sequence
+from odysseus import CommLedger, shard_sequence
 from odysseus.integrations.hf import (
     ParallelLlamaDecoderLayer,
     causal_lm_loss,
     check_llama_config,
+    finalize_model_grads,
     parallelize_llama,
 )
 
@@ -26,6 +27,8 @@ SIZES = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, inter
         ("mlp_bias", True, "mlp_bias=True; expected False"),
         ("hidden_act", "gelu", "hidden_act='gelu'; expected 'silu'"),
         ("attention_dropout", 0.1, "attention_dropout=0.1; expected 0.0"),
+        ("sliding_window", 4096, "sliding_window=4096; expected None"),
+        ("pretraining_tp", 2, "pretraining_tp=2; expected 1"),
     ],
 )
 def test_unsupported_config_is_refused(field, value, message):
@@ -135,3 +138,23 @@ def test_tp_keeps_hugging_face_labels():
     torch.testing.assert_close(
         causal_lm_loss(model(ids).logits, labels), ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6
     )
+
+
+def _ledger(rank, world, strategy):
+    model = parallelize_llama(tiny_llama(), strategy)
+    ids, labels = batch()
+    causal_lm_loss(model(ids if strategy == "tp" else shard_sequence(ids)).logits, labels).backward()
+    with CommLedger() as ledger:
+        finalize_model_grads(model)
+    return [(r.op, r.phase, r.category, r.bytes_received) for r in ledger.select(label="model grads")]
+
+
+@pytest.mark.parametrize("strategy", ["tp", "ulysses"])
+def test_model_grad_sync_is_recorded_by_the_ledger(strategy):
+    records = run_ranks(2, _ledger, strategy)[0]
+    if strategy == "tp":
+        assert records == []  # every rank saw the whole sequence: nothing to sum
+    else:
+        # embed_tokens (128 x 96) + final norm (96) + lm_head (128 x 96), fp32, one bucket; at world 2 an
+        # all-reduce receives what it sends: numel * 4 bytes.
+        assert records == [("all_reduce", "backward", "gradient", (2 * 128 * 96 + 96) * 4)]

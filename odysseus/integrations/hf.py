@@ -257,7 +257,7 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
 
         raise NotImplementedError(
             f"transformers {transformers.__version__}: LlamaDecoderLayer.forward returns {returns}, but "
-            "parallelize_llama drives models whose decoder layers return a torch.Tensor (transformers >= 5)"
+            "parallelize_llama drives models whose decoder layers return a torch.Tensor (as in transformers 5)"
         )
     hf_config = getattr(model, "config", None) or found[0][1].self_attn.config
     config = check_llama_config(hf_config)
@@ -412,6 +412,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None
     """
     from safetensors.torch import save_file
 
+    if not hasattr(getattr(model, "config", None), "save_pretrained"):
+        raise TypeError(f"{type(model).__name__} has no transformers config to save; pass the PreTrainedModel")
     state = hf_state_dict(model)
     if not dist.is_initialized() or dist.get_rank() == 0:
         os.makedirs(save_directory, exist_ok=True)
