@@ -297,7 +297,7 @@ class Cost:
     link_s: float = 0.0
     """Time the link is busy: a floor on the step however much overlaps."""
     comm_bytes: float = 0.0
-    collectives: int = 0
+    collectives: float = 0.0
     flops: float = 0.0
 
     @property
@@ -318,7 +318,7 @@ def _comm_time(nbytes: float, op: str, world: int, hw: Hardware, a: Assumptions)
     all-reduce) is as slow as its slowest hop, the NIC; an all-to-all sends each peer its own share, so
     only the share bound for other nodes crosses the NIC while the rest moves on the node's fabric.
     """
-    eff = a.link_efficiency
+    eff = a.link_efficiency * a.collective_efficiency.get(op, 1.0)
     if world <= hw.gpus_per_node or hw.inter_node_bw is None:
         t = nbytes / hw.intra_node_bw
     elif op == "all_to_all":
@@ -326,7 +326,8 @@ def _comm_time(nbytes: float, op: str, world: int, hw: Hardware, a: Assumptions)
         t = max(nbytes * remote / hw.inter_node_bw, nbytes * (1 - remote) / hw.intra_node_bw)
     else:
         t = nbytes / min(hw.inter_node_bw, hw.intra_node_bw)
-    return t / eff + a.collective_latency_s
+    # An all-reduce is a reduce-scatter then an all-gather (as the ledger counts it): two latencies.
+    return t / eff + a.collective_latency_s * (2 if op == "all_reduce" else 1)
 
 
 def block_cost(
@@ -369,6 +370,7 @@ def block_cost(
     }
     partners = {k: [gemm_s[n] for n in v if n in gemm_s] for k, v in partners.items()}
     f = a.overlap[backend]
+    budget = {"forward": passes * fwd, "backward": bwd}
     for phase, op, category, nbytes in strategy_records(strategy, config, batch, seq, world, rank, dtype_bytes):
         t = _comm_time(nbytes, op, world, hw, a)
         reps = passes if category == "activation" and phase == "forward" else 1
@@ -379,12 +381,14 @@ def block_cost(
             # TP all-reduces and Ulysses all-to-alls have no partner: they sit between dependent computations.
             hide = partners[(phase, op)].pop(0) if partners.get((phase, op)) else 0.0
             exposed = t - f * min(t, hide)
-        elif category == "weight" and phase == "forward":
-            exposed = t - a.zero3_overlap * min(t, fwd)  # FSDP2 prefetches it under the previous block's forward
-        elif category == "weight" or op == "reduce_scatter":
-            exposed = t - a.zero3_overlap * min(t, bwd)  # FSDP2: backward all-gather and grad reduce-scatter
         else:
-            exposed = t - a.grad_overlap * min(t, bwd)  # finalize_grads' all-reduce
+            # Weight gathers and gradient syncs run in the background of the compute of their phase (FSDP2
+            # prefetches the next block's gather under this one's forward and reduce-scatters during
+            # backward; a bucketed all-reduce would too): they share that compute time between them.
+            fraction = a.zero3_overlap if category == "weight" or op == "reduce_scatter" else a.grad_overlap
+            hidden = min(fraction * t, budget[phase])
+            budget[phase] -= hidden
+            exposed = t - hidden
         cost.exposed_comm_s += reps * exposed
     # Lengths travel on the CPU side group: latency only, and not on the GPU link.
     cost.exposed_comm_s += passes * HOST_EXCHANGES[s] * a.host_exchange_latency_s if world > 1 else 0.0
@@ -580,11 +584,15 @@ def _reason(
     if faster:
         best = min(faster, key=unconstrained.get)
         loser = next(p for p in ranked if p.strategy == best)
-        how = "does not fit" if not loser.fits else "must recompute activations to fit"
+        keep = max(
+            memory_bytes(best, model, batch, seq, gpus, a, False, dtype_bytes, r)["total"] for r in (0, gpus - 1)
+        )
+        how = "does not fit at all" if not loser.fits else "must recompute activations to fit"
         return (
-            f"memory: {best} would take {unconstrained[best] * 1e3:.0f} ms without the memory limit but {how} "
-            f"({loser.memory['total'] / 1e9:.1f} GB); {win.strategy} fits"
-            + (" with recomputation" if win.recompute else "")
+            f"memory: {best} would take {unconstrained[best] * 1e3:.0f} ms with unlimited memory, but it needs "
+            f"{keep / 1e9:.1f} GB without recomputation (> {hw.memory_bytes * a.usable_memory_fraction / 1e9:.0f} GB "
+            f"usable) and {how}; "
+            f"{win.strategy} fits" + (" with recomputation" if win.recompute else "")
         )
     runner = next((p for p in ranked[1:] if p.rank), None)
     if runner is None:
@@ -604,15 +612,25 @@ def _reason(
     return f"{kind}: {gap / runner.step_s:.0%} faster than {runner.strategy} through {what}"
 
 
+_UNRESOLVED = 1e30
+"""Rate or bandwidth given to a term the fit put no weight on."""
+
 # --- calibration --------------------------------------------------------------------------------------
+
+
+_KINDS = {"all_gather": "ag/rs", "reduce_scatter": "ag/rs", "all_to_all": "all_to_all", "all_reduce": "all_reduce"}
+"""Collective kinds the calibration gives a bandwidth each. All-gather and reduce-scatter always come in
+equal bytes in these strategies, so one run cannot tell them apart: they share one."""
+_GROUPS = ("ag/rs", "all_to_all", "all_reduce")
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Rate, bandwidth and per-collective latency fitted to a measured ``bench_layer.py`` run."""
+    """Rate, bandwidth per collective kind and per-collective latency, fitted to a ``bench_layer.py`` run."""
 
     flops_per_s: float
-    bytes_per_s: float
+    bytes_per_s: dict[str, float]
+    """Per kind in :data:`_GROUPS`; ``_UNRESOLVED`` where the run gave that term no weight."""
     latency_s: float
     source: str
     residual: float
@@ -621,7 +639,10 @@ class Calibration:
     """The measured rows with their predicted time added (``predicted_s``)."""
 
     def hardware(self) -> Hardware:
-        """A :class:`Hardware` whose peaks are the fitted values (one node of the bench's world size)."""
+        """A :class:`Hardware` whose peaks are the fitted values (one node of the bench's world size).
+
+        Its link bandwidth is the fastest fitted kind; :meth:`assumptions` scales the others down.
+        """
         world = max((r["world"] for r in self.rows), default=1)
         src = f"fitted by odysseus.plan.calibrate from {self.source}"
         return Hardware(
@@ -629,7 +650,7 @@ class Calibration:
             description=f"fitted to {self.source}",
             peak_flops=self.flops_per_s,
             memory_bytes=max((r.get("memory_bytes", 0) for r in self.rows), default=0) or 1e18,
-            intra_node_bw=self.bytes_per_s,
+            intra_node_bw=max(self.bytes_per_s.values()),
             gpus_per_node=world,
             sources={
                 "peak_flops": src,
@@ -640,9 +661,11 @@ class Calibration:
         )
 
     def assumptions(self) -> Assumptions:
-        """Efficiencies of 1 (folded into the fitted rates), the fitted latency, no overlap (naive backend)."""
+        """Efficiencies of 1 (folded into the fitted rates), the fitted latency and per-kind bandwidth
+        ratios, no overlap (the fit uses the naive backend)."""
         base = Assumptions()
         src = f"fitted by odysseus.plan.calibrate from {self.source}"
+        fastest = max(self.bytes_per_s.values())
         return dataclasses.replace(
             base,
             gemm_efficiency=1.0,
@@ -650,13 +673,13 @@ class Calibration:
             link_efficiency=1.0,
             collective_latency_s=self.latency_s,
             host_exchange_latency_s=self.latency_s,
+            collective_efficiency={k: self.bytes_per_s[g] / fastest for k, g in _KINDS.items()},
             sources={
                 **base.sources,
-                "gemm_efficiency": f"1: {src}",
-                "attention_efficiency": f"1: {src}",
-                "link_efficiency": f"1: {src}",
+                **{k: f"1: {src}" for k in ("gemm_efficiency", "attention_efficiency", "link_efficiency")},
                 "collective_latency_s": src,
                 "host_exchange_latency_s": src,
+                "collective_efficiency": src,
             },
         )
 
@@ -671,38 +694,36 @@ class Calibration:
             row["world"],
             self.hardware(),
             self.assumptions(),
-            "naive" if row["backend"] in ("naive", "n/a") else row["backend"],
+            "naive",
             dtype_bytes=row["dtype_bytes"],
         )
         return cost.time_s * row["layers"]
 
 
-def _features(row: dict) -> tuple[float, float, float]:
-    """(flops, bytes, collectives) of one bench row, from the same closed forms the planner uses."""
-    probe_hw = Hardware(
-        "probe",
-        1.0,
-        1.0,
-        1.0,
-        row["world"],
-        sources={k: "probe" for k in ("peak_flops", "memory_bytes", "intra_node_bw", "gpus_per_node")},
-    )
-    probe = dataclasses.replace(Assumptions(), gemm_efficiency=1.0, attention_efficiency=1.0, link_efficiency=1.0)
+def _features(row: dict) -> list[float]:
+    """Flops, bytes received per kind in :data:`_GROUPS`, and latency units of one bench row.
+
+    Latency units count one per collective (two per all-reduce) and one per length exchange: the time
+    :func:`block_cost` gives when rate and bandwidth are infinite and every latency is 1 s.
+    """
     cfg = TransformerConfig(**row["config"])
-    cost = block_cost(
-        row["strategy"],
-        cfg,
-        row["batch"],
-        row["seq"],
-        row["world"],
-        probe_hw,
-        probe,
-        "naive",
-        dtype_bytes=row["dtype_bytes"],
+    names = ("peak_flops", "memory_bytes", "intra_node_bw", "gpus_per_node")
+    probe_hw = Hardware("probe", 1e300, 1.0, 1e300, row["world"], sources=dict.fromkeys(names, "probe"))
+    ones = dataclasses.replace(
+        Assumptions(),
+        gemm_efficiency=1.0,
+        attention_efficiency=1.0,
+        link_efficiency=1.0,
+        collective_latency_s=1.0,
+        host_exchange_latency_s=1.0,
     )
-    collectives = cost.collectives + HOST_EXCHANGES[base_strategy(row["strategy"])] * (row["world"] > 1)
+    args = (row["strategy"], cfg, row["batch"], row["seq"], row["world"])
+    latency = block_cost(*args, probe_hw, ones, "naive", dtype_bytes=row["dtype_bytes"])
+    by_kind = dict.fromkeys(_GROUPS, 0.0)
+    for _, op, _, nbytes in strategy_records(*args, 0, row["dtype_bytes"]):
+        by_kind[_KINDS[op]] += nbytes
     k = row["layers"]
-    return k * cost.flops, k * cost.comm_bytes, k * collectives
+    return [k * latency.flops, *(k * by_kind[g] for g in _GROUPS), k * latency.time_s]
 
 
 def _nonneg_lstsq(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -722,11 +743,13 @@ def _nonneg_lstsq(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def calibrate(bench: str | dict) -> Calibration:
-    """Fit seconds-per-flop, seconds-per-byte and seconds-per-collective to a ``bench_layer.py`` JSON.
+    """Fit seconds per flop, per byte of each collective kind, and per collective to a ``bench_layer.py`` JSON.
 
     Uses the rows measured with the ``naive`` backend (or strategies without one), where nothing overlaps,
-    so ``time = flops/rate + bytes/bandwidth + collectives*latency`` holds term by term. The fit weighs
-    each row by 1/measured time (relative errors), with every coefficient kept >= 0.
+    so ``time = flops/rate + sum_kind bytes_kind/bandwidth_kind + latency_units*latency`` holds term by
+    term. Kinds get separate bandwidths because they can differ a lot (on CPU gloo a reduce-scatter moves
+    a byte several times slower than an all-gather). Rows are weighed by 1/measured time (relative
+    errors) and every coefficient is kept >= 0.
     """
     source = bench if isinstance(bench, str) else bench.get("source", "bench")
     data = json.load(open(bench)) if isinstance(bench, str) else bench
@@ -734,7 +757,7 @@ def calibrate(bench: str | dict) -> Calibration:
     for r in data["results"]:
         if r.get("status") != "ok" or r["backend"] not in ("naive", "n/a"):
             continue
-        if base_strategy(r["strategy"]) not in BASE_STRATEGIES:
+        if r["strategy"] not in BASE_STRATEGIES:
             continue
         rows.append(
             {
@@ -755,8 +778,13 @@ def calibrate(bench: str | dict) -> Calibration:
     x = _nonneg_lstsq(feats / scale / meas[:, None], torch.ones_like(meas)) / scale
     pred = feats @ x
     residual = float(((pred - meas) / meas).square().mean().sqrt())
-    tiny = 1e-30  # a coefficient fitted to 0 means that term never mattered in this run: an infinite rate
-    cal = Calibration(1 / max(float(x[0]), tiny), 1 / max(float(x[1]), tiny), float(x[2]), source, residual)
+
+    def rate(coef: torch.Tensor) -> float:
+        # A coefficient fitted to 0 means its term never mattered in this run: the rate is then "infinite".
+        return 1 / max(float(coef), 1 / _UNRESOLVED)
+
+    bandwidths = {g: rate(x[1 + k]) for k, g in enumerate(_GROUPS)}
+    cal = Calibration(rate(x[0]), bandwidths, float(x[-1]), source, residual)
     for r, p in zip(rows, pred.tolist()):
         cal.rows.append({**r, "predicted_s": p})
     return cal
@@ -790,9 +818,13 @@ def format_table(preds: list[Prediction]) -> str:
     return "\n".join(lines)
 
 
-def _calibration_report(cal: Calibration) -> str:
+def calibration_report(cal: Calibration) -> str:
+    """The fitted values and a measured-against-predicted table of the fitted rows."""
+    bw = ", ".join(
+        f"{g} {b / 1e9:.3f} GB/s" if b < _UNRESOLVED else f"{g} not resolved" for g, b in cal.bytes_per_s.items()
+    )
     lines = [
-        f"calibrated from {cal.source}: {cal.flops_per_s / 1e9:.2f} GFLOP/s, {cal.bytes_per_s / 1e9:.3f} GB/s, "
+        f"calibrated from {cal.source}: {cal.flops_per_s / 1e9:.2f} GFLOP/s; {bw}; "
         f"{cal.latency_s * 1e6:.0f} us per collective; rms relative error {cal.residual:.0%}",
         "",
         "| strategy | backend | seq | measured ms | predicted ms |",
@@ -815,7 +847,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", type=int, help="ranks the layer is split over")
     p.add_argument("--hardware", default="h100-nvlink", choices=sorted(HARDWARE))
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
-    p.add_argument("--backend", default="symm", help="overlap backend of TP-SP/Odysseus (naive, pipelined, symm)")
+    p.add_argument(
+        "--backend",
+        default="symm",
+        choices=sorted(Assumptions().overlap),
+        help="odysseus.overlap backend of TP-SP/Odysseus: sets how much of their all-gathers/reduce-scatters hide",
+    )
     p.add_argument("--recompute", default="auto", choices=("auto", "never", "always"))
     p.add_argument("--grad-overlap", type=float, help="fraction of gradient all-reduce hidden behind backward")
     p.add_argument("--calibrate", metavar="BENCH_JSON", help="fit rate/bandwidth/latency to a bench_layer.py run")
@@ -830,7 +867,7 @@ def main(argv: list[str] | None = None) -> None:
     backend = args.backend
     if args.calibrate:
         cal = calibrate(args.calibrate)
-        print(_calibration_report(cal))
+        print(calibration_report(cal))
         hw, a, backend = cal.hardware(), cal.assumptions(), "naive"
         if args.model is None:
             return
@@ -841,11 +878,9 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.seq, args.gpus, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a
     )
     if args.json:
-        print(
-            json.dumps(
-                [{**dataclasses.asdict(x), "cost": dataclasses.asdict(x.cost)} for x in preds], indent=1, default=str
-            )
-        )
+        # inf (step time of an infeasible strategy) is not JSON: write null.
+        rows = [{**dataclasses.asdict(x), "step_s": x.step_s if math.isfinite(x.step_s) else None} for x in preds]
+        print(json.dumps(rows, indent=1))
         return
     print(
         f"{args.model}, {args.batch} x {args.seq} tokens over {args.gpus} x {hw.name} "

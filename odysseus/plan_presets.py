@@ -110,6 +110,9 @@ class Model:
         )
 
 
+_COLLECTIVES = ("all_gather", "reduce_scatter", "all_to_all", "all_reduce")
+
+
 @dataclass(frozen=True)
 class Assumptions:
     """Engineering estimates, not datasheet values: what fraction of a peak is achievable, what overlaps.
@@ -123,6 +126,9 @@ class Assumptions:
     link_efficiency: float = 0.8
     collective_latency_s: float = 20e-6
     host_exchange_latency_s: float = 50e-6
+    collective_efficiency: dict[str, float] = field(default_factory=dict)
+    """Per collective kind (``all_gather``, ``reduce_scatter``, ``all_to_all``, ``all_reduce``), a factor on
+    ``link_efficiency``; missing kinds use 1. Calibration fills it where kinds differ (gloo's reduce-scatter)."""
     overlap: dict[str, float] = field(default_factory=lambda: {"naive": 0.0, "pipelined": 0.6, "symm": 0.9})
     """Fraction of a fused all-gather/reduce-scatter hidden behind its GEMM, per ``odysseus.overlap`` backend."""
     grad_overlap: float = 0.0
@@ -143,6 +149,8 @@ class Assumptions:
             "collective_latency_s": "assumption: fixed cost of one NCCL collective inside a node, order 10-30 us",
             "host_exchange_latency_s": "assumption: one gloo all-gather of 8-byte lengths on the CPU side group "
             "(odysseus.comm.exchange_lengths), order tens of us",
+            "collective_efficiency": "assumption: every NCCL collective kind reaches link_efficiency (empty: "
+            "all 1); a calibration fits one factor per kind",
             "overlap": "assumption until measured on GPU (perf/bench_layer.py): naive issues the collective, "
             "then the GEMM (0); pipelined overlaps chunk transfers with chunk GEMMs but pays per-chunk launches "
             "(0.6); symm lets the copy engine feed the GEMM tile by tile (0.9)",
@@ -170,6 +178,12 @@ class Assumptions:
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"assumptions: {name}={value!r} must be in [0, 1]")
+        for kind, value in self.collective_efficiency.items():
+            if kind not in _COLLECTIVES or not 0 < value <= 1:
+                raise ValueError(
+                    f"assumptions: collective_efficiency[{kind!r}]={value!r}; "
+                    f"kinds are {_COLLECTIVES}, values in (0, 1]"
+                )
         for backend, value in self.overlap.items():
             if not 0 <= value <= 1:
                 raise ValueError(f"assumptions: overlap[{backend!r}]={value!r} must be in [0, 1]")

@@ -1,0 +1,156 @@
+"""Helpers the perf scripts share: import path, machine line, markdown tables, RESULTS.md sections, rank runs.
+
+Importing this module puts the repository root on ``sys.path`` (the scripts run as ``python perf/x.py``
+or under ``torchrun``, where only ``perf/`` is on the path) and imports ``torch._dynamo`` once: the
+library's custom ops import it on their first call, which costs every forked rank about 3 s when the
+parent has not done it already.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401  (see the module docstring)
+
+from odysseus.launch import RankError, run_ranks  # noqa: E402
+
+RESULTS = ROOT / "perf" / "RESULTS.md"
+# Small Llama-like shapes at which the perf scripts measure before extrapolating (config kwargs, batch,
+# sequence): multi-head like Llama-2-7B (i/d = 2.69), a wider head with batch 2, more heads than ranks,
+# GQA with kv heads shared between ranks at N = 8, and GQA whose uneven head split makes a rank's query
+# heads read its kv heads unevenly at N = 4 (expanded kv). Sequences include ones no world size divides.
+SHAPES: list[tuple[dict, int, int]] = [
+    (dict(hidden_size=64, num_heads=8, intermediate_size=172), 1, 32),
+    (dict(hidden_size=96, num_heads=8, intermediate_size=258), 2, 27),
+    (dict(hidden_size=64, num_heads=16, intermediate_size=172), 1, 50),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=2, intermediate_size=172), 1, 43),
+    (dict(hidden_size=80, num_heads=10, num_kv_heads=2, intermediate_size=216), 1, 37),
+]
+
+# Line styles per strategy for the plots; TP and TP-SP often coincide, so TP is drawn dotted on top.
+STYLE: dict[str, dict] = {
+    "tp": dict(color="C0", ls=":", lw=2.5, marker="s", ms=3, zorder=3),
+    "tp-sp": dict(color="C1", ls="-", marker="o", ms=3),
+    "ulysses": dict(color="C2", ls="-", marker="o", ms=3),
+    "odysseus": dict(color="C3", ls="-", marker="o", ms=3),
+    "ulysses+zero3": dict(color="C2", ls="--", marker="^", ms=3),
+    "odysseus+zero3": dict(color="C3", ls="--", marker="^", ms=3),
+}
+
+_HEADER = """# Measured results
+
+Each section holds one table with the command that made it, the machine and the date. Sections are
+rewritten in place by the script named in them; other sections are left alone.
+"""
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model and cores (and GPU, if any), OS, torch version."""
+    cpu, vm = platform.processor() or platform.machine(), False
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    for line in info:
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags"):
+            vm = vm or " hypervisor" in line  # the CPU flag a guest sees under a hypervisor
+    parts = [f"{cpu}, {os.cpu_count()} cores{' (VM)' if vm else ''}"]
+    if torch.cuda.is_available():
+        parts.append(f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}")
+    parts.append(f"{platform.system()} {platform.release()}, torch {torch.__version__}")
+    return "; ".join(parts)
+
+
+def today() -> str:
+    """The date and time in UTC, as the RESULTS sections record it."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would type it again."""
+    return " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table; every row must have as many cells as ``headers``."""
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row {list(row)} has {len(row)} cells, expected {len(headers)}")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(section: str, body: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the block between this section's markers in ``path``, leaving the rest as is.
+
+    The file is created with a short header if absent; the write is atomic (rename), so a reader never
+    sees half a file.
+    """
+    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
+    text = path.read_text() if path.exists() else _HEADER
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644  # mkstemp's 0600 would hide it from others
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def run_ranks_retrying(world: int, fn: Callable, *args, attempts: int = 3, **kwargs) -> list:
+    """:func:`odysseus.launch.run_ranks`, tried again when a rank failed inside ``init_process_group``.
+
+    gloo's TCP mesh set-up fails now and then on a loaded machine ("connectFullMesh failed ... Connection
+    closed by peer"), about 1 run in 20 at world 4 on the 2-core VM; nothing has run yet at that point,
+    so trying again is safe. Any other failure is raised at once.
+    """
+    for attempt in range(attempts):
+        try:
+            return run_ranks(world, fn, *args, **kwargs)
+        except RankError as err:
+            if "init_process_group" not in err.remote_traceback or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    """``"2,4,8"`` -> ``[2, 4, 8]``; a clear error for anything else (sizes such as ``4K`` or ``64k`` allowed)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        mult = 1024 if item[-1:].lower() == "k" else 1
+        try:
+            value = int(item[:-1] if mult > 1 else item) * mult
+        except ValueError:
+            raise ValueError(f"--{what}: {item!r} is not an integer (e.g. 2,4,8 or 4K,16K)") from None
+        if value < 1:
+            raise ValueError(f"--{what}: {value} must be positive")
+        out.append(value)
+    return out
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (KiB, MiB, GiB)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"

@@ -1,0 +1,205 @@
+"""odysseus.plan: presets and their sources, the ranking on known cases, infeasible configs, CLI, calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from odysseus import plan
+from odysseus.plan_presets import HARDWARE, MODELS, Assumptions, Hardware, Model
+from odysseus.volume import expected_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Parameter counts of the Hugging Face checkpoints (model.num_parameters()), a check on every shape constant.
+HF_PARAMETERS = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+}
+
+
+def _numeric_fields(obj) -> list[str]:
+    return [
+        f.name
+        for f in dataclasses.fields(obj)
+        if f.name != "sources"
+        and isinstance(getattr(obj, f.name), (int, float, dict))
+        and not isinstance(getattr(obj, f.name), bool)
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_presets_match_the_checkpoints_parameter_count(name):
+    m = MODELS[name]
+    c = m.config()
+    d, hd = c.hidden_size, c.head_dim
+    block = (2 * c.num_heads + 2 * c.num_kv_heads) * hd * d + 3 * d * c.intermediate_size + 2 * d
+    total = m.num_layers * block + (1 if m.tied_embeddings else 2) * m.vocab_size * d + d
+    assert total == HF_PARAMETERS[name]
+
+
+def test_every_preset_constant_has_a_source():
+    presets = [*HARDWARE.values(), *MODELS.values(), Assumptions()]
+    for p in presets:
+        for name in _numeric_fields(p):
+            if getattr(p, name) is None:
+                continue
+            assert p.sources.get(name, "").strip(), f"{getattr(p, 'name', 'assumptions')}.{name} has no source"
+    for hw in HARDWARE.values():  # datasheet peaks are datasheet values, not estimates
+        for name in ("peak_flops", "memory_bytes", "intra_node_bw"):
+            assert "datasheet" in hw.sources[name], f"{hw.name}.{name}: {hw.sources[name]}"
+    for name in ("gemm_efficiency", "attention_efficiency", "link_efficiency"):
+        assert "assumption" in Assumptions().sources[name]
+
+
+def test_a_constant_without_source_or_with_a_bad_value_is_refused():
+    good = HARDWARE["h100-nvlink"]
+    with pytest.raises(ValueError, match="intra_node_bw"):
+        dataclasses.replace(good, sources={k: v for k, v in good.sources.items() if k != "intra_node_bw"})
+    with pytest.raises(ValueError, match="peak_flops=-1"):
+        dataclasses.replace(good, peak_flops=-1)
+    with pytest.raises(ValueError, match="num_layers"):
+        dataclasses.replace(MODELS["llama2-7b"], num_layers=0)
+    with pytest.raises(ValueError, match="gemm_efficiency=1.5"):
+        Assumptions(gemm_efficiency=1.5)
+    with pytest.raises(ValueError, match="no source given for \\['overlap'\\]"):
+        Assumptions(sources={k: v for k, v in Assumptions().sources.items() if k != "overlap"})
+    with pytest.raises(ValueError, match="unknown model 'gpt5'"):
+        plan.predict("gpt5", 4096, 8, "h100-nvlink")
+    with pytest.raises(ValueError, match="unknown hardware"):
+        plan.predict("llama2-7b", 4096, 8, "tpu")
+    with pytest.raises(ValueError, match="seq=0"):
+        plan.predict("llama2-7b", 0, 8, "h100-nvlink")
+
+
+def test_long_sequence_sequence_parallel_beats_tp_on_memory():
+    preds = {p.strategy: p for p in plan.predict("llama2-7b", 65536, 8, "h100-nvlink")}
+    tp = preds["tp"]
+    for s in ("ulysses+zero3", "odysseus+zero3"):
+        assert 0 < preds[s].rank < tp.rank, {k: (p.rank, p.step_s) for k, p in preds.items()}
+    winner = min((p for p in preds.values() if p.rank), key=lambda p: p.rank)
+    assert winner.reason.startswith("memory"), winner.reason
+    # TP keeps the whole sequence's activations: it only fits by recomputing them.
+    assert tp.recompute and not preds["ulysses+zero3"].recompute
+    never = {p.strategy: p for p in plan.predict("llama2-7b", 65536, 8, "h100-nvlink", recompute="never")}
+    assert not never["tp"].fits and never["tp"].note.startswith("needs")
+    assert never["tp"].memory["activations"] > 2 * never["odysseus+zero3"].memory["activations"]
+
+
+def test_short_sequence_tp_sp_wins_on_communication():
+    preds = plan.predict("llama2-7b", 4096, 8, "h100-nvlink")
+    assert preds[0].strategy == "tp-sp" and preds[0].reason.startswith("comm-bound"), preds[0].reason
+    # Below B*L = 3i/2 tokens Odysseus' FFN gradient sync outweighs its activation saving (docs/COMMUNICATION.md).
+    by = {p.strategy: p for p in preds}
+    assert by["odysseus"].cost.comm_bytes > by["tp-sp"].cost.comm_bytes
+
+
+def test_infeasible_configurations_are_flagged():
+    preds = plan.predict("llama2-13b", 8192, 64, "h100-multinode")
+    assert all(not p.feasible and p.rank == 0 and "40 query heads" in p.note for p in preds)
+    one_node = plan.predict("llama3-70b", 8192, 32, "h100-nvlink")
+    assert all(not p.feasible and "one h100-nvlink node" in p.note for p in one_node)
+    four_nodes = plan.predict("llama3-70b", 8192, 32, "h100-multinode")
+    assert any(p.rank == 1 for p in four_nodes)
+    # Whole replicated weights of a 70B model never fit one GPU: flagged, not ranked.
+    by = {p.strategy: p for p in four_nodes}
+    assert not by["ulysses"].fits and by["ulysses"].rank == 0 and "GB" in by["ulysses"].note
+
+
+def test_strategy_records_extend_the_ledger_checked_closed_forms():
+    cfg = MODELS["llama2-7b"].config()
+    for s in plan.BASE_STRATEGIES:
+        assert plan.strategy_records(s, cfg, 1, 4096, 8) == expected_records(s, cfg, 1, 4096, 8)
+    z = plan.strategy_records("odysseus+zero3", cfg, 1, 4096, 8)
+    assert not [r for r in z if r[1] == "all_reduce"]  # MHA: nothing shared, FSDP2 replaces finalize_grads
+    ffn = 3 * cfg.hidden_size * cfg.intermediate_size * 2
+    weight = sum(b for _, op, cat, b in z if cat == "weight")
+    assert weight == pytest.approx(2 * 7 / 8 * ffn, rel=1e-3)  # gathered in forward and in backward
+
+
+def _clearly_faster(a: dict, b: dict) -> bool:
+    """``a`` beat ``b`` by more than 20% in the median of paired rounds, and in all rounds but at most one.
+
+    Rounds are interleaved, so pairing them cancels most of the machine's load changes; a gap that noise
+    made (the 2-core VM runs other jobs) does not pass both conditions.
+    """
+    ratios = sorted(tb / ta for ta, tb in zip(a["times_s"], b["times_s"]))
+    return ratios[len(ratios) // 2] > 1.2 and sum(r <= 1 for r in ratios) <= 1
+
+
+def test_calibration_reproduces_the_measured_cpu_ranking(tmp_path):
+    """Fit the model to a small CPU run; where one strategy was clearly faster, the model must say so too.
+
+    The shape (short sequences, a wide FFN) makes the gaps structural, not load noise: the replicated
+    weights' gradient all-reduce of Ulysses and Odysseus and TP-SP's many reduce-scatters (slow on gloo)
+    against TP's four small all-reduces; strategies that differ less are not compared.
+    """
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, str(ROOT / "perf" / "bench_layer.py"), "--local-world", "2", "--hidden", "256",
+        "--heads", "8", "--ffn", "2048", "--seqs", "32,256", "--backends", "naive", "--warmup", "1",
+        "--repeats", "7", "--trace-dir", "", "--json", str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    cal = plan.calibrate(str(out))
+    assert cal.flops_per_s > 0 and cal.latency_s >= 0 and math.isfinite(cal.residual)
+    compared = []
+    for seq in sorted({r["seq"] for r in cal.rows}):
+        rows = [r for r in cal.rows if r["seq"] == seq]
+        for a in rows:
+            for b in rows:
+                if a is not b and _clearly_faster(a, b):
+                    compared.append((seq, a["strategy"], b["strategy"]))
+                    assert a["predicted_s"] < b["predicted_s"], (
+                        f"L={seq}: measured {a['strategy']} {a['median_s'] * 1e3:.1f} ms < {b['strategy']} "
+                        f"{b['median_s'] * 1e3:.1f} ms, calibrated model says {a['predicted_s'] * 1e3:.1f} vs "
+                        f"{b['predicted_s'] * 1e3:.1f} ms"
+                    )
+    assert compared, "no strategy was clearly faster than another: nothing was compared"
+    data = json.loads(out.read_text())
+    data["results"] = data["results"][:2]
+    with pytest.raises(ValueError, match="need at least 3"):
+        plan.calibrate(data)
+
+
+def test_calibrated_hardware_plans():
+    bandwidth = {"ag/rs": 0.5e9, "all_to_all": 1e9, "all_reduce": 2e9}
+    cal = plan.Calibration(50e9, bandwidth, 1e-3, "test", 0.0, rows=[{"world": 2, "memory_bytes": 8e9}])
+    hw, a = cal.hardware(), cal.assumptions()
+    assert isinstance(hw, Hardware) and hw.gpus_per_node == 2 and hw.memory_bytes == 8e9
+    assert hw.intra_node_bw == 2e9 and a.collective_efficiency["reduce_scatter"] == 0.25
+    fields = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_layers", "vocab_size")
+    small = Model("small", 256, 8, 8, 688, 2, 1000, sources=dict.fromkeys(fields, "test"))
+    preds = plan.predict(small, 2048, 2, hw, assumptions=a, backend="naive")
+    assert preds[0].rank == 1 and preds[0].reason
+
+
+def test_cli_prints_a_ranked_table(capsys):
+    plan.main(["--model", "llama2-7b", "--seq", "65536", "--gpus", "8", "--hardware", "h100-nvlink"])
+    out = capsys.readouterr().out
+    assert "| 1 | ulysses+zero3 |" in out and "winner: ulysses+zero3 — memory" in out
+    plan.main(["--model", "llama3-8b", "--seq", "8192", "--gpus", "64", "--hardware", "h100-multinode"])
+    assert "infeasible" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        plan.main(["--model", "llama2-7b"])
+
+
+def test_cli_as_a_module_runs():
+    out = subprocess.run(
+        [sys.executable, "-m", "odysseus.plan", "--model", "llama3-8b", "--seq", "16384", "--gpus", "4"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    ).stdout
+    assert "winner:" in out
