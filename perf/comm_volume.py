@@ -1,0 +1,253 @@
+"""Bytes each rank receives per block (forward + backward + gradient sync), per strategy, world and length.
+
+    python perf/comm_volume.py                         # N = 2,4,8; L = 4K,16K,64K; Llama-2-7B shape, bf16
+    python perf/comm_volume.py --quick --out /tmp/cv   # smaller check, for tests
+
+Bytes do not depend on values, so the full-size numbers come from the closed forms, but only after the
+closed forms were checked here, exactly and on every rank, against what the real modules send:
+
+1. Measure. At world N (forked gloo ranks) and several small bf16 shapes (even and uneven sequences,
+   multi-head and GQA), every strategy runs one forward + backward + ``finalize_grads`` inside a
+   ``CommLedger``. The ZeRO-3 variants (``odysseus.zero3``, FSDP2) run too; the ledger does not see
+   FSDP's collectives, so ``torch.distributed``'s all-gather/reduce-scatter functions are wrapped while
+   they run and the calls made from ``torch.distributed.fsdp`` are counted the way the ledger counts
+   (all-gather: the other ranks' shards; reduce-scatter: the others' contributions to this rank's shard).
+2. Check. Each rank's records must equal ``odysseus.volume.expected_records`` (library collectives),
+   ``odysseus.plan.zero3_records`` (FSDP2's, with its padding) and ``odysseus.plan.HOST_EXCHANGES``
+   (length exchanges); any difference raises before anything is extrapolated.
+3. Extrapolate the checked closed forms to the model's shape and print/write the table and the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import common
+import torch
+import torch.distributed as dist
+
+import odysseus
+from odysseus import CommLedger, finalize_grads, shard_sequence
+from odysseus.comm.ledger import current_phase
+from odysseus.plan import HOST_EXCHANGES, PLAN_STRATEGIES, base_strategy, strategy_records, zero3_records
+from odysseus.plan_presets import MODELS, get_model
+from odysseus.reference import TransformerBlock, init_weights
+
+ZERO3_MODES = ("default", "reshard")
+"""``odysseus.zero3(par)`` as is (every sharded module is an FSDP2 root: no re-gather in backward) and
+with ``reshard_after_forward=True`` (ZeRO-3 proper: parameters freed after forward, gathered again)."""
+
+_WRAPPED = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
+
+
+def _arg(args: tuple, kwargs: dict, pos: int, names: tuple[str, ...]) -> torch.Tensor:
+    for name in names:
+        if name in kwargs:
+            return kwargs[name]
+    return args[pos]
+
+
+@contextmanager
+def fsdp_collectives(records: list[tuple[str, str, str, int]]):
+    """Append (phase, op, category, bytes received) for each all-gather/reduce-scatter FSDP issues.
+
+    Only calls whose caller lives in ``torch.distributed.fsdp`` count, so the library's own collectives
+    (which the ledger records) are not counted twice. Wrapping is re-entrant safe: a function that calls
+    another wrapped one is counted once, at the outer call.
+    """
+    originals = {name: getattr(dist, name) for name in _WRAPPED if hasattr(dist, name)}
+    depth = [0]
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if depth[0] == 0 and caller.startswith("torch.distributed.fsdp"):
+                out = _arg(args, kwargs, 0, ("output", "output_tensor"))
+                inp = _arg(args, kwargs, 1, ("input", "input_tensor"))
+                e = out.element_size()
+                if name.startswith("all_gather"):
+                    records.append((current_phase(), "all_gather", "weight", (out.numel() - inp.numel()) * e))
+                else:
+                    world = inp.numel() // out.numel()
+                    records.append((current_phase(), "reduce_scatter", "gradient", (world - 1) * out.numel() * e))
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield records
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def _cases(shapes: list) -> list[tuple[str, str | None, int]]:
+    """(strategy, zero3 mode or None, shape index) for every measurement."""
+    out = []
+    for k in range(len(shapes)):
+        for s in PLAN_STRATEGIES:
+            for mode in ZERO3_MODES if "+zero3" in s else (None,):
+                out.append((s, mode, k))
+    return out
+
+
+def _measure(rank: int, world: int, shapes: list) -> list[dict]:
+    """On one rank: the ledger's and FSDP's records of every case."""
+    got = []
+    for strategy, mode, k in _cases(shapes):
+        cfg_kw, B, L = shapes[k]
+        ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
+        par = odysseus.parallelize(ref, base_strategy(strategy))
+        if mode is not None:
+            par = odysseus.zero3(par, **({"reshard_after_forward": True} if mode == "reshard" else {}))
+        x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k), dtype=torch.bfloat16)
+        x = (x if strategy == "tp" else shard_sequence(x)).requires_grad_()
+        fsdp: list = []
+        with CommLedger() as ledger, fsdp_collectives(fsdp):
+            par(x).float().square().sum().backward()
+            finalize_grads(par)
+        library = [(r.phase, r.op, r.category, r.bytes_received) for r in ledger.records if r.category != "metadata"]
+        metadata = [r for r in ledger.records if r.category == "metadata"]
+        got.append(dict(strategy=strategy, mode=mode, shape=k, library=library, fsdp=fsdp, metadata=len(metadata)))
+    return got
+
+
+def verify(worlds: list[int], shapes: list) -> int:
+    """Run every case at every world size and compare with the closed forms; return the cases checked."""
+    checked = 0
+    for world in worlds:
+        per_rank = common.run_ranks_retrying(world, _measure, shapes, timeout=900)
+        for rank, cases in enumerate(per_rank):
+            for got in cases:
+                cfg_kw, B, L = shapes[got["shape"]]
+                cfg = odysseus.TransformerConfig(**cfg_kw)
+                s, reshard = got["strategy"], got["mode"] == "reshard"
+                every = strategy_records(s, cfg, B, L, world, rank, 2, reshard)
+                fsdp = zero3_records(s, cfg, world, rank, 2, reshard) if got["mode"] else []
+                library = list((Counter(every) - Counter(fsdp)).elements())
+                where = f"{s} (zero3 {got['mode']}) at N={world}, rank {rank}, shape {cfg_kw}, B={B}, L={L}"
+                for what, measured, formula in (("library", got["library"], library), ("FSDP2", got["fsdp"], fsdp)):
+                    if sorted(measured) != sorted(formula):
+                        raise AssertionError(
+                            f"{what} collectives differ from the closed form for {where}:\n"
+                            f"  measured {sorted(measured)}\n  formula  {sorted(formula)}"
+                        )
+                want_meta = HOST_EXCHANGES[base_strategy(s)]
+                if got["metadata"] != want_meta:
+                    raise AssertionError(f"{where}: {got['metadata']} length exchanges, expected {want_meta}")
+                checked += 1
+    return checked
+
+
+def volumes(model: str, world: int, seq: int, strategy: str) -> dict[str, int]:
+    """Bytes rank 0 receives per block at full size: activations, gradient sync, ZeRO-3 parameter gathers."""
+    cfg = get_model(model).config()
+    out = {"activation": 0, "gradient": 0, "weight": 0}
+    for _, _, category, b in strategy_records(strategy, cfg, 1, seq, world, 0, 2, reshard=True):
+        out[category] += b
+    return out
+
+
+def table(model: str, worlds: list[int], seqs: list[int]) -> str:
+    """Rows (strategy, N); activation and total bytes per L, the L-independent sync columns once."""
+    mib = 1 << 20
+    headers = ["strategy", "N"] + [f"activations L={s // 1024}K" for s in seqs]
+    headers += ["weight-grad sync", "ZeRO-3 param all-gather"] + [f"total L={s // 1024}K" for s in seqs]
+    rows = []
+    for world in worlds:
+        for strategy in PLAN_STRATEGIES:
+            v = [volumes(model, world, seq, strategy) for seq in seqs]
+            row = [strategy, world] + [f"{x['activation'] / mib:,.0f}" for x in v]
+            row += [f"{v[0]['gradient'] / mib:,.0f}", f"{v[0]['weight'] / mib:,.0f}"]
+            row += [f"{sum(x.values()) / mib:,.0f}" for x in v]
+            rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def plot(model: str, worlds: list[int], path: Path) -> None:
+    """Total bytes per rank per block against L, one panel per N, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = [1024 * 2**k for k in range(0, 8)]
+    fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds), 3.8), sharey=True, squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        for strategy in PLAN_STRATEGIES:
+            ys = [sum(volumes(model, world, s, strategy).values()) / (1 << 30) for s in seqs]
+            ax.plot(seqs, ys, label=strategy, **common.STYLE[strategy])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_title(f"N = {world}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("GiB received per rank per block (fwd+bwd)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"{model}, bf16, batch 1: closed forms checked against the ledger and FSDP2", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
+    p.add_argument("--worlds", default="2,4,8", help="world sizes N")
+    p.add_argument("--seqs", default="4K,16K,64K", help="sequence lengths of the full-size table")
+    p.add_argument("--quick", action="store_true", help="check N=2,4 on two small shapes only (for tests)")
+    p.add_argument("--out", type=Path, default=common.ROOT / "perf", help="directory of the PNG")
+    p.add_argument("--results", type=Path, default=common.RESULTS, help="markdown file to update")
+    args = p.parse_args(argv)
+    worlds, seqs = common.parse_ints(args.worlds, "worlds"), common.parse_ints(args.seqs, "seqs")
+    shapes = common.SHAPES[:2] if args.quick else common.SHAPES
+    check_worlds = [w for w in worlds if w <= 4] if args.quick else worlds
+    checked = verify(check_worlds, shapes)
+    note = (
+        f"Checked first: {checked} (strategy, ZeRO-3 mode, shape, rank) cases at N = {check_worlds} on "
+        f"{len(shapes)} small bf16 shapes matched the closed forms record for record (CommLedger for the "
+        "library, wrapped torch.distributed calls for FSDP2). The table extrapolates those closed forms."
+    )
+    text = table(args.model, worlds, seqs)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "comm_volume.png"
+    plot(args.model, worlds, png)
+    cfg = get_model(args.model).config()
+    body = "\n".join(
+        [
+            "## Communication volume per rank (perf/comm_volume.py)",
+            "",
+            f"`{common.command_line()}` — {common.today()} — {common.machine()}",
+            "",
+            f"MiB each rank receives per block of {args.model} (d={cfg.hidden_size}, {cfg.num_heads} heads, "
+            f"{cfg.num_kv_heads} kv heads, i={cfg.intermediate_size}), batch 1, bf16, for forward + backward + "
+            "gradient sync. ZeRO-3 rows are `odysseus.zero3(par, reshard_after_forward=True)`: FSDP2 all-gathers "
+            "the sharded weights in forward and again in backward and reduce-scatters their gradients (padded "
+            "shards). `odysseus.zero3(par)` with its defaults skips the backward all-gather (each sharded module "
+            "is an FSDP2 root, which keeps its weights gathered until backward): halve the ZeRO-3 all-gather "
+            "column for it.",
+            "",
+            note,
+            "",
+            text,
+            "",
+            f"Plot: [{png.name}]({png.name})",
+        ]
+    )
+    print(body)
+    common.write_section("comm_volume", body, args.results)
+    return body
+
+
+if __name__ == "__main__":
+    main()

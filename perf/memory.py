@@ -1,0 +1,203 @@
+"""Memory per rank per block: activations saved for backward, parameters, gradients and AdamW states.
+
+    python perf/memory.py                          # N = 2,4,8; L = 4K,16K,64K; Llama-2-7B shape, bf16
+    python perf/memory.py --quick --out /tmp/mem   # smaller check, for tests
+
+As in ``perf/comm_volume.py``, small shapes are measured first and the closed forms are extrapolated only
+once they match exactly, on every rank:
+
+- activations: ``odysseus.profiling.SavedActivations`` (saved-tensor hooks: every storage autograd keeps
+  for backward, parameters excluded) over one bf16 forward, against ``odysseus.plan.saved_activation_bytes``;
+- parameters, gradients (after backward and ``finalize_grads``) and AdamW's two moment buffers (after
+  one ``step()``), against ``odysseus.plan.parameter_bytes``; for the ZeRO-3 variants FSDP2's sharded
+  parameters count their padded storage, gradients and moments their unpadded shard.
+
+Shapes cover even and uneven sequences, several widths and GQA (with expanded kv heads at N = 8), so the
+forms are checked in every variable they extrapolate in. The ZeRO-3 variants save the same activations as
+their base strategy and are measured here for parameters, gradients and optimizer states only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from pathlib import Path
+
+import common
+import torch
+
+import odysseus
+from odysseus import finalize_grads, shard_sequence
+from odysseus.plan import PLAN_STRATEGIES, base_strategy, parameter_bytes, saved_activation_bytes
+from odysseus.plan_presets import MODELS, get_model
+from odysseus.profiling import SavedActivations
+from odysseus.reference import TransformerBlock, init_weights
+
+
+def _local_bytes(t: torch.Tensor, padded: bool = False) -> int:
+    """Bytes of this rank's part of ``t``; for an FSDP2 DTensor its shard (``padded``: its whole buffer)."""
+    local = getattr(t, "_local_tensor", t)
+    if padded and local is not t:
+        return local.untyped_storage().nbytes()
+    return local.numel() * local.element_size()
+
+
+def _measure(rank: int, world: int, shapes: list) -> list[dict]:
+    out = []
+    for k, (cfg_kw, B, L) in enumerate(shapes):
+        ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
+        x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k), dtype=torch.bfloat16)
+        for strategy in PLAN_STRATEGIES:
+            par = odysseus.parallelize(ref, base_strategy(strategy))
+            if "+zero3" in strategy:
+                par = odysseus.zero3(par, reshard_after_forward=True)
+            xin = (x if strategy == "tp" else shard_sequence(x)).detach().requires_grad_()
+            # SavedActivations cannot read DTensor parameters' storage; ZeRO-3 activations are the base's anyway.
+            zero3 = "+zero3" in strategy
+            with nullcontext() if zero3 else SavedActivations(par) as saved:
+                y = par(xin)
+            y.float().square().sum().backward()
+            finalize_grads(par)
+            opt = torch.optim.AdamW(par.parameters(), lr=1e-3)
+            opt.step()
+            moments = sum(_local_bytes(v) for st in opt.state.values() for n, v in st.items() if n != "step")
+            out.append(
+                dict(
+                    strategy=strategy,
+                    shape=k,
+                    saved=None if zero3 else saved.peak_bytes,
+                    params=sum(_local_bytes(p, padded=True) for p in par.parameters()),
+                    grads=sum(_local_bytes(p.grad) for p in par.parameters()),
+                    adamw=moments,
+                )
+            )
+    return out
+
+
+def verify(worlds: list[int], shapes: list) -> int:
+    """Measure every strategy at every world and shape; raise on any difference; return the cases checked."""
+    checked = 0
+    for world in worlds:
+        for rank, cases in enumerate(common.run_ranks_retrying(world, _measure, shapes, timeout=900)):
+            for got in cases:
+                cfg_kw, B, L = shapes[got["shape"]]
+                cfg = odysseus.TransformerConfig(**cfg_kw)
+                s = got["strategy"]
+                want = parameter_bytes(s, cfg, world, rank, 2)
+                if got["saved"] is not None:
+                    want["saved"] = saved_activation_bytes(s, cfg, B, L, world, rank, 2)
+                measured = {k: got[k] for k in want}
+                if measured != want:
+                    raise AssertionError(
+                        f"{s} at N={world}, rank {rank}, shape {cfg_kw}, B={B}, L={L}: measured {measured}, "
+                        f"closed form {want}"
+                    )
+                checked += 1
+    return checked
+
+
+def table(model: str, worlds: list[int], seqs: list[int]) -> str:
+    """Rows (strategy, N): saved activations per L (GiB), params/grads/AdamW (MiB), all per block on rank 0."""
+    m = get_model(model)
+    cfg = m.config()
+    gib, mib = 1 << 30, 1 << 20
+    headers = ["strategy", "N"] + [f"activations L={s // 1024}K (GiB)" for s in seqs]
+    headers += ["params (MiB)", "grads (MiB)", "AdamW 2 states (MiB)"]
+    headers += [f"{m.num_layers} blocks at L={seqs[-1] // 1024}K (GiB)"]
+    rows = []
+    for world in worlds:
+        for s in PLAN_STRATEGIES:
+            acts = [saved_activation_bytes(s, cfg, 1, seq, world, 0, 2) for seq in seqs]
+            pb = parameter_bytes(s, cfg, world, 0, 2)
+            row = [s, world] + [f"{a / gib:.2f}" for a in acts]
+            row += [f"{pb['params'] / mib:,.1f}", f"{pb['grads'] / mib:,.1f}", f"{pb['adamw'] / mib:,.1f}"]
+            row.append(f"{m.num_layers * (acts[-1] + sum(pb.values())) / gib:,.1f}")
+            rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
+def plot(model: str, worlds: list[int], path: Path) -> None:
+    """Saved activations per block against L (one panel per N) and params+grads+AdamW per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = get_model(model).config()
+    seqs = [1024 * 2**k for k in range(0, 8)]
+    fig, axes = plt.subplots(1, len(worlds) + 1, figsize=(4.0 * (len(worlds) + 1), 3.8), squeeze=False)
+    for ax, world in zip(axes[0], worlds):
+        for s in ("tp", "tp-sp", "ulysses", "odysseus"):
+            ys = [saved_activation_bytes(s, cfg, 1, L, world, 0, 2) / (1 << 30) for L in seqs]
+            ax.plot(seqs, ys, label=s, **common.STYLE[s])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L (tokens)")
+        ax.set_title(f"saved activations, N = {world}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("GiB per rank per block")
+    axes[0][0].legend(fontsize=7)
+    ax = axes[0][-1]
+    world = worlds[-1]
+    bottoms = [0.0] * len(PLAN_STRATEGIES)
+    for part, color in (("params", "C0"), ("grads", "C1"), ("adamw", "C2")):
+        vals = [parameter_bytes(s, cfg, world, 0, 2)[part] / (1 << 20) for s in PLAN_STRATEGIES]
+        ax.bar(range(len(vals)), vals, bottom=bottoms, color=color, label=part)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    ax.set_xticks(range(len(PLAN_STRATEGIES)), PLAN_STRATEGIES, rotation=35, ha="right", fontsize=7)
+    ax.set_title(f"weights, N = {world}")
+    ax.set_ylabel("MiB per rank per block")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{model}, bf16, batch 1: closed forms checked against SavedActivations and FSDP2", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
+    p.add_argument("--worlds", default="2,4,8", help="world sizes N")
+    p.add_argument("--seqs", default="4K,16K,64K", help="sequence lengths of the full-size table")
+    p.add_argument("--quick", action="store_true", help="check N=2,4 on two small shapes only (for tests)")
+    p.add_argument("--out", type=Path, default=common.ROOT / "perf", help="directory of the PNG")
+    p.add_argument("--results", type=Path, default=common.RESULTS, help="markdown file to update")
+    args = p.parse_args(argv)
+    worlds, seqs = common.parse_ints(args.worlds, "worlds"), common.parse_ints(args.seqs, "seqs")
+    shapes = common.SHAPES[:2] if args.quick else common.SHAPES
+    check_worlds = [w for w in worlds if w <= 4] if args.quick else worlds
+    checked = verify(check_worlds, shapes)
+    args.out.mkdir(parents=True, exist_ok=True)
+    png = args.out / "memory.png"
+    plot(args.model, worlds, png)
+    cfg = get_model(args.model).config()
+    body = "\n".join(
+        [
+            "## Memory per rank (perf/memory.py)",
+            "",
+            f"`{common.command_line()}` — {common.today()} — {common.machine()}",
+            "",
+            f"Per block of {args.model} (d={cfg.hidden_size}, {cfg.num_heads} heads, {cfg.num_kv_heads} kv heads, "
+            f"i={cfg.intermediate_size}), batch 1, bf16, on rank 0: bytes autograd saves for backward, and "
+            "parameter, gradient and AdamW-moment bytes (moments in the parameter dtype, as torch.optim.AdamW "
+            "keeps them; mixed-precision training adds fp32 master weights and fp32 moments, which "
+            "`odysseus.plan` counts). ZeRO-3 rows: `odysseus.zero3(par, reshard_after_forward=True)`; their "
+            "activations are those of the base strategy; their parameters include FSDP2's padding. The last "
+            "column multiplies by the layer count, without recomputation, embeddings or logits.",
+            "",
+            f"Checked first: {checked} (strategy, shape, rank) cases at N = {check_worlds} on {len(shapes)} "
+            "small bf16 shapes matched the closed forms exactly (SavedActivations for activations; parameter, "
+            "gradient and AdamW-state storage for the rest). The table extrapolates those closed forms.",
+            "",
+            table(args.model, worlds, seqs),
+            "",
+            f"Plot: [{png.name}]({png.name})",
+        ]
+    )
+    print(body)
+    common.write_section("memory", body, args.results)
+    return body
+
+
+if __name__ == "__main__":
+    main()
