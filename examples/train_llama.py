@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", default="auto", help="overlap backend of tp-sp/odysseus (odysseus.parallelize)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: never)")
     p.add_argument("--out", default="checkpoints", help="checkpoint directory")
-    p.add_argument("--metrics", help="write {'loss': [...]} as JSON here (rank 0)")
+    p.add_argument("--metrics", help="write the losses and the ZeRO-3-sharded parameter names as JSON (rank 0)")
     p.add_argument("--log-every", type=int, default=1, help="refresh the progress bar every N steps")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
