@@ -33,18 +33,30 @@ class RankError(AssertionError):
         self.rank, self.remote_traceback = rank, tb
 
 
+class _InitFailed(Exception):
+    pass
+
+
 def _child(rank, world, store, fn, args, kwargs, results, pg_timeout):
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=pg_timeout)
-        )
+        try:
+            dist.init_process_group(
+                "gloo",
+                init_method=f"file://{store}",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=pg_timeout),
+            )
+        except Exception:
+            results.put((rank, "init", traceback.format_exc()))
+            return
         out = fn(rank, world, *args, **kwargs)
         buf = io.BytesIO()
         torch.save(out, buf)
-        results.put((rank, True, buf.getvalue()))
+        results.put((rank, "ok", buf.getvalue()))
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -57,13 +69,27 @@ def run_ranks(
     timeout: float = 120.0,
     pg_timeout: float | None = None,
     start_method: str = "fork",
+    init_attempts: int = 3,
     **kwargs,
 ) -> list:
     """Run ``fn(rank, world, *args, **kwargs)`` on ``world`` ranks; return the results in rank order.
 
     ``pg_timeout`` bounds every collective (default: ``timeout``). ``start_method="spawn"`` is for CUDA,
     which cannot be used in forked children; ``fn`` must then be importable (a module-level function).
+    Gloo's connection setup occasionally fails on a loaded machine; a failure inside
+    ``init_process_group`` (before ``fn`` runs anywhere) starts fresh processes, up to ``init_attempts``.
     """
+    failure = None
+    for _ in range(init_attempts):
+        try:
+            return _launch(world, fn, args, kwargs, timeout, pg_timeout, start_method)
+        except _InitFailed as err:
+            failure = err
+    rank, tb = failure.args
+    raise RankError(rank, f"init_process_group failed {init_attempts} times; last:\n{tb}") from failure
+
+
+def _launch(world, fn, args, kwargs, timeout, pg_timeout, start_method) -> list:
     ctx = mp.get_context(start_method)
     tmp = tempfile.mkdtemp(prefix="ody-ranks-")
     results = ctx.Queue()
@@ -83,7 +109,7 @@ def run_ranks(
     try:
         while len(got) < world:
             try:
-                rank, ok, payload = results.get(timeout=0.05)
+                rank, status, payload = results.get(timeout=0.05)
             except queue.Empty:
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(world)) - set(got))
@@ -92,7 +118,9 @@ def run_ranks(
                 if dead and results.empty():
                     raise RankError(dead[0], f"process died with exit code {procs[dead[0]].exitcode}") from None
                 continue
-            if not ok:
+            if status == "init":
+                raise _InitFailed(rank, payload)
+            if status == "error":
                 raise RankError(rank, payload)
             got[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     finally:

@@ -214,8 +214,11 @@ def zero3(module: nn.Module, **fsdp_kwargs) -> nn.Module:
 
     Sharded on the module's own group: "Odysseus+ZeRO3" shards the FFN and norms, "Ulysses+ZeRO3" every
     weight, TP-SP its norms. FSDP2 averages gradients by default; this sets its divide factor to 1 to keep
-    the sum-of-local-losses convention, so gradients still equal the reference's. Returns ``module``.
+    the sum-of-local-losses convention, so gradients still equal the reference's. Weights are resharded
+    after forward by default (each sharded module is its own FSDP root, whose default would keep them
+    gathered until backward and lose ZeRO-3's memory saving). Returns ``module``.
     """
+    fsdp_kwargs.setdefault("reshard_after_forward", True)
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 

@@ -199,8 +199,8 @@ def zero3_records(
     Per sharded module: one all-gather of its padded shards in forward, another in backward when
     ``reshard`` (parameters freed after forward), and one reduce-scatter of the gradients. Each rank
     receives the other ranks' padded shards: ``(N-1) * sum ceil(dim0/N) * rest`` elements per op.
-    FSDP2 never reshards a root module after forward unless ``reshard_after_forward=True`` is passed,
-    and every module ``odysseus.zero3`` shards is a root, so ``reshard=False`` is its default behaviour.
+    ``odysseus.zero3`` reshards after forward by default; ``reshard=False`` models
+    ``zero3(par, reshard_after_forward=False)``.
     """
     if world == 1:
         return []

@@ -43,7 +43,11 @@ class SavedActivations:
     """
 
     def __init__(self, *modules: nn.Module):
-        self._params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
+        # FSDP2 parameters are DTensors: their storage is the local shard's. Weights it gathers for the
+        # forward and autograd saves count as activations, which is what they cost between the passes.
+        self._params = {
+            getattr(p, "_local_tensor", p).untyped_storage().data_ptr() for m in modules for p in m.parameters()
+        }
         self._seen: set[int] = set()
         self.peak_bytes = 0
 

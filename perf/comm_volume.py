@@ -37,9 +37,9 @@ from odysseus.plan import HOST_EXCHANGES, PLAN_STRATEGIES, base_strategy, strate
 from odysseus.plan_presets import MODELS, get_model
 from odysseus.reference import TransformerBlock, init_weights
 
-ZERO3_MODES = ("default", "reshard")
-"""``odysseus.zero3(par)`` as is (every sharded module is an FSDP2 root: no re-gather in backward) and
-with ``reshard_after_forward=True`` (ZeRO-3 proper: parameters freed after forward, gathered again)."""
+ZERO3_MODES = ("default", "keep")
+"""``odysseus.zero3(par)`` as is (ZeRO-3 proper: parameters freed after forward, gathered again in backward)
+and with ``reshard_after_forward=False`` (weights kept gathered from forward to backward: no re-gather)."""
 
 _WRAPPED = ("all_gather_single", "all_gather_into_tensor", "reduce_scatter_single", "reduce_scatter_tensor")
 
@@ -109,7 +109,7 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
         ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
         par = odysseus.parallelize(ref, base_strategy(strategy))
         if mode is not None:
-            par = odysseus.zero3(par, **({"reshard_after_forward": True} if mode == "reshard" else {}))
+            par = odysseus.zero3(par, **({"reshard_after_forward": False} if mode == "keep" else {}))
         x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k), dtype=torch.bfloat16)
         x = (x if strategy == "tp" else shard_sequence(x)).requires_grad_()
         fsdp: list = []
@@ -131,7 +131,7 @@ def verify(worlds: list[int], shapes: list) -> int:
             for got in cases:
                 cfg_kw, B, L = shapes[got["shape"]]
                 cfg = odysseus.TransformerConfig(**cfg_kw)
-                s, reshard = got["strategy"], got["mode"] == "reshard"
+                s, reshard = got["strategy"], got["mode"] != "keep"
                 every = strategy_records(s, cfg, B, L, world, rank, 2, reshard)
                 fsdp = zero3_records(s, cfg, world, rank, 2, reshard) if got["mode"] else []
                 library = list((Counter(every) - Counter(fsdp)).elements())
@@ -231,11 +231,10 @@ def main(argv: list[str] | None = None) -> str:
             "",
             f"MiB each rank receives per block of {args.model} (d={cfg.hidden_size}, {cfg.num_heads} heads, "
             f"{cfg.num_kv_heads} kv heads, i={cfg.intermediate_size}), batch 1, bf16, for forward + backward + "
-            "gradient sync. ZeRO-3 rows are `odysseus.zero3(par, reshard_after_forward=True)`: FSDP2 all-gathers "
-            "the sharded weights in forward and again in backward and reduce-scatters their gradients (padded "
-            "shards). `odysseus.zero3(par)` with its defaults skips the backward all-gather (each sharded module "
-            "is an FSDP2 root, which keeps its weights gathered until backward): halve the ZeRO-3 all-gather "
-            "column for it.",
+            "gradient sync. ZeRO-3 rows are `odysseus.zero3(par)`: FSDP2 all-gathers the sharded weights in "
+            "forward and again in backward and reduce-scatters their gradients (padded shards). With "
+            "`reshard_after_forward=False` the backward all-gather is skipped (weights stay gathered until "
+            "backward): halve the ZeRO-3 all-gather column for it.",
             "",
             note,
             "",

@@ -50,9 +50,9 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
         for strategy in PLAN_STRATEGIES:
             par = odysseus.parallelize(ref, base_strategy(strategy))
             if "+zero3" in strategy:
-                par = odysseus.zero3(par, reshard_after_forward=True)
+                par = odysseus.zero3(par)
             xin = (x if strategy == "tp" else shard_sequence(x)).detach().requires_grad_()
-            # SavedActivations cannot read DTensor parameters' storage; ZeRO-3 activations are the base's anyway.
+            # ZeRO-3 rows report the base strategy's activations: the weights FSDP2 gathers are not activations.
             zero3 = "+zero3" in strategy
             with nullcontext() if zero3 else SavedActivations(par) as saved:
                 y = par(xin)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> str:
             f"i={cfg.intermediate_size}), batch 1, bf16, on rank 0: bytes autograd saves for backward, and "
             "parameter, gradient and AdamW-moment bytes (moments in the parameter dtype, as torch.optim.AdamW "
             "keeps them; mixed-precision training adds fp32 master weights and fp32 moments, which "
-            "`odysseus.plan` counts). ZeRO-3 rows: `odysseus.zero3(par, reshard_after_forward=True)`; their "
+            "`odysseus.plan` counts). ZeRO-3 rows: `odysseus.zero3(par)` (weights resharded after forward); their "
             "activations are those of the base strategy; their parameters include FSDP2's padding. The last "
             "column multiplies by the layer count, without recomputation, embeddings or logits.",
             "",

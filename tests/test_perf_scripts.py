@@ -77,7 +77,7 @@ def test_comm_volume_check_fails_on_a_wrong_closed_form(monkeypatch):
 def test_comm_volume_check_fails_on_a_wrong_fsdp_form(monkeypatch):
     real = comm_volume.zero3_records
     monkeypatch.setattr(comm_volume, "zero3_records", lambda s, c, w, r, e, reshard: real(s, c, w, r, e, True))
-    with pytest.raises(AssertionError, match="FSDP2 collectives differ.*zero3 default"):
+    with pytest.raises(AssertionError, match="FSDP2 collectives differ.*zero3 keep"):
         comm_volume.verify([2], common.SHAPES[:1])
 
 
