@@ -89,19 +89,20 @@ class TPFFN(ParallelModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
-        with ody_range("ody/ffn"):
-            return self._ffn(x)
-
-    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
+        # The length exchange is a graph break under torch.compile: keep it outside the profiler range,
+        # which dynamo cannot resume inside.
         if self.sequence_parallel:
             sizes = self.seq_lengths(x)
-            gu = ag_matmul(x, w_gu, sizes, self.pg, self.backend, "ffn.up")
         else:
             self.check_finite_input(x)
-            gu = comm.copy_to_tp(x, self.pg, "ffn.up") @ w_gu
-        gate, up = gu.chunk(2, dim=-1)
-        h, w_d = F.silu(gate) * up, self.down_proj.weight.t()
-        if self.sequence_parallel:
-            return matmul_rs(h, w_d, sizes, self.pg, self.backend, "ffn.down")
-        return comm.reduce_from_tp(h @ w_d, self.pg, "ffn.down")
+        with ody_range("ody/ffn"):
+            w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
+            if self.sequence_parallel:
+                gu = ag_matmul(x, w_gu, sizes, self.pg, self.backend, "ffn.up")
+            else:
+                gu = comm.copy_to_tp(x, self.pg, "ffn.up") @ w_gu
+            gate, up = gu.chunk(2, dim=-1)
+            h, w_d = F.silu(gate) * up, self.down_proj.weight.t()
+            if self.sequence_parallel:
+                return matmul_rs(h, w_d, sizes, self.pg, self.backend, "ffn.down")
+            return comm.reduce_from_tp(h @ w_d, self.pg, "ffn.down")
