@@ -170,7 +170,10 @@ def _soak(rank, world, strategy, steps):
         opt_par.step()
         losses.append((loss_ref.item(), total.item()))
         if step in (20, steps - 1):
-            mem[step] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, _live_tensor_bytes())
+            # Live tensors first: the collection touches every object and copies the pages this forked
+            # process shares with its parent, which must land before the warm RSS, not after it.
+            live = _live_tensor_bytes()
+            mem[step] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, live)
     return losses, mem
 
 
