@@ -1,4 +1,5 @@
-"""The python snippets of README.md's "Use it in your model" section run as written, at world 2 (so they cannot rot)."""
+"""README.md's python snippets run as written, at world 2 (so they cannot rot): the quick start under
+"Use it" and the three ways in of "Use it in your model"."""
 
 import os
 import re
@@ -11,12 +12,12 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 SECTION = "## Use it in your model"
 
 
-def snippets() -> list[str]:
+def snippets(section: str = SECTION) -> list[str]:
     """The fenced ``python`` blocks between the section's heading and the next ``## `` heading."""
     with open(README) as f:
         text = f.read()
-    assert SECTION in text, f"README.md has no {SECTION!r} section"
-    body = text.split(SECTION, 1)[1]
+    assert section + "\n" in text, f"README.md has no {section!r} section"
+    body = text.split(section + "\n", 1)[1]
     body = re.split(r"^## ", body, maxsplit=1, flags=re.MULTILINE)[0]
     return re.findall(r"^```python\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL)
 
@@ -40,3 +41,9 @@ def test_readme_snippet_runs_at_world_2(index, tmp_path):
     if "save_pretrained" in source:
         model = LlamaForCausalLM.from_pretrained(tmp_path / "llama-checkpoint")
         assert model.config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_quick_start_runs(world, tmp_path):
+    (source,) = snippets("## Use it")
+    assert all(run_ranks(world, _run, source, "quick start", str(tmp_path)))
