@@ -4,7 +4,6 @@ Ranks talk over gloo (NCCL refuses two ranks on one device); symmetric memory re
 store. Skipped without CUDA.
 """
 
-
 import pytest
 import torch
 from helpers import ODD, make_block, rel_err
