@@ -44,6 +44,7 @@ from torch import nn
 import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus import overlap as ody_overlap
+from odysseus.launch import run_ranks
 from odysseus.plan import BASE_STRATEGIES, PLAN_STRATEGIES, base_strategy, calibrate, calibration_report
 from odysseus.plan_presets import MODELS, get_model
 from odysseus.reference import TransformerBlock, init_weights
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if args.local_world < 1:
             raise ValueError(f"--local-world={args.local_world} must be >= 1")
         opts["world"] = args.local_world
-        per_rank = common.run_ranks_retrying(args.local_world, bench_rank, opts, timeout=3600)
+        per_rank = run_ranks(args.local_world, bench_rank, opts, timeout=3600)
         return _finish(per_rank, opts, args)
     if "RANK" not in os.environ:
         raise SystemExit(

@@ -20,7 +20,6 @@ closed forms were checked here, exactly and on every rank, against what the real
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from contextlib import contextmanager
@@ -33,6 +32,7 @@ import torch.distributed as dist
 import odysseus
 from odysseus import CommLedger, finalize_grads, shard_sequence
 from odysseus.comm.ledger import current_phase
+from odysseus.launch import run_ranks
 from odysseus.plan import HOST_EXCHANGES, PLAN_STRATEGIES, base_strategy, strategy_records, zero3_records
 from odysseus.plan_presets import MODELS, get_model
 from odysseus.reference import TransformerBlock, init_weights
@@ -126,7 +126,7 @@ def verify(worlds: list[int], shapes: list) -> int:
     """Run every case at every world size and compare with the closed forms; return the cases checked."""
     checked = 0
     for world in worlds:
-        per_rank = common.run_ranks_retrying(world, _measure, shapes, timeout=900)
+        per_rank = run_ranks(world, _measure, shapes, timeout=900)
         for rank, cases in enumerate(per_rank):
             for got in cases:
                 cfg_kw, B, L = shapes[got["shape"]]
@@ -201,17 +201,8 @@ def plot(model: str, worlds: list[int], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
-    p.add_argument("--worlds", default="2,4,8", help="world sizes N")
-    p.add_argument("--seqs", default="4K,16K,64K", help="sequence lengths of the full-size table")
-    p.add_argument("--quick", action="store_true", help="check N=2,4 on two small shapes only (for tests)")
-    p.add_argument("--out", type=Path, default=common.ROOT / "perf", help="directory of the PNG")
-    p.add_argument("--results", type=Path, default=common.RESULTS, help="markdown file to update")
-    args = p.parse_args(argv)
-    worlds, seqs = common.parse_ints(args.worlds, "worlds"), common.parse_ints(args.seqs, "seqs")
-    shapes = common.SHAPES[:2] if args.quick else common.SHAPES
-    check_worlds = [w for w in worlds if w <= 4] if args.quick else worlds
+    args = common.sweep_args(__doc__, argv, MODELS)
+    worlds, seqs, shapes, check_worlds = args.worlds, args.seqs, args.shapes, args.check_worlds
     checked = verify(check_worlds, shapes)
     note = (
         f"Checked first: {checked} (strategy, ZeRO-3 mode, shape, rank) cases at N = {check_worlds} on "

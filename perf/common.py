@@ -1,19 +1,18 @@
-"""Helpers the perf scripts share: import path, machine line, markdown tables, RESULTS.md sections, rank runs.
+"""Helpers the perf scripts share: import path, machine line, markdown tables, RESULTS.md sections.
 
 Importing this module puts the repository root on ``sys.path`` (the scripts run as ``python perf/x.py``
-or under ``torchrun``, where only ``perf/`` is on the path) and imports ``torch._dynamo`` once: the
-library's custom ops import it on their first call, which costs every forked rank about 3 s when the
-parent has not done it already.
+or under ``torchrun``, where only ``perf/`` is on the path).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +20,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402, F401  (see the module docstring)
-
-from odysseus.launch import RankError, run_ranks  # noqa: E402
 
 RESULTS = ROOT / "perf" / "RESULTS.md"
 # Small Llama-like shapes at which the perf scripts measure before extrapolating (config kwargs, batch,
@@ -116,22 +112,6 @@ def write_section(section: str, body: str, path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
-def run_ranks_retrying(world: int, fn: Callable, *args, attempts: int = 3, **kwargs) -> list:
-    """:func:`odysseus.launch.run_ranks`, tried again when a rank failed inside ``init_process_group``.
-
-    gloo's TCP mesh set-up fails now and then on a loaded machine ("connectFullMesh failed ... Connection
-    closed by peer"), about 1 run in 20 at world 4 on the 2-core VM; nothing has run yet at that point,
-    so trying again is safe. Any other failure is raised at once.
-    """
-    for attempt in range(attempts):
-        try:
-            return run_ranks(world, fn, *args, **kwargs)
-        except RankError as err:
-            if "init_process_group" not in err.remote_traceback or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
-
-
 def parse_ints(text: str, what: str) -> list[int]:
     """``"2,4,8"`` -> ``[2, 4, 8]``; a clear error for anything else (sizes such as ``4K`` or ``64k`` allowed)."""
     out = []
@@ -154,3 +134,22 @@ def human_bytes(n: float) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def sweep_args(description: str, argv: list[str] | None, models: Sequence[str]) -> argparse.Namespace:
+    """Arguments of the scripts that check small shapes, then extrapolate: model, worlds, sequences, quick.
+
+    Adds ``worlds``/``seqs`` as int lists, ``shapes`` (the small shapes checked) and ``check_worlds``.
+    """
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="llama2-7b", choices=sorted(models))
+    p.add_argument("--worlds", default="2,4,8", help="world sizes N")
+    p.add_argument("--seqs", default="4K,16K,64K", help="sequence lengths of the full-size table")
+    p.add_argument("--quick", action="store_true", help="check N=2,4 on two small shapes only (for tests)")
+    p.add_argument("--out", type=Path, default=ROOT / "perf", help="directory of the PNG")
+    p.add_argument("--results", type=Path, default=RESULTS, help="markdown file to update")
+    args = p.parse_args(argv)
+    args.worlds, args.seqs = parse_ints(args.worlds, "worlds"), parse_ints(args.seqs, "seqs")
+    args.shapes = SHAPES[:2] if args.quick else SHAPES
+    args.check_worlds = [w for w in args.worlds if w <= 4] if args.quick else args.worlds
+    return args

@@ -19,7 +19,6 @@ their base strategy and are measured here for parameters, gradients and optimize
 
 from __future__ import annotations
 
-import argparse
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 
 import odysseus
 from odysseus import finalize_grads, shard_sequence
+from odysseus.launch import run_ranks
 from odysseus.plan import PLAN_STRATEGIES, base_strategy, parameter_bytes, saved_activation_bytes
 from odysseus.plan_presets import MODELS, get_model
 from odysseus.profiling import SavedActivations
@@ -78,7 +78,7 @@ def verify(worlds: list[int], shapes: list) -> int:
     """Measure every strategy at every world and shape; raise on any difference; return the cases checked."""
     checked = 0
     for world in worlds:
-        for rank, cases in enumerate(common.run_ranks_retrying(world, _measure, shapes, timeout=900)):
+        for rank, cases in enumerate(run_ranks(world, _measure, shapes, timeout=900)):
             for got in cases:
                 cfg_kw, B, L = shapes[got["shape"]]
                 cfg = odysseus.TransformerConfig(**cfg_kw)
@@ -155,17 +155,8 @@ def plot(model: str, worlds: list[int], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="llama2-7b", choices=sorted(MODELS))
-    p.add_argument("--worlds", default="2,4,8", help="world sizes N")
-    p.add_argument("--seqs", default="4K,16K,64K", help="sequence lengths of the full-size table")
-    p.add_argument("--quick", action="store_true", help="check N=2,4 on two small shapes only (for tests)")
-    p.add_argument("--out", type=Path, default=common.ROOT / "perf", help="directory of the PNG")
-    p.add_argument("--results", type=Path, default=common.RESULTS, help="markdown file to update")
-    args = p.parse_args(argv)
-    worlds, seqs = common.parse_ints(args.worlds, "worlds"), common.parse_ints(args.seqs, "seqs")
-    shapes = common.SHAPES[:2] if args.quick else common.SHAPES
-    check_worlds = [w for w in worlds if w <= 4] if args.quick else worlds
+    args = common.sweep_args(__doc__, argv, MODELS)
+    worlds, seqs, shapes, check_worlds = args.worlds, args.seqs, args.shapes, args.check_worlds
     checked = verify(check_worlds, shapes)
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "memory.png"
