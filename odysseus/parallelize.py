@@ -46,6 +46,10 @@ class ParallelBlock(nn.Module):
     sequence-split strategies ``x: (batch, seq_local, hidden)`` from :func:`odysseus.shard_sequence`.
     The output has the input's layout. The norms are replicated; outside TP they see only this rank's
     tokens, so their gradients are summed by :func:`finalize_grads`.
+
+    ``weights``: a dense block's state dict to take this rank's share of (default: fresh weights, see
+    :class:`~odysseus.strategies.common.ParallelModule`); other keyword arguments (``backend``, ``seed``,
+    ``check_finite``, ``device``, ``dtype``...) go to the attention and FFN modules.
     """
 
     def __init__(self, config, strategy: str, group=None, *, weights: dict | None = None, **kwargs):
@@ -66,10 +70,10 @@ class ParallelBlock(nn.Module):
         sync = "none" if strategy == "tp" or self.self_attn.world == 1 else "sum"
         self.param_specs: dict[str, ParamSpec] = {}
         for name in ("input_layernorm", "post_attention_layernorm"):
-            norm = getattr(self, name)
-            dense = weights.get(f"{name}.weight")
-            with torch.no_grad():
-                norm.weight.data = (dense.detach() if dense is not None else norm.weight).to(like, copy=True)
+            norm = getattr(self, name).to(like.device, like.dtype)
+            if f"{name}.weight" in weights:
+                with torch.no_grad():
+                    norm.weight.copy_(weights[f"{name}.weight"])
             self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
         self.pg = self.self_attn.pg
 
