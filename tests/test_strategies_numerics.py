@@ -18,7 +18,7 @@ def run_parallel(par, strategy, x, gy, position_ids=None):
         full = y.detach()
     else:
         pos = None if position_ids is None else shard_sequence(position_ids)
-        y = par(shard_sequence(xp)) if pos is None and position_ids is None else par(shard_sequence(xp), pos)
+        y = par(shard_sequence(xp)) if pos is None else par(shard_sequence(xp), pos)  # FFNs take no positions
         (y * shard_sequence(gy)).sum().backward()  # global loss = sum of the ranks' local losses
         full = gather_sequence(y.detach())
     finalize_grads(par)

@@ -15,8 +15,6 @@ try:
 except ImportError:  # pragma: no cover - torch builds without distributed
     DeviceMesh = ()
 
-GroupLike = "dist.ProcessGroup | DeviceMesh | None"
-
 _META_GROUPS: dict = {}
 
 
