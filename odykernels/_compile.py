@@ -34,7 +34,7 @@ SHAPE = {"M": 8192, "N": 4096, "K": 4096}
 
 # Pointer arguments other than the data tensors (which take the dtype being compiled).
 _INDEX_POINTERS = {
-    "flags_ptr": "*i32",
+    "flags_ptr": "*u32",
     "status_ptr": "*i32",
     "mtiles_ptr": "*i32",
     "counters_ptr": "*i32",
@@ -44,14 +44,14 @@ _INDEX_POINTERS = {
 # Inner strides of contiguous tensors; the JIT turns an integer argument equal to 1 into a constant.
 _UNIT_STRIDES = ("stride_ak", "stride_bn", "stride_cn", "stride_rn", "stride_on")
 # Integer arguments the kernels exclude from specialization (they change per call or per rank).
-_UNSPECIALIZED = ("rank", "expected", "epoch", "max_polls", "world", "num_mtiles", "rows")
+_UNSPECIALIZED = ("rank", "expected", "epoch", "budget", "world", "num_mtiles", "rows")
 
 
 def _constexprs(name: str, capability: int, dtype: str) -> tuple[dict, dict]:
     """(constexpr values, launch options) the launcher would use for SHAPE on this capability."""
     if name == "reduce_slots":
         block_m, block_n = REDUCE_BLOCK
-        return {"BLOCK_M": block_m, "BLOCK_N": block_n}, {"num_warps": REDUCE_NUM_WARPS}
+        return {"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_CLOCK": True}, {"num_warps": REDUCE_NUM_WARPS}
     elem_size = 2 if dtype in ("bf16", "fp16") else 4
     cfg = select_config(SHAPE["M"], SHAPE["N"], SHAPE["K"], elem_size, divmod(capability, 10), NUM_SMS[capability])
     constexprs = {
@@ -62,6 +62,8 @@ def _constexprs(name: str, capability: int, dtype: str) -> tuple[dict, dict]:
         "EVEN_K": SHAPE["K"] % cfg.block_k == 0,
         "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
     }
+    if "USE_CLOCK" in KERNELS[name].arg_names:
+        constexprs["USE_CLOCK"] = True  # compiled kernels bound their waits by the GPU's global timer
     return constexprs, {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 

@@ -11,6 +11,7 @@ set early the kernels are already interpreted and launch as they are (with the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import types
 
@@ -134,3 +135,34 @@ def normalize_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel launch, checked and configured but not yet run: ``compile()`` now, ``run()`` later.
+
+    The fused kernels wait on peers with a time bound, so a rank must not compile (seconds, the first
+    time) between a barrier and its launch: a peer's wait would pay for it. Callers that sit behind a
+    barrier prepare the launch, ``compile()`` it before the barrier and ``run()`` it after.
+    """
+
+    kernel: JITFunction | None
+    """None when the problem is empty and there is nothing to run."""
+    device: torch.device
+    grid: tuple[int, ...] = ()
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    out: torch.Tensor | None = None
+    """The tensor the kernel writes, when it has one to return."""
+
+    def compile(self) -> Launch:
+        """Compile for these arguments without running (a no-op under the interpreter, which compiles nothing)."""
+        if self.kernel is not None and not is_interpreted(self.kernel, self.device):
+            self.kernel.warmup(*self.args, grid=self.grid, **self.kwargs)
+        return self
+
+    def run(self) -> torch.Tensor | None:
+        """Enqueue the kernel (under the interpreter: run it to completion); returns :attr:`out`."""
+        if self.kernel is not None:
+            launchable(self.kernel, self.device)[self.grid](*self.args, **self.kwargs)
+        return self.out

@@ -40,7 +40,7 @@ from odykernels._chunks import (
     check_chunks,
     mtile_table,
 )
-from odykernels._runtime import is_interpreted, launchable, normalize_device, num_programs
+from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
 from odykernels.matmul import (
     check_dtype,
     check_operands,
@@ -52,10 +52,17 @@ from odykernels.matmul import (
     tile_dot,
     wrapped_cols,
 )
-from odykernels.signal import check_status, check_status_tensor, new_status, notify, wait_flag
-
-# See ag_matmul.DEFAULT_MAX_POLLS: bounds a wait to seconds on a GPU (poll latency not measured yet).
-DEFAULT_MAX_POLLS = 1 << 22
+from odykernels.signal import (
+    DEFAULT_TIMEOUT_S,
+    check_epoch,
+    check_flags_tensor,
+    check_status,
+    check_status_tensor,
+    new_status,
+    notify,
+    wait_budget,
+    wait_flag,
+)
 
 
 @triton.jit(do_not_specialize=["rank", "epoch"])
@@ -115,7 +122,7 @@ def _matmul_rs_kernel(
             notify(flags_ptr + tl.load(flag_offsets_ptr + dest) + rank, epoch)
 
 
-@triton.jit(do_not_specialize=["epoch", "max_polls"])
+@triton.jit(do_not_specialize=["epoch", "budget"])
 def _reduce_slots_kernel(
     recv_ptr,
     flags_ptr,
@@ -130,9 +137,10 @@ def _reduce_slots_kernel(
     stride_om,
     stride_on,
     epoch,
-    max_polls,
+    budget,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_CLOCK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -143,7 +151,7 @@ def _reduce_slots_kernel(
     slot_ptrs = recv_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n.to(tl.int64)[None, :] * stride_rn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for src in range(0, world):
-        wait_flag(flags_ptr + src, epoch, max_polls, status_ptr, src, tile)
+        wait_flag(flags_ptr + src, epoch, budget, status_ptr, src, tile, USE_CLOCK)
         part = tl.load(slot_ptrs, mask=mask, other=0.0)
         acc += part.to(tl.float32)
         # Pointer steps stay 64-bit: slot ``src`` starts src * stride_rs elements in, possibly past 2**31.
@@ -178,17 +186,58 @@ def _check_recv(recv: torch.Tensor, world: int, max_rows: int, N: int, device: t
     check_dtype(recv.dtype, device, f"{what}: recv")
 
 
-def _check_flags(flags: torch.Tensor, world: int, device: torch.device, what: str) -> None:
-    if flags.dtype != torch.int32 or tuple(flags.shape) != (world,) or flags.device != device:
+def prepare_matmul_rs(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    chunk_sizes: list[int],
+    rank: int,
+    recv: torch.Tensor,
+    peer_offsets: torch.Tensor,
+    flags: torch.Tensor,
+    flag_peer_offsets: torch.Tensor,
+    epoch: int,
+    counters: torch.Tensor | None = None,
+    max_programs: int | None = None,
+) -> Launch:
+    """Check the arguments of :func:`matmul_rs` and configure its launch (run it with ``.run()``)."""
+    what = "matmul_rs"
+    check_operands(a, b, what)
+    M, K = a.shape
+    N = b.shape[1]
+    device = a.device
+    check_chunks(chunk_sizes, rank, M, what)
+    world = len(chunk_sizes)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
+    check_flags_tensor(flags, world, device, what)
+    _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
+    check_epoch(epoch, what)
+    if counters is None:
+        counters = torch.zeros(world, dtype=torch.int32, device=device)
+    elif counters.dtype != torch.int32 or tuple(counters.shape) != (world,) or counters.device != device:
         raise ValueError(
-            f"{what}: flags must be int32 [{world}] on {device}, "
-            f"got {flags.dtype} {list(flags.shape)} on {flags.device}"
+            f"{what}: counters must be int32 [{world}] on {device}, "
+            f"got {counters.dtype} {list(counters.shape)} on {counters.device}"
         )
+    if M == 0 or N == 0:
+        return Launch(None, device)
 
-
-def _check_epoch(epoch: int, what: str) -> None:
-    if not 1 <= epoch < 2**31:
-        raise ValueError(f"{what}: epoch={epoch} must be in [1, 2**31) (0 is the never-written flag value)")
+    cfg = config_for(M, N, K, a.dtype, device, _matmul_rs_kernel)
+    table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
+    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device), max_programs)
+    args = (
+        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), recv.stride(0), recv.stride(1), recv.stride(2),
+        rank, epoch,
+    )  # fmt: skip
+    kwargs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return Launch(_matmul_rs_kernel, device, (progs,), args, kwargs)
 
 
 def matmul_rs(
@@ -211,8 +260,8 @@ def matmul_rs(
     * receive buffer ``recv``: (world, max_rows, N), ``recv[s, i, :]`` = row ``starts[d] + i`` of source
       ``s``'s partial product on destination rank ``d``; ``max_rows >= max(chunk_sizes)``; any float dtype
       the kernels support (fp32 keeps partials exact before the sum; 16-bit halves the traffic).
-    * flags: int32 (world,), ``flags[s]`` on rank ``d`` = epoch of the last call whose slot ``s`` is
-      complete on ``d``. Start at 0; never reset.
+    * flags: contiguous uint32 (world,), ``flags[s]`` on rank ``d`` = epoch of the last call whose slot
+      ``s`` is complete on ``d``. Start at 0; never reset.
 
     Args:
         a: (M, K_r) this rank's activations over the full sequence, its slice of K.
@@ -223,8 +272,8 @@ def matmul_rs(
             sense that every peer's buffer has the same strides.
         peer_offsets: int64 (world,), ``(address of peer j's recv - recv.data_ptr()) // recv.element_size()``;
             ``peer_offsets[rank] == 0``. May be negative.
-        flags: this rank's int32 (world,) flags (base for ``flag_peer_offsets``).
-        flag_peer_offsets: int64 (world,), the same for the flags, in int32 elements.
+        flags: this rank's uint32 (world,) flags (base for ``flag_peer_offsets``).
+        flag_peer_offsets: int64 (world,), the same for the flags, in uint32 elements.
         epoch: this call's number, >= 1, the value written into the destinations' flags.
         counters: optional int32 (world,) zeroed scratch on this device; the kernel leaves it zeroed, so
             it can be kept across calls (not shared by two launches in flight). Allocated if None.
@@ -234,41 +283,54 @@ def matmul_rs(
     Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
     With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
     """
-    what = "matmul_rs"
-    check_operands(a, b, what)
-    M, K = a.shape
-    N = b.shape[1]
-    device = a.device
-    check_chunks(chunk_sizes, rank, M, what)
-    world = len(chunk_sizes)
-    _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
-    _check_flags(flags, world, device, what)
-    _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
-    _check_epoch(epoch, what)
-    if counters is None:
-        counters = torch.zeros(world, dtype=torch.int32, device=device)
-    elif counters.dtype != torch.int32 or tuple(counters.shape) != (world,) or counters.device != device:
-        raise ValueError(
-            f"{what}: counters must be int32 [{world}] on {device}, "
-            f"got {counters.dtype} {list(counters.shape)} on {counters.device}"
-        )
-    if M == 0 or N == 0:
-        return
+    prepare_matmul_rs(
+        a, b, chunk_sizes, rank, recv, peer_offsets, flags, flag_peer_offsets, epoch, counters, max_programs
+    ).run()
 
-    cfg = config_for(M, N, K, a.dtype, device, _matmul_rs_kernel)
-    table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
-    num_mtiles = table.shape[0]
-    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device), max_programs)
-    launchable(_matmul_rs_kernel, device)[(progs,)](
-        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), recv.stride(0), recv.stride(1), recv.stride(2),
-        rank, epoch,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+
+def prepare_reduce_slots(
+    recv: torch.Tensor,
+    flags: torch.Tensor,
+    chunk_sizes: list[int],
+    rank: int,
+    epoch: int,
+    out: torch.Tensor | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    status: torch.Tensor | None = None,
+) -> Launch:
+    """Check the arguments of :func:`reduce_slots` and configure its launch; ``status`` is required here."""
+    what = "reduce_slots"
+    device = recv.device
+    world = len(chunk_sizes)
+    if recv.dim() != 3:
+        raise ValueError(f"{what}: recv must be 3-D [world, max_rows, N], got shape {list(recv.shape)}")
+    N = recv.shape[2]
+    check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    check_flags_tensor(flags, world, device, what)
+    check_epoch(epoch, what)
+    interpreted = is_interpreted(_reduce_slots_kernel, device)
+    budget = wait_budget(timeout_s, interpreted, what)
+    if status is None:
+        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
+    check_status_tensor(status, device, what)
+    rows = chunk_sizes[rank]
+    if out is None:
+        out = torch.empty((rows, N), dtype=recv.dtype, device=device)
+    else:
+        check_out(out, (rows, N), device, what)
+    if rows == 0 or N == 0:
+        return Launch(None, device, out=out)
+
+    block_m, block_n = REDUCE_BLOCK_INTERPRETER if interpreted else REDUCE_BLOCK
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
+    args = (
+        recv, flags, out, status, rows, N, world,
+        recv.stride(0), recv.stride(1), recv.stride(2), out.stride(0), out.stride(1),
+        epoch, budget,
     )  # fmt: skip
+    kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, USE_CLOCK=not interpreted, num_warps=REDUCE_NUM_WARPS)
+    return Launch(_reduce_slots_kernel, device, grid, args, kwargs, out)
 
 
 def reduce_slots(
@@ -278,7 +340,7 @@ def reduce_slots(
     rank: int,
     epoch: int,
     out: torch.Tensor | None = None,
-    max_polls: int = DEFAULT_MAX_POLLS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
     check: bool = True,
 ) -> torch.Tensor:
@@ -286,13 +348,13 @@ def reduce_slots(
 
     Args:
         recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
-        flags: int32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
+        flags: contiguous uint32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
         chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
             ``chunk_sizes[rank]`` rows.
         rank: this rank.
         epoch: the epoch the producers of this call wrote, >= 1.
         out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
-        max_polls: reads of one flag before a wait gives up.
+        timeout_s: bound on one wait (GPU time; a poll budget under the interpreter).
         status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`).
         check: synchronize and raise ``TimeoutError`` naming the rank, the missing source and the flag
             values; with ``check=False`` a ``status`` is required and nothing synchronizes.
@@ -300,43 +362,11 @@ def reduce_slots(
     Returns:
         (chunk_sizes[rank], N) tensor ``out``.
     """
-    what = "reduce_slots"
-    device = recv.device
-    world = len(chunk_sizes)
-    if recv.dim() != 3:
-        raise ValueError(f"{what}: recv must be 3-D [world, max_rows, N], got shape {list(recv.shape)}")
-    N = recv.shape[2]
-    check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
-    _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    _check_flags(flags, world, device, what)
-    _check_epoch(epoch, what)
-    if max_polls < 1:
-        raise ValueError(f"{what}: max_polls={max_polls} must be >= 1")
     if status is None:
         if not check:
-            raise ValueError(f"{what}: check=False needs a status tensor to record timeouts in")
-        status = new_status(device)
-    else:
-        check_status_tensor(status, what)
-        if status.device != device:
-            raise ValueError(f"{what}: status is on {status.device}, expected {device}")
-    rows = chunk_sizes[rank]
-    if out is None:
-        out = torch.empty((rows, N), dtype=recv.dtype, device=device)
-    else:
-        check_out(out, (rows, N), device, what)
-    if rows == 0 or N == 0:
-        return out
-
-    interpreted = is_interpreted(_reduce_slots_kernel, device)
-    block_m, block_n = REDUCE_BLOCK_INTERPRETER if interpreted else REDUCE_BLOCK
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(N, block_n))
-    launchable(_reduce_slots_kernel, device)[grid](
-        recv, flags, out, status, rows, N, world,
-        recv.stride(0), recv.stride(1), recv.stride(2), out.stride(0), out.stride(1),
-        epoch, max_polls,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=REDUCE_NUM_WARPS,
-    )  # fmt: skip
+            raise ValueError("reduce_slots: check=False needs a status tensor to record timeouts in")
+        status = new_status(recv.device)
+    out = prepare_reduce_slots(recv, flags, chunk_sizes, rank, epoch, out, timeout_s, status).run()
     if check:
-        check_status(status, rank, what, index_name="source")
+        check_status(status, rank, "reduce_slots", index_name="source")
     return out

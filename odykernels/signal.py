@@ -1,56 +1,83 @@
 """Flags between ranks: a bounded wait that reports a timeout, a release notify, and the host-side check.
 
-A flag is an int32 word. A producer sets it to the current *epoch* (a call counter, >= 1) once the data it
-guards is in place; a consumer waits until it reads exactly that epoch. Flags therefore never need a
-reset between calls: the next call simply waits for the next epoch. Flags start at 0 (never written).
+A flag is a uint32 word (the dtype CUDA's stream memory operations write, see
+``_SymmetricMemory.stream_write_value32``). A producer sets it to the current *epoch* (a call counter,
+>= 1) once the data it guards is in place; a consumer waits until it reads exactly that epoch. Flags
+therefore never need a reset between calls: the next call simply waits for the next epoch. Flags start
+at 0 (never written).
 
-Every wait is bounded by a poll budget. A wait that runs out records the first failure in a *status*
-tensor, int32 ``[STATUS_WORDS]`` on the kernel's device, zero while all is well::
+Every wait is bounded. Compiled for a GPU, the bound is a deadline on the GPU's global timer
+(nanoseconds); under the CPU interpreter, which has no timer, it is a number of polls (the interpreter
+polls about 6,000 times a second on the 2-core CI VM, triton 3.7.1). Launchers take one ``timeout_s``
+and turn it into either with :func:`wait_budget`.
+
+A wait that runs out records the first failure in a *status* tensor, int32 ``[STATUS_WORDS]`` on the
+kernel's device, zero while all is well::
 
     status[0]  1 + index of the flag waited on (the chunk for ag_matmul, the source rank for reduce_slots)
-    status[1]  the last value read from that flag
+    status[1]  the last value read from that flag (its 32 bits, as int32)
     status[2]  the value expected (the epoch)
     status[3]  the output tile of the program that gave up
 
 The first failing program claims the record with a compare-and-swap on ``status[0]``, so the words always
-describe one wait. After a failure, later waits in any program give up at once instead of each spending a
-full budget, so a dead peer costs about one budget per launch, not one per tile.
+describe one wait. After a failure, later waits in any program (and in later launches sharing the record)
+give up at once instead of each spending a full budget, so a dead peer costs about one budget, not one per
+tile. Reading the record is a host synchronisation; :func:`read_status` is the only place that does it.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import globaltimer
 
 STATUS_WORDS = 4
+FLAG_DTYPE = torch.uint32
+DEFAULT_TIMEOUT_S = 30.0
+"""Default bound on one wait. Long enough for a peer that is a step behind, short enough to beat a hang."""
+INTERPRETER_POLLS_PER_S = 5000
+"""Polls per second assumed under the interpreter to turn a timeout into a poll budget (measured: ~5,900)."""
+MAX_TIMEOUT_S = 2_000.0
+"""Budgets travel as int32 microseconds: about 35 minutes at most."""
 
 
 @triton.jit
-def wait_flag(flag_ptr, expected, max_polls, status_ptr, index, tile):
-    """Spin (acquire, system scope) until ``*flag_ptr == expected``, at most ``max_polls`` reads.
+def wait_flag(flag_ptr, expected, budget, status_ptr, index, tile, USE_CLOCK: tl.constexpr):
+    """Spin (acquire, system scope) until ``*flag_ptr == expected``, within ``budget``.
 
-    Returns whether the flag was seen; on a timeout fills the status record (see module docstring) with
-    ``index`` (which flag) and ``tile`` (which output tile waited). Loads issued after this call observe
-    everything the producer wrote before its release, for the whole program (the barrier at the end).
+    ``budget`` is microseconds of GPU global time when ``USE_CLOCK``, else a number of reads (the CPU
+    interpreter cannot read a clock). Returns whether the flag was seen; on a timeout fills the status
+    record (see module docstring) with ``index`` (which flag) and ``tile`` (which output tile waited).
+    Loads issued after this call observe everything the producer wrote before its release, for the whole
+    program (the barrier at the end).
     """
+    want = expected.to(tl.uint32)
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-    if seen != expected:
+    if seen != want:
         # A failure anywhere already dooms this launch; do not spend another budget per tile on it.
         earlier = tl.atomic_add(status_ptr, 0, sem="relaxed", scope="gpu")
-        budget = tl.where(earlier == 0, max_polls, 0)
-        polls = 1
-        while (seen != expected) & (polls < budget):
-            seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
-            polls += 1
-        if seen != expected:
+        limit = tl.where(earlier == 0, budget, 0).to(tl.int64)
+        if USE_CLOCK:
+            start = globaltimer()
+            limit = limit * 1000  # microseconds -> the timer's nanoseconds
+            while (seen != want) & (globaltimer() - start < limit):
+                seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+        else:
+            polls = tl.full([], 1, tl.int64)
+            while (seen != want) & (polls < limit):
+                seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
+                polls += 1
+        if seen != want:
             if tl.atomic_cas(status_ptr, 0, index + 1, sem="relaxed", scope="gpu") == 0:
-                tl.store(status_ptr + 1, seen)
+                tl.store(status_ptr + 1, seen.to(tl.int32, bitcast=True))
                 tl.store(status_ptr + 2, expected)
                 tl.store(status_ptr + 3, tile)
     # The acquire above is issued by one thread; the barrier extends its ordering to the whole program.
     tl.debug_barrier()
-    return seen == expected
+    return seen == want
 
 
 @triton.jit
@@ -61,7 +88,16 @@ def notify(flag_ptr, value):
     single-thread release publishes.
     """
     tl.debug_barrier()
-    tl.atomic_xchg(flag_ptr, value, sem="release", scope="sys")
+    tl.atomic_xchg(flag_ptr, value.to(tl.uint32), sem="release", scope="sys")
+
+
+def wait_budget(timeout_s: float, interpreted: bool, what: str) -> int:
+    """The ``budget`` argument of :func:`wait_flag` for ``timeout_s``: microseconds, or polls when interpreted."""
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"{what}: timeout_s={timeout_s} must be in (0, {MAX_TIMEOUT_S}]")
+    if interpreted:
+        return max(1, math.ceil(timeout_s * INTERPRETER_POLLS_PER_S))
+    return max(1, math.ceil(timeout_s * 1e6))
 
 
 def new_status(device: torch.device | str) -> torch.Tensor:
@@ -69,10 +105,35 @@ def new_status(device: torch.device | str) -> torch.Tensor:
     return torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
 
 
-def check_status_tensor(status: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` unless ``status`` is an int32 ``[STATUS_WORDS]`` tensor."""
-    if status.dtype != torch.int32 or tuple(status.shape) != (STATUS_WORDS,):
-        raise ValueError(f"{what}: status must be int32 [{STATUS_WORDS}], got {status.dtype} {list(status.shape)}")
+def check_status_tensor(status: torch.Tensor, device: torch.device, what: str) -> None:
+    """Raise ``ValueError`` unless ``status`` is an int32 ``[STATUS_WORDS]`` tensor on ``device``."""
+    if status.dtype != torch.int32 or tuple(status.shape) != (STATUS_WORDS,) or status.device != device:
+        raise ValueError(
+            f"{what}: status must be int32 [{STATUS_WORDS}] on {device}, "
+            f"got {status.dtype} {list(status.shape)} on {status.device}"
+        )
+
+
+def check_flags_tensor(flags: torch.Tensor, world: int, device: torch.device, what: str, name: str = "flags") -> None:
+    """Raise ``ValueError`` unless ``flags`` is a contiguous uint32 ``[world]`` tensor on ``device``."""
+    if flags.dtype != FLAG_DTYPE or tuple(flags.shape) != (world,) or flags.device != device:
+        raise ValueError(
+            f"{what}: {name} must be uint32 [{world}] on {device}, "
+            f"got {flags.dtype} {list(flags.shape)} on {flags.device}"
+        )
+    if not flags.is_contiguous():
+        raise ValueError(f"{what}: {name} must be contiguous, got strides {flags.stride()}")
+
+
+def check_epoch(epoch: int, what: str, name: str = "epoch") -> None:
+    """Raise ``ValueError`` unless ``1 <= epoch < 2**31`` (0 is the never-written flag value)."""
+    if not 1 <= epoch < 2**31:
+        raise ValueError(f"{what}: {name}={epoch} must be in [1, 2**31) (0 is the never-written flag value)")
+
+
+def read_status(status: torch.Tensor) -> list[int]:
+    """The four words of a status record. The one host read of a record: it waits for the device."""
+    return [int(v) for v in status.tolist()]
 
 
 def check_status(status: torch.Tensor, rank: int, what: str, index_name: str = "chunk") -> None:
@@ -84,10 +145,10 @@ def check_status(status: torch.Tensor, rank: int, what: str, index_name: str = "
         what: the operation, e.g. ``"ag_matmul"``.
         index_name: what the flag index means: ``"chunk"`` (ag_matmul) or ``"source"`` (reduce_slots).
     """
-    code, seen, expected, tile = (int(v) for v in status.tolist())
+    code, seen, expected, tile = read_status(status)
     if code != 0:
         raise TimeoutError(
-            f"{what}: rank {rank} timed out waiting for {index_name} {code - 1}: its flag read {seen}, "
-            f"expected {expected} (output tile {tile}); the producer of that {index_name} never signalled "
-            f"this epoch, or the poll budget is too small"
+            f"{what}: rank {rank} timed out waiting for {index_name} {code - 1}: its flag read "
+            f"{seen & 0xFFFFFFFF}, expected {expected} (output tile {tile}); the producer of that {index_name} "
+            f"never signalled this epoch, or the timeout is too short"
         )

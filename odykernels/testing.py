@@ -11,10 +11,11 @@ import torch
 from odykernels._chunks import split_rows
 from odykernels.ag_matmul import ag_matmul
 from odykernels.matmul_rs import matmul_rs, reduce_slots
+from odykernels.signal import FLAG_DTYPE
 
 
 def simulate_ag_matmul(
-    a_full: torch.Tensor, b: torch.Tensor, world: int, rank: int, epoch: int = 1, max_polls: int = 64
+    a_full: torch.Tensor, b: torch.Tensor, world: int, rank: int, epoch: int = 1, timeout_s: float = 0.05
 ) -> torch.Tensor:
     """What rank ``rank`` computes once the all-gather has finished: every chunk's flag holds ``epoch``.
 
@@ -27,15 +28,15 @@ def simulate_ag_matmul(
         outputs) so a tile the kernel skipped shows up.
     """
     chunk_sizes = split_rows(a_full.shape[0], world)
-    flags = torch.full((world,), epoch, dtype=torch.int32, device=a_full.device)
+    flags = torch.full((world,), epoch, dtype=FLAG_DTYPE, device=a_full.device)
     out = torch.full((a_full.shape[0], b.shape[1]), float("nan"), dtype=a_full.dtype, device=a_full.device)
-    return ag_matmul(a_full, b, chunk_sizes, rank, flags, epoch, out=out, max_polls=max_polls)
+    return ag_matmul(a_full, b, chunk_sizes, rank, flags, epoch, out=out, timeout_s=timeout_s)
 
 
 class SimulatedRS:
     """Receive buffers and flags of ``world`` ranks as slices of one tensor each, with the peer offsets.
 
-    ``recv[j]`` is rank j's (world, max_rows, N) buffer, ``flags[j]`` its int32 (world,) flags; since all
+    ``recv[j]`` is rank j's (world, max_rows, N) buffer, ``flags[j]`` its uint32 (world,) flags; since all
     live in one allocation, peer offsets are differences of slice starts, as symmetric memory's are of
     buffer addresses. Receive buffers start as NaN so any slot a producer skipped poisons the sum.
     """
@@ -45,7 +46,7 @@ class SimulatedRS:
         self.world = len(chunk_sizes)
         max_rows = max(chunk_sizes)
         self.recv = torch.full((self.world, self.world, max(max_rows, 1), N), float("nan"), dtype=dtype, device=device)
-        self.flags = torch.zeros((self.world, self.world), dtype=torch.int32, device=device)
+        self.flags = torch.zeros((self.world, self.world), dtype=FLAG_DTYPE, device=device)
         self.counters = torch.zeros((self.world, self.world), dtype=torch.int32, device=device)
         per_recv = self.recv[0].numel()
         self._recv_offsets = [
@@ -64,13 +65,15 @@ class SimulatedRS:
             self.flags[rank], self._flag_offsets[rank], epoch, counters=self.counters[rank],
         )  # fmt: skip
 
-    def reduce(self, rank: int, epoch: int, out_dtype: torch.dtype | None = None, max_polls: int = 64) -> torch.Tensor:
+    def reduce(
+        self, rank: int, epoch: int, out_dtype: torch.dtype | None = None, timeout_s: float = 0.05
+    ) -> torch.Tensor:
         """Run rank ``rank``'s :func:`reduce_slots` into a NaN-filled (chunk_sizes[rank], N) output."""
         recv = self.recv[rank]
         out = torch.full(
             (self.chunk_sizes[rank], recv.shape[2]), float("nan"), dtype=out_dtype or recv.dtype, device=recv.device
         )
-        return reduce_slots(recv, self.flags[rank], self.chunk_sizes, rank, epoch, out=out, max_polls=max_polls)
+        return reduce_slots(recv, self.flags[rank], self.chunk_sizes, rank, epoch, out=out, timeout_s=timeout_s)
 
 
 def simulate_matmul_rs(

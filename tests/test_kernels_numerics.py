@@ -172,7 +172,7 @@ def test_fused_kernels_with_one_program_numerics():
     sizes = split_rows(M, 3)
     a, b = randn(M, K, dtype=torch.float32, seed=1), randn(K, N, dtype=torch.float32, seed=2)
     out = torch.full((M, N), float("nan"))
-    ag_matmul(a, b, sizes, 1, torch.full((3,), 2, dtype=torch.int32), 2, out=out, max_programs=1)
+    ag_matmul(a, b, sizes, 1, torch.full((3,), 2, dtype=torch.uint32), 2, out=out, max_programs=1)
     assert_close(out, a.double() @ b.double(), torch.float32, "ag_matmul, one program")
     sim = SimulatedRS(sizes, N, torch.float32, "cpu")
     recv_offsets = torch.tensor([j * sim.recv[0].numel() for j in range(3)], dtype=torch.int64)
@@ -180,38 +180,38 @@ def test_fused_kernels_with_one_program_numerics():
     odykernels.matmul_rs(a, b, sizes, 0, sim.recv[0], recv_offsets, sim.flags[0], flag_offsets, 1, max_programs=1)
     starts = chunk_starts(sizes)
     for d in range(3):
-        assert torch.equal(sim.flags[d], torch.tensor([1, 0, 0], dtype=torch.int32))
+        assert sim.flags[d].tolist() == [1, 0, 0]
         assert_close(
             sim.recv[d, 0, : sizes[d]], (a.double() @ b.double())[starts[d] : starts[d + 1]], torch.float32, "slot"
         )
     with pytest.raises(ValueError, match="max_programs=0 must be >= 1"):
-        ag_matmul(a, b, sizes, 1, torch.ones(3, dtype=torch.int32), 1, max_programs=0)
+        ag_matmul(a, b, sizes, 1, torch.ones(3, dtype=torch.uint32), 1, max_programs=0)
 
 
 def test_ag_matmul_times_out_naming_rank_and_chunk():
     a_full, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
-    flags = torch.tensor([1, 0, 1], dtype=torch.int32)  # chunk 1 never lands
+    flags = torch.tensor([1, 0, 1], dtype=torch.uint32)  # chunk 1 never lands
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"rank 2 timed out waiting for chunk 1: its flag read 0, expected 1"):
-        ag_matmul(a_full, b, split_rows(M, 3), 2, flags, expected=1, max_polls=20)
+        ag_matmul(a_full, b, split_rows(M, 3), 2, flags, expected=1, timeout_s=0.004)
     assert time.monotonic() - start < 30
 
 
 def test_ag_matmul_stale_epoch_times_out():
     # Flags left at epoch 4 by the previous call do not satisfy a wait for epoch 5.
     a_full, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
-    flags = torch.tensor([5, 4], dtype=torch.int32)
+    flags = torch.tensor([5, 4], dtype=torch.uint32)
     with pytest.raises(TimeoutError, match=r"rank 0 timed out waiting for chunk 1: its flag read 4, expected 5"):
-        ag_matmul(a_full, b, split_rows(M, 2), 0, flags, expected=5, max_polls=10)
+        ag_matmul(a_full, b, split_rows(M, 2), 0, flags, expected=5, timeout_s=0.002)
 
 
 def test_ag_matmul_unchecked_launch_reports_later():
     a_full, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
-    flags = torch.tensor([0, 3], dtype=torch.int32)
+    flags = torch.tensor([0, 3], dtype=torch.uint32)
     with pytest.raises(ValueError, match="check=False needs a status tensor"):
         ag_matmul(a_full, b, split_rows(M, 2), 1, flags, expected=3, check=False)
     status = new_status("cpu")
-    ag_matmul(a_full, b, split_rows(M, 2), 1, flags, expected=3, max_polls=10, status=status, check=False)
+    ag_matmul(a_full, b, split_rows(M, 2), 1, flags, expected=3, timeout_s=0.002, status=status, check=False)
     code, seen, expected, _ = status.tolist()
     assert (code, seen, expected) == (1, 0, 3)  # 1 + chunk 0
     with pytest.raises(TimeoutError, match="rank 1 timed out waiting for chunk 0"):
@@ -223,14 +223,16 @@ def test_ag_matmul_unchecked_launch_reports_later():
     [
         (dict(chunk_sizes=[30, 30]), r"chunk_sizes \[30, 30\] sum to 60, expected 61 rows"),
         (dict(rank=2), "rank 2 out of range for world size 2"),
-        (dict(flags=torch.zeros(2, dtype=torch.int64)), r"flags must be int32 \[2\]"),
+        (dict(flags=torch.zeros(2, dtype=torch.int32)), r"flags must be uint32 \[2\] on cpu, got torch.int32"),
+        (dict(flags=torch.zeros(4, dtype=torch.uint32)[::2]), r"flags must be contiguous"),
+        (dict(timeout_s=0), r"timeout_s=0 must be in"),
         (dict(expected=0), "expected=0 must be in"),
     ],
 )
 def test_ag_matmul_rejects_bad_arguments(kwargs, message):
     args = dict(
         a_full=torch.zeros(M, K), b=torch.zeros(K, N), chunk_sizes=split_rows(M, 2), rank=0,
-        flags=torch.ones(2, dtype=torch.int32), expected=1,
+        flags=torch.ones(2, dtype=torch.uint32), expected=1,
     )  # fmt: skip
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
@@ -264,7 +266,7 @@ def test_reduce_slots_sums_in_source_order_numerics(world):
     rows = sizes[rank]
     for s in range(world):
         recv[s, :rows] = randn(rows, N, dtype=torch.float32, seed=30 + s) * 10.0 ** (4 * s)
-    flags = torch.full((world,), 9, dtype=torch.int32)
+    flags = torch.full((world,), 9, dtype=torch.uint32)
     out = torch.full((rows, N), float("nan"))
     reduce_slots(recv, flags, sizes, rank, epoch=9, out=out)
     expected = torch.zeros(rows, N)
@@ -279,7 +281,7 @@ def test_reduce_slots_to_fp16_numerics():
     recv = torch.full((3, max(sizes), N), float("nan"))
     recv[:, : sizes[0]] = randn(3, sizes[0], N, dtype=torch.float32, seed=4)
     out = torch.full((sizes[0], N), float("nan"), dtype=torch.float16)
-    reduce_slots(recv, torch.full((3,), 2, dtype=torch.int32), sizes, 0, epoch=2, out=out)
+    reduce_slots(recv, torch.full((3,), 2, dtype=torch.uint32), sizes, 0, epoch=2, out=out)
     assert_close(out, recv[:, : sizes[0]].double().sum(0), torch.float16, "fp32 slots to fp16")
 
 
@@ -294,11 +296,11 @@ def test_matmul_rs_reuses_buffers_across_epochs_numerics():
         if epoch == 2:
             # Before this epoch's producers run, the flags still say 1: the reduction must not accept them.
             with pytest.raises(TimeoutError, match="rank 0 timed out waiting for source 0: its flag read 1"):
-                sim.reduce(0, epoch, max_polls=5)
+                sim.reduce(0, epoch, timeout_s=0.001)
         for r in range(world):
             sim.produce(r, a[r], b[r], epoch)
         assert torch.equal(sim.counters, torch.zeros_like(sim.counters)), "counters must be left zeroed"
-        assert torch.equal(sim.flags, torch.full_like(sim.flags, epoch))
+        assert sim.flags.tolist() == [[epoch] * world] * world
         for d in range(world):
             assert_close(sim.reduce(d, epoch), ref[starts[d] : starts[d + 1]], torch.float32, f"epoch {epoch}")
 
@@ -320,7 +322,7 @@ def test_reduce_slots_times_out_naming_missing_source():
         sim.produce(r, randn(M, K, dtype=torch.float32, seed=r), randn(K, N, dtype=torch.float32, seed=9), 1)
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"reduce_slots: rank 2 timed out waiting for source 1: its flag read 0"):
-        sim.reduce(2, 1, max_polls=20)
+        sim.reduce(2, 1, timeout_s=0.004)
     assert time.monotonic() - start < 30
 
 
@@ -328,7 +330,7 @@ def test_matmul_rs_rejects_bad_arguments():
     sizes = split_rows(M, 2)
     a, b = torch.zeros(M, K), torch.zeros(K, N)
     offsets = torch.zeros(2, dtype=torch.int64)
-    flags = torch.zeros(2, dtype=torch.int32)
+    flags = torch.zeros(2, dtype=torch.uint32)
     with pytest.raises(ValueError, match=r"recv has shape \[2, 10, 24\], expected \[2, >= 31, 24\]"):
         odykernels.matmul_rs(a, b, sizes, 0, torch.zeros(2, 10, N), offsets, flags, offsets, 1)
     with pytest.raises(ValueError, match=r"peer_offsets must be int64 \[2\]"):
@@ -410,9 +412,9 @@ def test_matmul_rs_gpu_bf16_numerics(world):
 @gpu
 def test_ag_matmul_gpu_timeout():
     a, b = randn(256, 64, dtype=torch.bfloat16, device="cuda"), randn(64, 64, dtype=torch.bfloat16, device="cuda")
-    flags = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
+    flags = torch.tensor([1, 0], dtype=torch.uint32, device="cuda")
     with pytest.raises(TimeoutError, match="rank 0 timed out waiting for chunk 1"):
-        ag_matmul(a, b, split_rows(256, 2), 0, flags, expected=1, max_polls=1000)
+        ag_matmul(a, b, split_rows(256, 2), 0, flags, expected=1, timeout_s=0.001)
 
 
 @gpu
@@ -420,7 +422,7 @@ def test_ag_matmul_gpu_late_flag_numerics():
     # The flag of chunk 1 is set by another stream ~30 ms after the kernel starts: the wait must poll
     # until it lands (the interpreter, running one thing at a time, cannot show this).
     a, b = randn(512, 256, dtype=torch.bfloat16, device="cuda"), randn(256, 256, dtype=torch.bfloat16, device="cuda")
-    flags = torch.tensor([1, 0], dtype=torch.int32, device="cuda")
+    flags = torch.tensor([1, 0], dtype=torch.uint32, device="cuda")
     compute, late = torch.cuda.Stream(), torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(late):
