@@ -12,7 +12,7 @@ import torch.distributed as dist
 from ._compat import all_gather_tensor, reduce_scatter_tensor
 from .failures import named_failures
 from .groups import group_rank, group_size
-from .ledger import record
+from . import ledger
 from .sizes import offsets, shard_sizes
 
 
@@ -20,10 +20,30 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t[0].numel() * t.element_size() if t.shape[0] else 0
 
 
+def gather_bytes(sizes: list[int], rank: int, row_bytes: int) -> tuple[int, int]:
+    """(sent, received) bytes of an all-gather where rank i holds ``sizes[i]`` rows of ``row_bytes``."""
+    return (len(sizes) - 1) * sizes[rank] * row_bytes, (sum(sizes) - sizes[rank]) * row_bytes
+
+
+def scatter_bytes(sizes: list[int], rank: int, row_bytes: int) -> tuple[int, int]:
+    """(sent, received) bytes of a reduce-scatter where rank i keeps ``sizes[i]`` rows of ``row_bytes``."""
+    return (sum(sizes) - sizes[rank]) * row_bytes, (len(sizes) - 1) * sizes[rank] * row_bytes
+
+
 def all_gather(
-    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str = "activation", label: str = ""
+    x: torch.Tensor,
+    sizes: list[int],
+    pg,
+    dim: int = 1,
+    *,
+    category: str = "activation",
+    label: str = "",
+    record: bool = True,
 ) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim``; rank i contributes ``sizes[i]`` slices."""
+    """Concatenate every rank's ``x`` along ``dim``; rank i contributes ``sizes[i]`` slices.
+
+    ``record=False`` leaves the ledger to a caller that records the logical op itself (the overlap ops).
+    """
     world, rank = group_size(pg), group_rank(pg)
     if world == 1:
         return x
@@ -39,15 +59,26 @@ def all_gather(
         all_gather_tensor(out, inp, group=pg)
     if any(s != m for s in sizes):
         out = torch.cat([out[i * m : i * m + s] for i, s in enumerate(sizes)])
-    rb = _row_bytes(inp)
-    record("all_gather", (world - 1) * sizes[rank] * rb, (sum(sizes) - sizes[rank]) * rb, world, category, label)
+    if record:
+        rb = _row_bytes(inp)
+        ledger.record("all_gather", *gather_bytes(sizes, rank, rb), world, category, label)
     return out.movedim(0, dim)
 
 
 def reduce_scatter(
-    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str = "activation", label: str = ""
+    x: torch.Tensor,
+    sizes: list[int],
+    pg,
+    dim: int = 1,
+    *,
+    category: str = "activation",
+    label: str = "",
+    record: bool = True,
 ) -> torch.Tensor:
-    """Sum ``x`` over ranks and keep this rank's ``sizes[rank]`` slices along ``dim``."""
+    """Sum ``x`` over ranks and keep this rank's ``sizes[rank]`` slices along ``dim``.
+
+    ``record=False`` leaves the ledger to a caller that records the logical op itself (the overlap ops).
+    """
     world, rank = group_size(pg), group_rank(pg)
     if world == 1:
         return x
@@ -65,8 +96,9 @@ def reduce_scatter(
     out = inp.new_empty(m, *rest)
     with named_failures(f"reduce_scatter {label}"):
         reduce_scatter_tensor(out, inp, group=pg)
-    rb = _row_bytes(inp)
-    record("reduce_scatter", (sum(sizes) - sizes[rank]) * rb, (world - 1) * sizes[rank] * rb, world, category, label)
+    if record:
+        rb = _row_bytes(inp)
+        ledger.record("reduce_scatter", *scatter_bytes(sizes, rank, rb), world, category, label)
     return out[: sizes[rank]].movedim(0, dim)
 
 
@@ -86,7 +118,7 @@ def all_to_all(
     es = send.element_size()
     sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) * es
     received = (sum(recv_numels) - recv_numels[rank]) * es
-    record("all_to_all", sent, received, world, category, label)
+    ledger.record("all_to_all", sent, received, world, category, label)
     return list(recv.split(recv_numels))
 
 
@@ -102,5 +134,5 @@ def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str 
         dist.all_reduce(x, group=pg)
     chunks = shard_sizes(x.numel(), world)
     moved = ((x.numel() - chunks[rank]) + (world - 1) * chunks[rank]) * x.element_size()
-    record("all_reduce", moved, moved, world, category, label)
+    ledger.record("all_reduce", moved, moved, world, category, label)
     return x

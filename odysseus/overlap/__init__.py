@@ -5,12 +5,15 @@ Backends (``backend=`` on these ops, on the modules and on ``odysseus.paralleliz
 - ``naive``: one whole collective, then one matmul; the baseline.
 - ``pipelined``: the same result from per-chunk asynchronous transfers, so that a chunk is multiplied
   while the next is in flight; any process group, gloo included.
-- ``symm``: CUDA symmetric memory and the Triton kernels of ``odykernels``: chunks are pulled by the copy
+- ``symm``: symmetric memory and the Triton kernels of ``odykernels``: chunks are pulled by the copy
   engine and consumed by the GEMM as their flags are set; partial products are written straight into
-  the peers' buffers.
-- ``auto``: ``symm`` where it can run (CUDA tensors, symmetric memory on the group), else ``pipelined``.
+  the peers' buffers. On CUDA through torch symmetric memory; on CPU gloo groups through a shared-memory
+  stand-in and the Triton interpreter (fp32/fp16), which runs the same code for tests.
+- ``auto``: ``symm`` for CUDA tensors where a first small call on the group agrees with ``naive``,
+  else ``pipelined`` (with one warning naming the reason).
 
-Every backend records one logical collective per op in the CommLedger, with the bytes of the naive one.
+Every backend returns ``(B, L, N)`` views of sequence-major storage, and every op is recorded once in the
+CommLedger (:mod:`.ops`), with the bytes of the logical collective.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from ..comm.groups import group_size
 from ..profiling import ody_range
 
 BACKENDS = ("auto", "symm", "pipelined", "naive")
+AUTO_SYMM_DEVICE_TYPES = ("cuda",)
+"""Device types on which ``auto`` considers ``symm`` (the CPU stand-in exists for tests, not for speed)."""
+
+_RESOLVED: dict[tuple, str] = {}
 
 
 def check_backend(backend: str) -> str:
@@ -30,16 +37,39 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve_backend(backend: str, pg, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on this group and device (``auto`` decided here)."""
-    from . import symm
+@torch.compiler.disable  # collective and run once per (backend, group, device): never traced
+def _resolve(backend: str, pg, device: torch.device) -> str:
+    from . import probe
 
     check_backend(backend)
     if backend == "auto":
-        return "symm" if symm.available(pg, device) else "pipelined"
-    if backend == "symm" and not symm.available(pg, device):
-        raise RuntimeError(f"backend 'symm' needs CUDA tensors and symmetric memory on the group; got {device}")
+        symm_ok = device.type in AUTO_SYMM_DEVICE_TYPES and probe.symm_works(pg, device)
+        return "symm" if symm_ok else "pipelined"
     return backend
+
+
+def resolve_backend(backend: str, pg, device: torch.device) -> str:
+    """The concrete backend for ``backend`` on this group and device, decided once (``auto`` probes ``symm``).
+
+    Collective the first time for ``auto`` on CUDA: every rank of ``pg`` must call it.
+    """
+    key = (backend, pg.group_name, device)
+    found = _RESOLVED.get(key)
+    if found is None:
+        found = _RESOLVED[key] = _resolve(backend, pg, device)
+    return found
+
+
+def check_overlap() -> None:
+    """Raise ``TimeoutError`` if a wait inside a ``symm`` kernel gave up since the process started.
+
+    The symm backend never reads its kernels' status on the hot path (that would synchronise the host
+    with the GPU on every op); :func:`odysseus.finalize_grads` calls this once per step. Call it yourself
+    where you want the check elsewhere.
+    """
+    from . import symm
+
+    symm.check()
 
 
 def ag_matmul(

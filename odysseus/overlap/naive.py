@@ -7,12 +7,16 @@ import torch
 from ..comm import primitives
 
 
-def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, label: str):
-    """``(all_gather(x_local) @ w, all_gather(x_local))`` with ``x_local: (B, L_r, K)``, ``w: (K, N)``."""
-    full = primitives.all_gather(x_local, sizes, pg, 1, label=label).contiguous()
-    return full @ w, full
+def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(all_gather(x_local) @ w, all_gather(x_local))`` with ``x_local: (B, L_r, K)``, ``w: (K, N)``.
+
+    Gathered sequence-major (the collective moves each rank's tokens as one block); returns views.
+    """
+    full = primitives.all_gather(x_local.transpose(0, 1), sizes, pg, 0, record=False)
+    return (full @ w).transpose(0, 1), full.transpose(0, 1)
 
 
-def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, label: str) -> torch.Tensor:
-    """``reduce_scatter(x @ w)`` with ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``."""
-    return primitives.reduce_scatter(x @ w, sizes, pg, 1, label=label).contiguous()
+def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
+    """``reduce_scatter(x @ w)`` with ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view."""
+    partial = x.transpose(0, 1) @ w
+    return primitives.reduce_scatter(partial, sizes, pg, 0, record=False).transpose(0, 1)

@@ -1,156 +1,178 @@
-"""CUDA symmetric-memory backend: the odykernels consumers and producers fed through peer memory.
+"""The symm backend: odykernels' fused GEMMs fed through symmetric memory (CUDA, or the CPU stand-in).
 
-all-gather⊗GEMM: each rank copies its chunk into its own symmetric buffer; after a barrier, a side stream
-pulls every peer's chunk (ring order from rank+1) with copy-engine copies straight from the peer's buffer,
-and writes the call's epoch into a local per-chunk flag after each one. Meanwhile ``odykernels.ag_matmul``
-multiplies the local chunk, then each chunk whose flag is set.
+all-gather⊗GEMM: each rank stages only its own chunk in its symmetric buffer. After a barrier, the copy
+engine pulls every peer's chunk (ring order from rank+1) straight into the ordinary tensor autograd keeps,
+and writes the call's epoch into a local per-chunk flag after each pull. Meanwhile
+``odykernels.ag_matmul`` multiplies the local chunk, then each chunk whose flag is set.
 
-GEMM⊗reduce-scatter: ``odykernels.matmul_rs`` writes each destination's tiles into that peer's receive slot
-for this rank and raises the peer's flag; ``odykernels.reduce_slots`` sums the local slots in source order.
+GEMM⊗reduce-scatter: ``odykernels.matmul_rs`` writes each destination's tiles into that peer's receive
+slot for this rank and raises the peer's flag; ``odykernels.reduce_slots`` sums the local slots in source
+order.
 
-Buffers are allocated once per (group, role, dtype, device), grown to the next power of two when a call
-needs more (every rank sees the same sizes, so every rank grows together), and reused. Flags carry epochs
-(a per-buffer call counter) so they are never reset. Barriers on the buffer's signal pads keep a call from
-overwriting memory a peer still reads: one before a rank writes its own buffer, one before peers read it.
+Rows travel sequence-major (token, then batch): every rank's chunk is one contiguous block, so a pull is a
+plain memcpy on the copy engine. Outputs are ``(B, L, N)`` views of sequence-major storage; an input
+that is such a view costs no transposing copy.
 
-Rows travel sequence-major (token, then batch), so every rank's chunk is one contiguous block of rows.
+Workspaces are kept per (group, role, dtype, device), grown to the next power of two when a call needs
+more (every rank computes the same size from the global lengths, so every rank grows together), and
+reused. Flags carry epochs (a per-workspace call counter), so they are never reset. A barrier before a
+rank overwrites its buffer keeps a call from clobbering what a peer still reads.
+
+No host synchronisation per op: every wait records a timeout in the workspace's status record, which
+:func:`check` reads once (``odysseus.check_overlap()``, called by ``finalize_grads``). Every kernel a call
+needs is compiled before the call's first barrier, so one rank's first-call compile never eats a peer's
+wait budget.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
 
+import odykernels
+from odykernels.signal import check_status, new_status
+
 from ..comm.groups import group_rank, group_size
-from ..comm.ledger import record
 from ..comm.sizes import offsets
+from .transport import FLAG_DTYPE, SymmetricBuffer, transport_for
 
-MAX_POLLS = int(os.environ.get("ODYSSEUS_SYMM_MAX_POLLS", 1 << 22))
-"""Flag reads before a kernel wait gives up and the launcher raises ``TimeoutError``."""
-BARRIER_TIMEOUT_MS = int(os.environ.get("ODYSSEUS_SYMM_BARRIER_TIMEOUT_MS", 60_000))
-"""Bound on every symmetric-memory barrier."""
+TIMEOUT_S = float(os.environ.get("ODYSSEUS_SYMM_TIMEOUT_S", 60.0))
+"""Bound on every wait of the backend: kernel flag waits, barriers, and (CPU) the copy engine's queue."""
+ALIGN_BYTES = 16
+"""Receive slots and rows start 16-byte aligned, so the producer's peer stores can be 128 bits wide."""
 
-_AVAILABLE: dict[str, bool] = {}
-_WORKSPACES: dict[tuple, _Workspace] = {}
+
+def _grown(numel: int) -> int:
+    return 1 << max(numel - 1, 1).bit_length()
 
 
 class _Workspace:
-    """A symmetric data buffer and symmetric int32 flags for one (group, role, dtype, device)."""
+    """Symmetric buffers, flags, a status record and an epoch for one (group, role, dtype, device)."""
 
-    def __init__(self, pg, numel: int, dtype: torch.dtype, device: torch.device):
-        import torch.distributed._symmetric_memory as symm_mem
-
-        world = group_size(pg)
-        self.numel = 1 << max(numel - 1, 1).bit_length()
-        self.data = symm_mem.empty(self.numel, dtype=dtype, device=device)
-        self.handle = symm_mem.rendezvous(self.data, pg.group_name)
-        self.flags = symm_mem.empty(world, dtype=torch.int32, device=device).zero_()
-        flag_handle = symm_mem.rendezvous(self.flags, pg.group_name)
-        rank, es = group_rank(pg), self.data.element_size()
-        ptrs, fptrs = self.handle.buffer_ptrs, flag_handle.buffer_ptrs
-        # Peers are addressed as offsets from this rank's buffer (see odykernels.matmul_rs).
-        self.peer_offsets = torch.tensor([(p - ptrs[rank]) // es for p in ptrs], dtype=torch.int64, device=device)
-        self.flag_peer_offsets = torch.tensor([(p - fptrs[rank]) // 4 for p in fptrs], dtype=torch.int64, device=device)
-        self.counters = torch.zeros(world, dtype=torch.int32, device=device)
-        self.side = torch.cuda.Stream(device)
+    def __init__(self, pg, role: str, dtype: torch.dtype, device: torch.device, symmetric_flags: bool):
+        self.pg, self.role, self.dtype, self.device = pg, role, dtype, device
+        self.rank, self.world = group_rank(pg), group_size(pg)
+        self.transport = transport_for(device)
+        self.data: SymmetricBuffer | None = None
+        if symmetric_flags:  # peers write them: they live in symmetric memory too
+            self.flag_buffer = self.transport.allocate(pg, self.world, FLAG_DTYPE)
+            self.flags = self.flag_buffer.local
+        else:  # only this rank's copy engine writes them
+            self.flag_buffer = None
+            self.flags = torch.zeros(self.world, dtype=FLAG_DTYPE, device=device)
+        self.counters = torch.zeros(self.world, dtype=torch.int32, device=device)
+        self.status = new_status(device)
         self.epoch = 0
-        torch.cuda.current_stream(device).synchronize()  # zeroed flags visible before any peer writes them
+
+    def reserve(self, numel: int) -> SymmetricBuffer:
+        """The data buffer, at least ``numel`` elements (collective when it grows: same ``numel`` on all ranks)."""
+        if self.data is None or self.data.numel < numel:
+            if self.data is not None:
+                self.data.barrier(0, TIMEOUT_S)  # peers are done with the old buffer before anyone drops it
+            self.data = self.transport.allocate(self.pg, _grown(numel), self.dtype)
+        return self.data
 
     def next_epoch(self) -> int:
-        self.epoch += 1
+        self.epoch = self.epoch % (2**31 - 1) + 1  # flags hold [1, 2**31); 0 means never written
         return self.epoch
 
-    def barrier(self, channel: int) -> None:
-        self.handle.barrier(channel=channel, timeout_ms=BARRIER_TIMEOUT_MS)
+    def check(self) -> None:
+        what, index = ("ag_matmul", "chunk") if self.role == "ag" else ("reduce_slots", "source")
+        check_status(self.status, self.rank, f"{what} (symm, group {self.pg.group_name})", index)
 
 
-def _workspace(pg, role: str, numel: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+_WORKSPACES: dict[tuple, _Workspace] = {}
+os.register_at_fork(after_in_child=_WORKSPACES.clear)
+
+
+def _workspace(pg, role: str, dtype: torch.dtype, device: torch.device) -> _Workspace:
     key = (pg.group_name, role, dtype, device)
     ws = _WORKSPACES.get(key)
-    if ws is None or ws.numel < numel:
-        if ws is not None:
-            ws.barrier(0)  # peers are done with the old buffer before anyone drops it
-        ws = _WORKSPACES[key] = _Workspace(pg, numel, dtype, device)
+    if ws is None:
+        ws = _WORKSPACES[key] = _Workspace(pg, role, dtype, device, symmetric_flags=role == "rs")
     return ws
 
 
-def available(pg, device: torch.device) -> bool:
-    """Whether this group can use symmetric memory on ``device`` (decided once per group, collectively)."""
-    if device.type != "cuda" or pg is None or torch.compiler.is_compiling():
-        return False
-    name = pg.group_name
-    if name not in _AVAILABLE:
-        try:
-            _workspace(pg, "probe", 1, torch.int32, device)
-            _AVAILABLE[name] = True
-        except (ImportError, RuntimeError):
-            _AVAILABLE[name] = False
-    return _AVAILABLE[name]
+def _rs_layout(max_rows: int, N: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(rows per slot, row stride) of the receive buffer: both padded to 16-byte multiples."""
+    return _aligned(max_rows, dtype), _aligned(N, dtype)
 
 
-def _write_flag(flags: torch.Tensor, index: int, value: int) -> None:
-    from torch.distributed._symmetric_memory import _SymmetricMemory
+def reserve(pg, dtype: torch.dtype, device: torch.device, ag_numel: int, rs_rows: int, rs_cols: int) -> None:
+    """Allocate (collectively) both workspaces of a group for calls up to these sizes, without running one.
 
-    if hasattr(_SymmetricMemory, "stream_write_value32"):
-        _SymmetricMemory.stream_write_value32(flags, index, value)  # a copy-engine write: needs no SM
-    else:
-        flags[index].fill_(value)
+    ``ag_numel``: elements of one rank's largest chunk ``(L_r, B, K)``; ``rs_rows``/``rs_cols``: rows of the
+    largest output chunk (``L_r * B``) and its width N.
+    """
+    _workspace(pg, "ag", dtype, device).reserve(ag_numel)
+    max_rows, row_stride = _rs_layout(rs_rows, rs_cols, dtype)
+    _workspace(pg, "rs", dtype, device).reserve(group_size(pg) * max_rows * row_stride)
 
 
-def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, label: str):
-    """``(all_gather(x_local) @ w, all_gather(x_local))``; ``x_local: (B, L_r, K)``, ``w: (K, N)``."""
-    import odykernels
+def check() -> None:
+    """Raise ``TimeoutError`` if a wait of any symm call so far gave up (reads each status record once)."""
+    for ws in list(_WORKSPACES.values()):
+        ws.check()
 
+
+def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(all_gather(x_local) @ w, all_gather(x_local))``; ``x_local: (B, L_r, K)``, ``w: (K, N)``.
+
+    Both results are ``(B, L, ·)`` views of sequence-major tensors.
+    """
     world, rank = group_size(pg), group_rank(pg)
     o = offsets(sizes)
-    B, _, K = x_local.shape
+    B, L_r, K = x_local.shape
     L = o[-1]
-    ws = _workspace(pg, "ag", L * B * K, x_local.dtype, x_local.device)
-    buf = ws.data[: L * B * K].view(L * B, K)
-    epoch = ws.next_epoch()
-    main = torch.cuda.current_stream(x_local.device)
+    ws = _workspace(pg, "ag", x_local.dtype, x_local.device)
+    stage = ws.reserve(max(sizes) * B * K)
+    full = x_local.new_empty(L, B, K)
+    launch = odykernels.prepare_ag_matmul(
+        full.view(L * B, K), w, [s * B for s in sizes], rank, ws.flags, ws.next_epoch(),
+        timeout_s=TIMEOUT_S, status=ws.status,
+    ).compile()  # fmt: skip
 
-    ws.barrier(0)  # every peer has finished pulling from this buffer in the previous call
-    buf[o[rank] * B : o[rank + 1] * B].view(sizes[rank], B, K).copy_(x_local.transpose(0, 1))
-    ws.barrier(1)  # every rank's own chunk is in place
-    ws.side.wait_stream(main)
-    with torch.cuda.stream(ws.side):
-        for step in range(1, world):
-            j = (rank + step) % world
-            rows = slice(o[j] * B, o[j + 1] * B)
-            buf[rows].copy_(ws.handle.get_buffer(j, (L * B, K), x_local.dtype)[rows])
-            _write_flag(ws.flags, j, epoch)
-    out = odykernels.ag_matmul(buf, w, [s * B for s in sizes], rank, ws.flags, epoch, max_polls=MAX_POLLS)
-    main.wait_stream(ws.side)
-    # Kept for dW: a real copy (for B == 1 .contiguous() would return a view of the reused buffer).
-    full = buf.view(L, B, K).transpose(0, 1).clone(memory_format=torch.contiguous_format)
-    chunk_bytes = sizes[rank] * B * K * x_local.element_size()
-    record(
-        "all_gather", (world - 1) * chunk_bytes, (L - sizes[rank]) * B * K * x_local.element_size(), world, label=label
-    )
-    return out.view(L, B, -1).transpose(0, 1).contiguous(), full
+    stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents
+    mine = stage.local[: L_r * B * K].view(L_r, B, K)
+    mine.copy_(x_local.transpose(0, 1))
+    full[o[rank] : o[rank + 1]].copy_(mine)
+    stage.barrier(1, TIMEOUT_S)  # every rank's own chunk is in place
+    for step in range(1, world):
+        j = (rank + step) % world
+        ws.transport.pull(full[o[j] : o[j + 1]], stage.peer(j, (sizes[j], B, K), x_local.dtype), ws.flags, j, ws.epoch)
+    out = launch.run()
+    ws.transport.wait_pulls(TIMEOUT_S)
+    return out.view(L, B, -1).transpose(0, 1), full.transpose(0, 1)
 
 
-def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, label: str) -> torch.Tensor:
-    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``."""
-    import odykernels
+def _aligned(n: int, dtype: torch.dtype) -> int:
+    step = ALIGN_BYTES // math.gcd(ALIGN_BYTES, dtype.itemsize)
+    return -(-n // step) * step
 
+
+def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
+    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view."""
     world, rank = group_size(pg), group_rank(pg)
-    B, L, _ = x.shape
+    B, L, K_r = x.shape
     N = w.shape[1]
     rows = [s * B for s in sizes]
-    max_rows = max(rows)
-    ws = _workspace(pg, "rs", world * max_rows * N, x.dtype, x.device)
-    recv = ws.data[: world * max_rows * N].view(world, max_rows, N)
+    max_rows, row_stride = _rs_layout(max(rows), N, x.dtype)
+    ws = _workspace(pg, "rs", x.dtype, x.device)
+    data = ws.reserve(world * max_rows * row_stride)
+    recv = data.local[: world * max_rows * row_stride].view(world, max_rows, row_stride)[:, :, :N]
+    a = x.transpose(0, 1).reshape(L * B, K_r)  # a view when x is sequence-major
     epoch = ws.next_epoch()
-    a = x.transpose(0, 1).reshape(L * B, x.shape[2])
+    produce = odykernels.prepare_matmul_rs(
+        a, w, rows, rank, recv, data.peer_offsets(), ws.flags, ws.flag_buffer.peer_offsets(), epoch,
+        counters=ws.counters,
+    ).compile()  # fmt: skip
+    reduce = odykernels.prepare_reduce_slots(
+        recv, ws.flags, rows, rank, epoch, out=x.new_empty(rows[rank], N), timeout_s=TIMEOUT_S, status=ws.status
+    ).compile()
 
-    ws.barrier(0)  # every peer has reduced the previous call's slots: they may be overwritten
-    odykernels.matmul_rs(
-        a, w, rows, rank, recv, ws.peer_offsets, ws.flags, ws.flag_peer_offsets, epoch, counters=ws.counters
-    )
-    out = odykernels.reduce_slots(recv, ws.flags, rows, rank, epoch, max_polls=MAX_POLLS)
-    es = x.element_size()
-    record("reduce_scatter", (sum(rows) - rows[rank]) * N * es, (world - 1) * rows[rank] * N * es, world, label=label)
-    return out.view(sizes[rank], B, N).transpose(0, 1).contiguous()
+    data.barrier(0, TIMEOUT_S)  # every peer has reduced the previous call's slots: they may be overwritten
+    produce.run()
+    out = reduce.run()
+    return out.view(sizes[rank], B, N).transpose(0, 1)

@@ -1,0 +1,90 @@
+"""Whether ``symm`` works on a group: one small call of each op against ``naive``, agreed by every rank.
+
+``auto`` must never crash where ``pipelined`` works. So before it picks ``symm`` for a group, every rank
+runs a tiny ``ag_matmul`` and ``matmul_rs`` through ``symm`` and through ``naive`` and compares them; the
+ranks then exchange their verdicts, so all of them choose the same backend. A failure (an exception, or
+results that disagree) makes ``auto`` warn once, naming the rank and the reason, and use ``pipelined``.
+An explicit ``backend="symm"`` skips the probe and raises whatever goes wrong.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from ..comm.groups import group_rank, group_size, meta_group
+from ..comm.sizes import shard_sizes
+
+_VERDICTS: dict[tuple, str | None] = {}
+
+
+def _problem(pg, device: torch.device):
+    world, rank = group_size(pg), group_rank(pg)
+    sizes = shard_sizes(8 * world + 1, world)  # uneven on purpose
+    g = torch.Generator().manual_seed(1234 + rank)
+    x = torch.randn(2, sizes[rank], 32, generator=g).to(device)
+    w = torch.randn(32, 24, generator=g).to(device)
+    xr = torch.randn(2, sum(sizes), 24, generator=g).to(device)
+    wr = torch.randn(24, 40, generator=g).to(device)
+    return sizes, x, w, xr, wr
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _agree(pg, verdict: str | None) -> str | None:
+    """Every rank's verdict gathered on every rank: the first failure (``"rank r: reason"``), or None."""
+    verdicts: list[str | None] = [None] * group_size(pg)
+    dist.all_gather_object(verdicts, verdict, group=meta_group(pg))
+    failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    return None if not failed else f"rank {failed[0][0]}: {failed[0][1]}"
+
+
+def _try_symm(pg, device: torch.device) -> str | None:
+    """The agreed verdict: None if symm matches naive on a small problem on every rank, else the reason.
+
+    Two rounds, each closed by an agreement, so a rank that cannot even set up symmetric memory does not
+    leave its peers waiting in a barrier: first the workspaces (the rendezvous), then the calls.
+    """
+    from . import naive, symm
+
+    sizes, x, w, xr, wr = _problem(pg, device)
+    try:
+        symm.reserve(pg, x.dtype, device, ag_numel=max(sizes) * 2 * 32, rs_rows=2 * max(sizes), rs_cols=40)
+        verdict = None
+    except Exception as err:  # noqa: BLE001 - any failure means "do not use symm", with its reason
+        verdict = _reason(err)
+    verdict = _agree(pg, verdict)
+    if verdict is not None:
+        return verdict
+    try:
+        got = [symm.ag_matmul(x, w, sizes, pg)[0], symm.matmul_rs(xr, wr, sizes, pg)]
+        symm.check()
+        want = [naive.ag_matmul(x, w, sizes, pg)[0], naive.matmul_rs(xr, wr, sizes, pg)]
+        for name, a, b in zip(("ag_matmul", "matmul_rs"), got, want):
+            # tf32 products (if enabled) stay well inside 1e-2 of the fp32 result at K <= 32.
+            err = ((a - b).abs().max() / b.abs().max()).item()
+            if not err < 1e-2:
+                verdict = f"{name} differs from naive by {err:.3g} (relative)"
+                break
+    except Exception as err:  # noqa: BLE001
+        verdict = _reason(err)
+    return _agree(pg, verdict)
+
+
+def symm_works(pg, device: torch.device) -> bool:
+    """Collective, once per (group, device): whether ``auto`` may use ``symm`` here; warns once if not."""
+    key = (pg.group_name, device)
+    if key not in _VERDICTS:
+        _VERDICTS[key] = _try_symm(pg, device)
+        if _VERDICTS[key] is not None:
+            warnings.warn(
+                f"odysseus: backend 'auto' uses 'pipelined' on group {pg.group_name} ({device}): a first "
+                f"'symm' call failed on {_VERDICTS[key]}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _VERDICTS[key] is None
