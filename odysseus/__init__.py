@@ -4,6 +4,7 @@ from . import reference
 from .comm import CommLedger, gather_sequence, shard_sequence
 from .comm.failures import PeerFailure, fail_fast
 from .config import TransformerConfig
+from .overlap import check_overlap
 from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize, zero3
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
 from .strategies.tp import TPFFN, TPAttention
@@ -23,6 +24,7 @@ __all__ = [
     "TPSPFFN",
     "TransformerConfig",
     "UlyssesAttention",
+    "check_overlap",
     "dense_state_dict",
     "fail_fast",
     "finalize_grads",

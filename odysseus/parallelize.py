@@ -15,7 +15,7 @@ from . import reference
 from .comm import primitives
 from .comm.groups import group_rank, group_size, resolve_group
 from .comm.ledger import phase
-from .overlap import check_backend
+from .overlap import check_backend, check_overlap
 from .strategies.common import ParallelModule, ParamSpec
 from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
 from .strategies.tp import TPFFN, TPAttention
@@ -182,8 +182,10 @@ def finalize_grads(module: nn.Module) -> None:
     A split weight whose rows live on several ranks (a kv head shared by query heads of two ranks) is
     summed through a zero-padded dense buffer. One all-reduce per (group, dtype, device) bucket; a no-op
     where nothing needs syncing. FSDP2-managed weights are skipped: its reduce-scatter sums them.
-    Collective: call on every rank.
+    Collective: call on every rank. Also the once-per-step check of the symm kernels' waits
+    (:func:`odysseus.check_overlap`), which raises ``TimeoutError`` if one gave up this step.
     """
+    check_overlap()
     specs = _specs(module)
     buckets: dict[tuple, list] = {}
     for name, p in module.named_parameters():

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import ledger
 from ._compat import all_gather_tensor, reduce_scatter_tensor
 from .failures import named_failures
 from .groups import group_rank, group_size
-from . import ledger
 from .sizes import offsets, shard_sizes
 
 

@@ -37,26 +37,26 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-@torch.compiler.disable  # collective and run once per (backend, group, device): never traced
-def _resolve(backend: str, pg, device: torch.device) -> str:
+@torch.compiler.disable  # collective and run once per (backend, group, device, dtype): never traced
+def _resolve(backend: str, pg, device: torch.device, dtype: torch.dtype) -> str:
     from . import probe
 
     check_backend(backend)
     if backend == "auto":
-        symm_ok = device.type in AUTO_SYMM_DEVICE_TYPES and probe.symm_works(pg, device)
+        symm_ok = device.type in AUTO_SYMM_DEVICE_TYPES and probe.symm_works(pg, device, dtype)
         return "symm" if symm_ok else "pipelined"
     return backend
 
 
-def resolve_backend(backend: str, pg, device: torch.device) -> str:
-    """The concrete backend for ``backend`` on this group and device, decided once (``auto`` probes ``symm``).
+def resolve_backend(backend: str, pg, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for ``backend`` on this group, device and dtype, decided once.
 
-    Collective the first time for ``auto`` on CUDA: every rank of ``pg`` must call it.
+    ``auto`` probes ``symm`` the first time (:mod:`.probe`): collective, every rank of ``pg`` must call it.
     """
-    key = (backend, pg.group_name, device)
+    key = (backend, pg.group_name, device, dtype)
     found = _RESOLVED.get(key)
     if found is None:
-        found = _RESOLVED[key] = _resolve(backend, pg, device)
+        found = _RESOLVED[key] = _resolve(backend, pg, device, dtype)
     return found
 
 
@@ -84,7 +84,7 @@ def ag_matmul(
             return x_local @ w
         from .ops import ag_matmul_op
 
-        backend = resolve_backend(backend, pg, x_local.device)
+        backend = resolve_backend(backend, pg, x_local.device, x_local.dtype)
         return ag_matmul_op(x_local, w, list(sizes), pg.group_name, backend, label)[0]
 
 
@@ -97,5 +97,5 @@ def matmul_rs(
             return x @ w
         from .ops import matmul_rs_op
 
-        backend = resolve_backend(backend, pg, x.device)
+        backend = resolve_backend(backend, pg, x.device, x.dtype)
         return matmul_rs_op(x, w, list(sizes), pg.group_name, backend, label)

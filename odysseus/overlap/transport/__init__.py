@@ -57,6 +57,10 @@ class Transport(abc.ABC):
     """How one device reaches symmetric memory and its copy engine."""
 
     @abc.abstractmethod
+    def preflight(self) -> None:
+        """Raise if this rank cannot use symmetric memory at all (local checks only: no peer is involved)."""
+
+    @abc.abstractmethod
     def allocate(self, pg, numel: int, dtype: torch.dtype) -> SymmetricBuffer:
         """A zeroed :class:`SymmetricBuffer` on every rank of ``pg`` (collective: every rank calls it)."""
 

@@ -1,8 +1,9 @@
 """The preconditions of the CUDA-only calls the symm backend makes, as checks both transports run.
 
-Each check mirrors a ``TORCH_CHECK`` (or a behaviour the backend relies on) in torch's C++ source, cited
-beside it. The CPU transport runs them before standing in for the call; the CUDA transport runs them too,
-so a violation reads the same on both, before torch's own message.
+Each check mirrors a ``TORCH_CHECK`` of torch 2.11 (the GPU image's release) with its message, cited with
+file and line; where 2.14 is stricter, the stricter rule. docs/SYMM_CONTRACT.md has the full record, per
+torch release. ``TORCH_CHECK`` failures reach Python as ``RuntimeError``, so these raise that too: code
+that passes on the CPU stand-in does not fail the same check on its first CUDA call.
 """
 
 from __future__ import annotations
@@ -13,26 +14,32 @@ import torch
 
 from . import FLAG_DTYPE
 
-SIGNAL_PAD_BYTES = 2048
-"""torch's default signal pad per rank and allocation (``get_signal_pad_size()``)."""
+SIGNAL_PAD_BYTES = 9216
+"""torch 2.11's default signal pad per rank and allocation (``get_signal_pad_size()``, SYMM_CONTRACT §1)."""
 
 
-def check_write_value32(flags: torch.Tensor, offset: int, value: int) -> None:
-    """``_SymmetricMemory.stream_write_value32(input, offset, val)``.
+def check_write_value32(flags: torch.Tensor, offset: int, value: int, count: int | None = None) -> None:
+    """``_SymmetricMemory.stream_write_value32(input, offset, val)``, or ``memset32(..., count)`` with ``count``.
 
-    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemoryOps.cu, ``stream_write_value32_``:
-    ``TORCH_CHECK(input.dim() == 1 && input.is_contiguous() && input.dtype() == at::kUInt32, ...)``,
-    ``TORCH_CHECK(offset >= 0 && offset < input.numel(), ...)`` and the value must fit in 32 unsigned bits.
+    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemoryOps.cu (2.11 lines 1169-1188 for
+    ``stream_write_value32_``, 1112-1135 for ``memset32_``; SYMM_CONTRACT §6-7), in this order.
     """
+    op = "stream_write_value32_" if count is None else "memset32_"
     if flags.dim() != 1 or not flags.is_contiguous() or flags.dtype != FLAG_DTYPE:
-        raise ValueError(
-            "stream_write_value32: input must be a flat, contiguous uint32 tensor; got "
-            f"{flags.dtype} of shape {list(flags.shape)} and strides {flags.stride()}"
+        raise RuntimeError(
+            f"symm_mem::{op}: input must be a flat, contiguous uint32 tensor. (got {flags.dtype} of shape "
+            f"{list(flags.shape)}, strides {flags.stride()})"
         )
-    if not 0 <= offset < flags.numel():
-        raise ValueError(f"stream_write_value32: offset {offset} is out of range for {flags.numel()} flags")
-    if not 0 <= value < 2**32:
-        raise ValueError(f"stream_write_value32: value {value} does not fit in 32 unsigned bits")
+    if offset < 0:
+        raise RuntimeError(f"symm_mem::{op}: offset must be greater than or equal to 0 (got {offset})")
+    if count is not None and count <= 0:
+        raise RuntimeError(f"symm_mem::{op}: count must be a positive integer (got {count})")
+    if not 0 <= value <= 2**32 - 1:
+        raise RuntimeError(f"symm_mem::{op}: val must be in the range of [0, 4294967295] (uint32_t). (got {value})")
+    end = offset + (1 if count is None else count)
+    if end > flags.numel():
+        what = f"offset ({offset})" if count is None else f"offset + count ({end})"
+        raise RuntimeError(f"symm_mem::{op}: {what} exceeded the numel of the input ({flags.numel()})")
 
 
 def check_get_buffer(
@@ -40,19 +47,21 @@ def check_get_buffer(
 ) -> int:
     """``_SymmetricMemory.get_buffer(rank, sizes, dtype, storage_offset)``; returns the element count.
 
-    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu, ``CUDASymmetricMemory::get_buffer``:
-    ``TORCH_CHECK(rank < world_size_, ...)`` and
-    ``TORCH_CHECK(req_size <= buffer_size_, ...)`` with ``req_size = (numel + storage_offset) * element_size``.
+    torch/csrc/distributed/c10d/symm_mem/SymmetricMemory.cpp, ``get_buffer_at_byte_offset`` (2.11 lines
+    366 and 380; SYMM_CONTRACT §3): ``Invalid peer rank`` unless ``0 <= rank < world``, and
+    ``storage_offset * esize + prod(sizes) * esize <= buffer_size``. torch does not check that the offset is
+    non-negative (a negative one wraps around as size_t); this does.
     """
     if not 0 <= rank < world:
-        raise ValueError(f"get_buffer: rank {rank} out of range for world size {world}")
-    if offset < 0 or any(s < 0 for s in shape):
-        raise ValueError(f"get_buffer: negative size or offset (shape {list(shape)}, offset {offset})")
+        raise RuntimeError(f"Invalid peer rank: {rank} (world size {world})")
+    if offset < 0:
+        raise RuntimeError(f"SymmetricMemory::get_buffer: storage_offset must be non-negative (got {offset})")
     count = math.prod(shape)
     required = (count + offset) * dtype.itemsize
     if required > buffer_bytes:
-        raise ValueError(
-            f"get_buffer: the requested size ({required} bytes) exceeds the allocated size ({buffer_bytes} bytes)"
+        raise RuntimeError(
+            f"SymmetricMemory::get_buffer: the requested size ({required} bytes) exceeds the allocated size "
+            f"({buffer_bytes} bytes)"
         )
     return count
 
@@ -60,31 +69,52 @@ def check_get_buffer(
 def check_barrier_channel(channel: int, world: int) -> None:
     """``_SymmetricMemory.barrier(channel, timeout_ms)``.
 
-    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory.cu, ``check_channel``:
-    ``TORCH_CHECK(channel >= 0, ...)`` and ``channel < signal_pad_size / sizeof(uint32_t) / world_size``
-    (every channel holds one uint32 signal per peer).
+    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory-inl.cuh, ``check_channel`` (2.14.1 lines
+    116-124; SYMM_CONTRACT §5). torch 2.11 bounds the channel by ``pad / 4 * world``, which lets channels past
+    the pad through; 2.14's ``pad / (4 * world)`` is the bound that keeps the signals inside it.
     """
-    channels = SIGNAL_PAD_BYTES // 4 // world
-    if not 0 <= channel < channels:
-        raise ValueError(f"barrier: channel {channel} out of range; the signal pad holds {channels} channels")
+    if channel < 0:
+        raise RuntimeError(
+            f"channel for barrier(), put_signal() and wait_signal() must be non-negative (got {channel})"
+        )
+    channels = SIGNAL_PAD_BYTES // (4 * world)
+    if channel >= channels:
+        raise RuntimeError(
+            f"The maximum supported channel for barrier(), put_signal() and wait_signal() is {channels - 1} "
+            f"(got {channel})"
+        )
+
+
+def check_rendezvous_sizes(nbytes: list[int]) -> None:
+    """Every rank's allocation has the same byte size.
+
+    CUDASymmetricMemory.cu, ``validate_rendezvous_requests`` (2.11 lines 481-483; SYMM_CONTRACT §2):
+    ``TORCH_CHECK(reqs[r].buffer_size == reqs[0].buffer_size)`` for every rank.
+    """
+    if any(n != nbytes[0] for n in nbytes):
+        raise RuntimeError(
+            f"Expected reqs[r].buffer_size == reqs[0].buffer_size to be true, but got false: the ranks allocated "
+            f"{nbytes} bytes; symmetric memory needs the same size on every rank"
+        )
 
 
 def check_memcpy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """A pull must be a plain memcpy, so CUDA runs it on a copy engine and not on the SMs.
 
-    aten/src/ATen/native/cuda/Copy.cu, ``copy_kernel_cuda``: only a ``memcpy_eligible`` copy (same dtype,
-    no conjugate/negative bit, every operand contiguous) becomes ``cudaMemcpyAsync``; any other copy is an
-    elementwise kernel, which would wait behind the persistent GEMM that waits for it.
+    Not a check of torch's, a behaviour the backend relies on: aten/src/ATen/native/cuda/Copy.cu,
+    ``copy_kernel_cuda`` turns only a ``memcpy_eligible`` copy (same dtype, no conjugate or negative bit,
+    every operand contiguous) into ``cudaMemcpyAsync``; any other copy is an elementwise kernel, which
+    would queue behind the persistent GEMM that waits for it.
     """
     if dst.dtype != src.dtype or dst.shape != src.shape:
-        raise ValueError(
+        raise RuntimeError(
             f"pull: source {src.dtype} {list(src.shape)} and destination {dst.dtype} {list(dst.shape)} must have "
             "the same dtype and shape"
         )
     if not (dst.is_contiguous() and src.is_contiguous()):
-        raise ValueError(
+        raise RuntimeError(
             f"pull: source strides {src.stride()} and destination strides {dst.stride()} must both be contiguous, "
             "or the copy runs as a kernel on the SMs instead of the copy engine"
         )
     if dst.is_conj() or src.is_conj() or dst.is_neg() or src.is_neg():
-        raise ValueError("pull: conjugate or negative views are not plain memcpy copies")
+        raise RuntimeError("pull: conjugate or negative views are not plain memcpy copies")

@@ -10,6 +10,10 @@ signal pads, waited on with a deadline.
 Each method enforces the preconditions of the CUDA call it stands in for, read in torch's source
 (pytorch/pytorch, ``torch/csrc/distributed/c10d/symm_mem/``; see :mod:`.contract`). A test that passes
 here therefore does not crash on the GPU for a dtype, shape, bounds or contiguity reason.
+
+After each launch the interpreter copies every argument's storage "back" onto itself; torch skips a copy
+of a tensor onto its own memory (``copy_impl``'s ``is_same_data``), so this never rewrites words a peer is
+writing at that moment.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .contract import (
     check_barrier_channel,
     check_get_buffer,
     check_memcpy,
+    check_rendezvous_sizes,
     check_write_value32,
 )
 
@@ -52,9 +57,10 @@ class CpuBuffer(SymmetricBuffer):
         with open(mine, "wb") as f:
             f.truncate(pad_at + SIGNAL_PAD_BYTES)
         try:
-            names: list[str | None] = [None] * self.world
-            dist.all_gather_object(names, mine, group=meta_group(pg))
-            maps = [_map(n, pad_at + SIGNAL_PAD_BYTES) for n in names]
+            found: list[tuple[str, int] | None] = [None] * self.world
+            dist.all_gather_object(found, (mine, self.nbytes), group=meta_group(pg))
+            check_rendezvous_sizes([n for _, n in found])
+            maps = [_map(name, pad_at + SIGNAL_PAD_BYTES) for name, _ in found]
             dist.barrier(group=meta_group(pg))  # every rank has mapped every file before any is unlinked
         finally:
             os.unlink(mine)  # the mappings outlive the name; nothing is left in /dev/shm
@@ -83,11 +89,11 @@ class CpuBuffer(SymmetricBuffer):
         # put_signal: the slot must have been consumed (0) before it is raised again, as CUDA's CAS 0 -> 1.
         self._spin(lambda j: self._pads[j][base + self.rank] == 0, peers, deadline, timeout_s, channel, "consume")
         for j in peers:
-            self._pads[j][base + self.rank] = 1
+            self._pads[j][base + self.rank].fill_(1)
         # wait_signal: CAS 1 -> 0 on my slot for each peer.
         self._spin(lambda j: self._pads[self.rank][base + j] == 1, peers, deadline, timeout_s, channel, "arrive")
         for j in peers:
-            self._pads[self.rank][base + j] = 0
+            self._pads[self.rank][base + j].fill_(0)
 
     def _spin(self, ready, peers: list[int], deadline: float, timeout_s: float, channel: int, what: str) -> None:
         waiting = list(peers)
@@ -119,6 +125,10 @@ class CpuTransport(Transport):
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
+    def preflight(self) -> None:
+        if not (os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)):
+            raise RuntimeError(f"the CPU symmetric-memory transport needs a writable {SHM_DIR}")
+
     def allocate(self, pg, numel: int, dtype: torch.dtype) -> CpuBuffer:
         return CpuBuffer(pg, numel, dtype)
 
@@ -144,7 +154,7 @@ class CpuTransport(Transport):
                     time.sleep(self.delay_s)
                 dst.copy_(src)
                 # Stores stay in order on x86 (TSO), and the interpreter reads the flag before the rows.
-                flags[index] = value
+                flags[index].fill_(value)
                 self.bytes_pulled += dst.nbytes
             except BaseException as err:  # noqa: BLE001 - handed to the thread that waits for the pulls
                 self._error = self._error or err
@@ -162,4 +172,4 @@ class CpuTransport(Transport):
 
     def write_flag(self, flags: torch.Tensor, index: int, value: int) -> None:
         check_write_value32(flags, index, value)
-        flags[index] = value
+        flags[index].fill_(value)

@@ -22,8 +22,11 @@ class CudaBuffer(SymmetricBuffer):
         self.numel, self.dtype = numel, dtype
         self.rank, self.world = group_rank(pg), group_size(pg)
         self.nbytes = numel * dtype.itemsize
+        # Zeroed by hand: from torch 2.14 on, symm_mem.empty zeroes only the signal pad (SYMM_CONTRACT §1).
         self.local = symm_mem.empty(numel, dtype=dtype, device=device).zero_()
         self.handle = symm_mem.rendezvous(self.local, pg.group_name)
+        if self.handle is None:  # torch returns None, not an error, when it cannot map the tensor (§2)
+            raise RuntimeError(f"symmetric memory: rendezvous of a {self.nbytes}-byte buffer on {device} failed")
         ptrs, es = self.handle.buffer_ptrs, dtype.itemsize
         self._offsets = torch.tensor([(p - ptrs[self.rank]) // es for p in ptrs], dtype=torch.int64, device=device)
         # Zeroed memory is visible to peers before any of them writes into it.
@@ -49,26 +52,39 @@ class CudaTransport(Transport):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device)
 
+    def preflight(self) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+        from torch.distributed._symmetric_memory import _SymmetricMemory
+
+        if not hasattr(_SymmetricMemory, "stream_write_value32"):  # torch >= 2.6 (SYMM_CONTRACT §6)
+            raise RuntimeError(f"torch {torch.__version__} lacks _SymmetricMemory.stream_write_value32")
+        symm_mem.empty(1, dtype=torch.uint8, device=self.device)  # a local allocation: no peer involved
+
     def allocate(self, pg, numel: int, dtype: torch.dtype) -> CudaBuffer:
         return CudaBuffer(pg, numel, dtype, self.device)
 
     def pull(self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor, index: int, value: int) -> None:
         check_memcpy(dst, src)
         check_write_value32(flags, index, value)
-        from torch.distributed._symmetric_memory import _SymmetricMemory
 
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             dst.copy_(src)  # contiguous and same dtype: cudaMemcpyAsync, on a copy engine
-            # cuStreamWriteValue32 orders the write after the copy (a system-level fence first).
-            _SymmetricMemory.stream_write_value32(flags, index, value)
+            self.write_flag(flags, index, value)
 
     def wait_pulls(self, timeout_s: float) -> None:
         # Stream order, not a host wait: the kernels that consume the pulls bound their own waits.
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def write_flag(self, flags: torch.Tensor, index: int, value: int) -> None:
-        check_write_value32(flags, index, value)
         from torch.distributed._symmetric_memory import _SymmetricMemory
 
-        _SymmetricMemory.stream_write_value32(flags, index, value)
+        if torch.cuda.is_current_stream_capturing():
+            # Stream memory operations cannot be captured in a CUDA graph; a one-word memset can (as torch's
+            # own async-TP does).
+            check_write_value32(flags, index, value, count=1)
+            _SymmetricMemory.memset32(flags, index, value, 1)
+        else:
+            # cuStreamWriteValue32 issues a system-level fence before the write: the pull is visible first.
+            check_write_value32(flags, index, value)
+            _SymmetricMemory.stream_write_value32(flags, index, value)
