@@ -11,8 +11,9 @@ the median over rounds. On CPU the table reports ratios between configurations m
 this run: the absolute times are this machine's, not a GPU prediction.
 
 Backends come from ``odysseus.overlap.BACKENDS``; one that cannot run here (``odysseus.overlap.resolve_backend``
-refuses it, or its first step raises on every rank) is reported as skipped. TP and Ulysses do not use the
-overlap ops, so they run once (backend ``n/a``).
+refuses it) is reported as skipped, with the reason. A configuration whose step raises is a failure, not a
+skip: the exception (naming the configuration) ends the run with a non-zero exit. TP and Ulysses do not
+use the overlap ops, so they run once (backend ``n/a``).
 
 Rank 0 then profiles one step of each configuration with ``torch.profiler`` and writes a Chrome trace
 (open in chrome://tracing or ui.perfetto.dev), and reports which of the library's named ranges
@@ -173,16 +174,18 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
         y.backward(dy)
         finalize_grads(c["model"])
 
-    for c in configs:  # first step: can this configuration run on every rank?
-        ok = not c["reason"]
-        if ok:
-            try:
-                step(c)
-            except (RuntimeError, NotImplementedError) as err:
-                ok, c["reason"] = False, f"{type(err).__name__}: {err}"
-        if not _all_ok(ok, device):
+    for c in configs:
+        # A backend resolve_backend refused is skipped on every rank together. A step that raises is a bug
+        # to report, never a skip: it propagates (peers waiting in a collective are ended by run_ranks or
+        # torchrun), so the run exits non-zero instead of printing a table without that row.
+        if not _all_ok(not c["reason"], device):
             c["reason"] = c["reason"] or "skipped on another rank"
             c["model"] = None
+            continue
+        try:
+            step(c)
+        except Exception as err:
+            raise RuntimeError(f"{c['strategy']} / {c['backend']} / L={c['seq']}: the first step failed") from err
     live = [c for c in configs if c["model"] is not None]
     timer = _Timer(device)
     for c in live:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import assert_close
 from multirank import run_ranks
+from test_volume import LEDGER_BACKENDS
 
 from odysseus import CommLedger, gather_sequence, shard_sequence
 from odysseus.comm import (
@@ -171,6 +172,37 @@ def test_ledger_exact_bytes_uneven():
     expected[2] = [(op, ph, s, r, n) for (op, ph, s, r, n) in expected[1]]
     for rank in range(3):
         assert got[rank] == expected[rank], f"rank {rank}: {got[rank]}"
+
+
+def _overlap_ledger(rank, world, backend):
+    from odysseus.overlap import ag_matmul, matmul_rs
+
+    pg = resolve_group()
+    sizes = [21, 20, 20]  # L = 61 over 3 ranks
+    with CommLedger() as led:
+        x = torch.randn(2, sizes[rank], 3, requires_grad=True)  # fp32, batch 2, K = 3
+        ag_matmul(x, torch.randn(3, 5), sizes, pg, backend, "ag").sum().backward()
+        p = torch.randn(2, 61, 4, requires_grad=True)  # partial sums, K_r = 4, N = 5
+        matmul_rs(p, torch.randn(4, 5), sizes, pg, backend, "rs").sum().backward()
+    return [(r.op, r.phase, r.label, r.bytes_sent, r.bytes_received, r.group_size) for r in led.records]
+
+
+@pytest.mark.parametrize("backend", LEDGER_BACKENDS)
+def test_overlap_ops_ledger_exact_bytes_uneven(backend):
+    got = run_ranks(3, _overlap_ledger, backend)
+    for rank, mine in enumerate([21, 20, 20]):
+        others = 61 - mine
+        k, n = 2 * 3 * 4, 2 * 5 * 4  # bytes of one token row (batch 2, fp32) of width K = 3 and N = 5
+        # all-gather: own rows to each of the 2 peers, the peers' rows in; reduce-scatter: the reverse.
+        # Backward runs the dual on the same rows: dx of ag_matmul is reduce-scattered at width K, the
+        # output gradient of matmul_rs all-gathered at width N.
+        expected = [
+            ("all_gather", "forward", "ag", 2 * mine * k, others * k, 3),
+            ("reduce_scatter", "backward", "ag", others * k, 2 * mine * k, 3),
+            ("reduce_scatter", "forward", "rs", others * n, 2 * mine * n, 3),
+            ("all_gather", "backward", "rs", 2 * mine * n, others * n, 3),
+        ]
+        assert got[rank] == expected, f"rank {rank} ({backend}): {got[rank]}"
 
 
 def test_ledger_helpers():

@@ -1,18 +1,22 @@
 """parallelize_llama's contract: what it accepts, what it refuses, and the message it refuses with."""
 
+import copy
+
 import pytest
 import torch
+from helpers import assert_close
 from multirank import RankError, run_ranks
-from test_hf_numerics import batch, tiny_llama
+from test_hf_numerics import TOL, batch, tiny_llama
 from torch import nn
 from transformers import DynamicCache, LlamaConfig, LlamaModel
 
-from odysseus import CommLedger, shard_sequence
+from odysseus import CommLedger, gather_sequence, shard_sequence
 from odysseus.integrations.hf import (
     ParallelLlamaDecoderLayer,
     causal_lm_loss,
     check_llama_config,
     finalize_model_grads,
+    hf_state_dict,
     parallelize_llama,
 )
 
@@ -89,27 +93,69 @@ def test_calls_the_layers_cannot_honour_are_refused():
         model.model.layers[0](torch.zeros(1, 5, 96), use_cache=True)
 
 
-def test_eval_mode_and_all_ones_mask_match_the_plain_call():
+def _eval_mode(rank, world):
     # LlamaConfig defaults to use_cache=True, which in eval mode would make LlamaModel build a cache.
-    ref = tiny_llama()
+    ref = tiny_llama().eval()
     model = parallelize_llama(tiny_llama(), "ulysses").eval()
     ids, _ = batch()
-    with torch.no_grad():
-        plain = model(ids).logits
-        masked = model(ids, attention_mask=torch.ones_like(ids)).logits
-        expected = ref.eval()(ids).logits
+    local = shard_sequence(ids)
+    with torch.no_grad(), CommLedger() as ledger:
+        plain = model(local).logits
+        masked = model(local, attention_mask=torch.ones_like(local)).logits
+        expected = ref(ids).logits
     assert torch.equal(plain, masked)
-    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)
+    assert_close(gather_sequence(plain), expected, **TOL, what="ulysses eval logits")
+    # 2 calls x 2 layers x 4 all-to-alls (q, k, v, output): the layers really ran split over the ranks.
+    assert ledger.count("op", category="activation") == {"all_to_all": 16}
+    return True
 
 
-def test_llama_model_without_head_is_parallelized():
+def test_eval_mode_and_all_ones_mask_match_the_plain_call():
+    assert all(run_ranks(3, _eval_mode))
+
+
+def _model_without_head(rank, world):
     config = LlamaConfig(**SIZES, num_hidden_layers=2, vocab_size=128, attn_implementation="eager")
     torch.manual_seed(0)
     ref = LlamaModel(config)
-    model = parallelize_llama(LlamaModel(config), "tp-sp")
-    model.load_state_dict(ref.state_dict())
+    model = parallelize_llama(copy.deepcopy(ref), "tp-sp")
     ids, _ = batch()
-    torch.testing.assert_close(model(ids).last_hidden_state, ref(ids).last_hidden_state, rtol=1e-5, atol=1e-5)
+    g = torch.randn(*ids.shape, 96, generator=torch.Generator().manual_seed(2))
+    ref_out = ref(ids).last_hidden_state
+    (ref_out * g).sum().backward()
+    out = model(shard_sequence(ids)).last_hidden_state
+    (out * shard_sequence(g)).sum().backward()  # global loss = sum of the ranks' local losses
+    finalize_model_grads(model)
+    assert_close(gather_sequence(out.detach()), ref_out, **TOL, what="tp-sp last_hidden_state")
+    grads = hf_state_dict(model, grad=True)
+    for name, p in ref.named_parameters():
+        assert_close(grads[name], p.grad, **TOL, what=f"tp-sp {name}.grad")
+    return True
+
+
+def test_llama_model_without_head_is_parallelized():
+    assert all(run_ranks(3, _model_without_head))
+
+
+def _tp_labels(rank, world):
+    ref, model = tiny_llama(), parallelize_llama(tiny_llama(), "tp")
+    assert model.model.layers[0].self_attn.q_proj.weight.shape[0] == 2 * 16  # this rank's 2 of 6 heads
+    ids, labels = batch()
+    want = ref(ids, labels=labels).loss
+    want.backward()
+    loss = model(ids, labels=labels).loss
+    assert_close(loss, want, **TOL, what="tp Hugging Face loss")
+    assert_close(causal_lm_loss(model(ids).logits, labels), want, **TOL, what="tp causal_lm_loss")
+    loss.backward()  # TP: every rank computes the whole (replicated) loss
+    finalize_model_grads(model)
+    grads = hf_state_dict(model, grad=True)
+    for name, p in ref.named_parameters():
+        assert_close(grads[name], p.grad, **TOL, what=f"tp {name}.grad")
+    return True
+
+
+def test_tp_keeps_hugging_face_labels():
+    assert all(run_ranks(3, _tp_labels))
 
 
 def _labels_refused(rank, world):
@@ -129,15 +175,6 @@ def _labels_refused(rank, world):
 def test_sequence_split_labels_and_misaligned_logits_are_refused():
     with pytest.raises(RankError, match=r"logits hold 30 tokens; .* rank 0 expects its shard of 31 tokens"):
         run_ranks(2, _labels_refused)
-
-
-def test_tp_keeps_hugging_face_labels():
-    ref, model = tiny_llama(), parallelize_llama(tiny_llama(), "tp")
-    ids, labels = batch()
-    torch.testing.assert_close(model(ids, labels=labels).loss, ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        causal_lm_loss(model(ids).logits, labels), ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-6
-    )
 
 
 def _ledger(rank, world, strategy):

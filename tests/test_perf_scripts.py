@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+from multirank import RankError, run_ranks
+
+from odysseus import overlap as ody_overlap
+from odysseus.overlap import naive
 
 ROOT = Path(__file__).resolve().parents[1]
 PERF = ROOT / "perf"
@@ -88,6 +94,23 @@ def test_memory_check_fails_on_a_wrong_closed_form(monkeypatch):
         memory.verify([2], common.SHAPES[:1])
 
 
+def _symm_resolves(rank: int, world: int) -> bool:
+    try:
+        ody_overlap.resolve_backend("symm", dist.group.WORLD, bench_layer._device())
+    except RuntimeError:
+        return False
+    return True
+
+
+def symm_runs_here() -> bool:
+    """Whether bench_layer's forked ranks can use the symm backend on this machine: what
+    ``odysseus.overlap.resolve_backend`` answers on the same kind of group and device (the benchmark skips
+    symm exactly when it refuses). Spawned ranks where CUDA exists: a forked child cannot use CUDA once
+    this process has."""
+    start = "spawn" if torch.cuda.is_available() else "fork"
+    return all(run_ranks(2, _symm_resolves, start_method=start))
+
+
 def test_bench_layer_times_traces_and_skips(tmp_path):
     out, results = tmp_path / "bench.json", tmp_path / "RESULTS.md"
     text = _run(
@@ -101,15 +124,36 @@ def test_bench_layer_times_traces_and_skips(tmp_path):
     assert set(rows) == {("tp", "n/a"), ("ulysses+zero3", "n/a")} | {
         ("odysseus", b) for b in ("naive", "pipelined", "symm")
     }
-    # symm needs CUDA symmetric memory: on this machine it is skipped with its reason, not failed.
-    if run["device"] == "cpu":
-        assert rows[("odysseus", "symm")]["status"] == "skipped" and rows[("odysseus", "symm")]["reason"]
+    # Only a backend that cannot run here may be skipped, and then with its reason; every other row ran.
+    symm = symm_runs_here()
     for key, row in rows.items():
-        if row["status"] != "ok":
+        if key[1] == "symm" and not symm:
+            assert row["status"] == "skipped" and row["reason"], row
+            assert "| 32 | odysseus | symm | skipped |" in text
             continue
+        assert row["status"] == "ok", (key, row)
         assert row["median_s"] > 0 and len(row["times_s"]) == 2
         assert Path(row["trace"]).exists()
         assert set(bench_layer.expected_ranges(key[0])) <= set(row["ranges_found"]), (key, row["ranges_found"])
         assert any(c.startswith("c10d::") for c in row["collectives_found"]), row["collectives_found"]
-    assert "time / fastest" in text and "| 32 | odysseus | symm | skipped |" in text
+    assert "time / fastest" in text
     assert "Layer step time" in _section(results, "bench_layer")
+
+
+def test_bench_layer_fails_when_a_step_raises(tmp_path, monkeypatch):
+    # A backend that raises must end the run with an error naming the configuration, not become a
+    # "skipped" row. The forked ranks inherit the patched naive backend.
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted naive failure")
+
+    monkeypatch.setattr(naive, "ag_matmul", broken)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RankError) as err:
+        bench_layer.main(
+            ["--local-world", "2", "--strategies", "tp,odysseus", "--backends", "pipelined,naive", "--hidden", "64",
+             "--heads", "4", "--ffn", "128", "--seqs", "32", "--warmup", "0", "--repeats", "1", "--trace-dir", "",
+             "--json", str(out)]
+        )  # fmt: skip
+    assert "odysseus / naive / L=32: the first step failed" in str(err.value)
+    assert "planted naive failure" in str(err.value)
+    assert not out.exists()
