@@ -46,11 +46,16 @@ class CudaBuffer(SymmetricBuffer):
 
 
 class CudaTransport(Transport):
-    """Symmetric memory on one CUDA device, with one side stream as the copy engine's queue."""
+    """Symmetric memory on one CUDA device, with one side stream as the copy engine's queue.
+
+    ``delay_s`` (tests only) holds the copy stream that long before each pull, so kernels really wait on
+    flags that arrive during the wait.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device)
+        self.delay_s = 0.0
 
     def preflight(self) -> None:
         import torch.distributed._symmetric_memory as symm_mem
@@ -69,6 +74,8 @@ class CudaTransport(Transport):
 
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
+            if self.delay_s:
+                torch.cuda._sleep(int(self.delay_s * 2e9))  # cycles at about 2 GHz
             dst.copy_(src)  # contiguous and same dtype: cudaMemcpyAsync, on a copy engine
             self.write_flag(flags, index, value)
 
