@@ -1,5 +1,5 @@
 # Each target makes its own environment first (see scripts/bootstrap.sh), so it works on a fresh machine.
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench mutants
 
 demo:
 	@bin=$$(scripts/bootstrap.sh) && "$$bin/python" -m odysseus.demo
@@ -12,3 +12,6 @@ lint:
 
 bench:
 	@bin=$$(scripts/bootstrap.sh) && "$$bin/python" perf/comm_volume.py
+
+mutants:
+	@bin=$$(scripts/bootstrap.sh) && "$$bin/python" scripts/mutants.py

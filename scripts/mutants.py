@@ -1,0 +1,241 @@
+"""The mutation suite: bugs planted one at a time in a copy of the project; the targeted tests must catch each.
+
+Why a hand-kept list rather than mutmut or cosmic-ray: those mutate operators at random across the whole
+tree and need hours of runs on 2 cores to reach the mechanisms that matter here (a wait kept for one tile,
+a flag raised before its data, a kv head read from the wrong place), most of which are not one-operator
+changes. Each mutant below is one realistic bug in one critical mechanism, with the tests that are meant
+to catch it, so the whole suite runs in a few minutes and a surviving mutant names the gap.
+
+    python scripts/mutants.py            # every mutant; exit 1 if any survives or no longer applies
+    python scripts/mutants.py -k epoch   # those whose name contains "epoch"
+    make mutants
+
+A mutant is *killed* when its tests fail (pytest exit 1). It *survives* when they pass. It is *broken* when
+its snippet is no longer in the file (the code moved: update the table) or pytest cannot run (exit > 1):
+both fail the suite too, so the table cannot rot silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COPY = ("odykernels", "odysseus", "tests", "perf", "examples", "setup.cfg", "pyproject.toml", "README.md")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    mechanism: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        "half-wait",
+        "waits: ag_matmul waits only in the first tile (M-tile 0, N-tile 0) of each chunk",
+        "odykernels/ag_matmul.py",
+        "        if chunk != rank:\n            wait_flag(",
+        "        if (chunk != rank) & (row_start == tl.load(mtiles_ptr + mtile * TABLE_COLS + 3)) & (pid_n == 0):\n"
+        "            wait_flag(",
+        ("tests/test_kernels_late_data.py", "-k", "ag_matmul"),
+    ),
+    Mutant(
+        "reduce-waits-once",
+        "waits: reduce_slots waits for source 0's flag before reading every source's slot",
+        "odykernels/matmul_rs.py",
+        "        wait_flag(flags_ptr + src, epoch,",
+        "        wait_flag(flags_ptr + 0, epoch,",
+        ("tests/test_kernels_late_data.py", "-k", "reduce_slots"),
+    ),
+    Mutant(
+        "epoch-stuck",
+        "epochs: the symm workspace reuses epoch 1, so the previous call's flags satisfy this call's waits",
+        "odysseus/overlap/symm.py",
+        "self.epoch = self.epoch % (2**31 - 1) + 1",
+        "self.epoch = 1",
+        ("tests/test_symm.py", "-k", "late_pulls or reused"),
+    ),
+    Mutant(
+        "flag-before-data",
+        "waits: the copy engine raises a chunk's flag before copying the chunk",
+        "odysseus/overlap/transport/cpu.py",
+        "                dst.copy_(src)\n                # Stores stay in order",
+        "                flags[index].fill_(value)\n                time.sleep(0.05)\n                dst.copy_(src)\n"
+        "                # Stores stay in order",
+        ("tests/test_symm.py", "-k", "late_pulls"),
+    ),
+    Mutant(
+        "early-notify",
+        "waits: matmul_rs raises a destination's flag after its first tile instead of its last",
+        "odykernels/matmul_rs.py",
+        "        if done == dest_mtiles * num_pid_n - 1:",
+        "        if done == 0:",
+        ("tests/test_symm.py", "-k", "late_producer or parity"),
+    ),
+    Mutant(
+        "slot-offset",
+        "slot offsets: matmul_rs stores into the destination's slot, not the source's",
+        "odykernels/matmul_rs.py",
+        "+ rank.to(tl.int64) * stride_rs",
+        "+ dest.to(tl.int64) * stride_rs",
+        ("tests/test_kernels_numerics.py", "-k", "matmul_rs"),
+    ),
+    Mutant(
+        "peer-offsets",
+        "slot offsets: the symm backend gives the producer its own buffer for every peer",
+        "odysseus/overlap/symm.py",
+        "a, w, rows, rank, recv, data.peer_offsets(),",
+        "a, w, rows, rank, recv, 0 * data.peer_offsets(),",
+        ("tests/test_symm.py", "-k", "parity"),
+    ),
+    Mutant(
+        "shard-rule",
+        "shard rule: the extra tokens of an uneven split go to the last ranks instead of the first",
+        "odysseus/comm/sizes.py",
+        "return [q + 1 if i < r else q for i in range(world)]",
+        "return [q + 1 if i >= world - r else q for i in range(world)]",
+        ("tests/test_comm.py",),
+    ),
+    Mutant(
+        "shard-slice",
+        "shard rule: shard_sequence takes the previous rank's slice",
+        "odysseus/comm/autograd.py",
+        "return x.narrow(dim, o[r], sizes[r]).contiguous()",
+        "return x.narrow(dim, o[max(r - 1, 0)], sizes[r]).contiguous()",
+        ("tests/test_strategies_numerics.py", "-k", "block and odd"),
+    ),
+    Mutant(
+        "rope-offset",
+        "RoPE offset: Ulysses rotates every shard from position 0",
+        "odysseus/strategies/ulysses.py",
+        "normalize_position_ids(position_ids, B, L_r, offsets(sizes)[self.rank], x.device)",
+        "normalize_position_ids(position_ids, B, L_r, 0, x.device)",
+        ("tests/test_strategies_numerics.py", "-k", "ulysses"),
+    ),
+    Mutant(
+        "kv-head-map",
+        "kv-head mapping: a rank's query heads read kv heads counted from its first query head",
+        "odysseus/strategies/common.py",
+        "kv_of_q = tuple(h // config.q_per_kv - ks for h in range(qs, qe))",
+        "kv_of_q = tuple((h - qs) // config.q_per_kv for h in range(qs, qe))",
+        ("tests/test_strategies_numerics.py", "-k", "odd"),
+    ),
+    Mutant(
+        "norm-sync",
+        "gradient sync: the norms of a sequence-split block are not summed over ranks",
+        "odysseus/parallelize.py",
+        'sync = "none" if strategy == "tp" or self.self_attn.world == 1 else "sum"',
+        'sync = "none"',
+        ("tests/test_strategies_numerics.py", "-k", "block"),
+    ),
+    Mutant(
+        "shared-kv-sync",
+        "gradient sync: a kv head held by several ranks keeps each rank's partial gradient",
+        "odysseus/strategies/tp.py",
+        'kv_sync = "sum" if self.heads.shared_kv else "none"',
+        'kv_sync = "none"',
+        ("tests/test_strategies_numerics.py", "-k", "odd"),
+    ),
+    Mutant(
+        "ledger-bytes",
+        "ledger bytes: an all-gather records one peer's share of the bytes it sends",
+        "odysseus/comm/primitives.py",
+        "return (len(sizes) - 1) * sizes[rank] * row_bytes, (sum(sizes) - sizes[rank]) * row_bytes",
+        "return sizes[rank] * row_bytes, (sum(sizes) - sizes[rank]) * row_bytes",
+        ("tests/test_volume.py",),
+    ),
+    Mutant(
+        "zero3-keeps-weights",
+        "ZeRO-3 reshard: zero3 keeps the gathered weights from forward to backward",
+        "odysseus/parallelize.py",
+        'fsdp_kwargs.setdefault("reshard_after_forward", True)',
+        'fsdp_kwargs.setdefault("reshard_after_forward", False)',
+        ("tests/test_zero3_numerics.py", "tests/test_plan.py"),
+    ),
+    Mutant(
+        "loss-shift",
+        "loss shift: each shard's labels are shifted within the shard, losing the targets across boundaries",
+        "odysseus/integrations/hf.py",
+        "return shifted[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]]",
+        "return _shift(labels[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]], ignore_index)",
+        ("tests/test_hf_numerics.py",),
+    ),
+    Mutant(
+        "not-causal",
+        "attention: the causal mask is dropped",
+        "odysseus/attention.py",
+        "is_causal=causal",
+        "is_causal=False",
+        ("tests/test_strategies_numerics.py", "-k", "block and odd"),
+    ),
+]
+
+
+def _copy_tree(dst: str) -> None:
+    for name in COPY:
+        src = os.path.join(ROOT, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dst, name), ignore=shutil.ignore_patterns("__pycache__", "out"))
+        elif os.path.exists(src):
+            shutil.copy2(src, os.path.join(dst, name))
+
+
+def run(mutant: Mutant, timeout: float) -> tuple[str, float, str]:
+    """(outcome, seconds, detail) with outcome one of killed, survived, broken."""
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="ody-mutant-") as tmp:
+        _copy_tree(tmp)
+        path = os.path.join(tmp, mutant.path)
+        with open(path) as f:
+            text = f.read()
+        if text.count(mutant.old) != 1:
+            return "broken", 0.0, f"snippet found {text.count(mutant.old)} times in {mutant.path}"
+        with open(path, "w") as f:
+            f.write(text.replace(mutant.old, mutant.new))
+        env = dict(os.environ, PYTHONPATH=tmp)
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "broken", time.monotonic() - start, f"tests ran past {timeout:.0f} s"
+    seconds = time.monotonic() - start
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode == 1:
+        return "killed", seconds, last
+    if proc.returncode == 0:
+        return "survived", seconds, last
+    return "broken", seconds, f"pytest exit {proc.returncode}: {(proc.stdout + proc.stderr)[-400:]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-k", default="", help="run only mutants whose name contains this")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per mutant's tests")
+    args = p.parse_args(argv)
+    chosen = [m for m in MUTANTS if args.k in m.name]
+    if not chosen:
+        print(f"no mutant name contains {args.k!r}", file=sys.stderr)
+        return 2
+    bad = 0
+    print("| mutant | mechanism | outcome | time | tests' last line |\n|---|---|---|---|---|")
+    for m in chosen:
+        outcome, seconds, detail = run(m, args.timeout)
+        bad += outcome != "killed"
+        print(f"| {m.name} | {m.mechanism} | {outcome} | {seconds:.0f} s | {detail[:160]} |", flush=True)
+    print(f"\n{len(chosen) - bad} of {len(chosen)} mutants killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
