@@ -102,7 +102,7 @@ MUTANTS = [
     Mutant(
         "shard-rule",
         "shard rule: the extra tokens of an uneven split go to the last ranks instead of the first",
-        "odysseus/comm/sizes.py",
+        "odysseus/layout.py",
         "return [q + 1 if i < r else q for i in range(world)]",
         "return [q + 1 if i >= world - r else q for i in range(world)]",
         ("tests/test_comm.py",),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..layout import check_layout
 from ._compat import all_gather_tensor
 from .failures import named_failures
 from .ledger import record
-from .sizes import shard_sizes
 
 try:
     from torch.distributed.device_mesh import DeviceMesh
@@ -87,17 +87,3 @@ def exchange_lengths(
     lengths = [e[0] for e in every]
     check_layout(lengths, who)
     return lengths
-
-
-def check_layout(lengths: list[int], who: str = "sequence") -> None:
-    """Raise unless ``lengths`` is what :func:`odysseus.shard_sequence` gives for ``sum(lengths)`` tokens."""
-    total, world = sum(lengths), len(lengths)
-    if total < world:
-        raise ValueError(f"{who}: a sequence of {total} tokens cannot be split over {world} ranks")
-    expected = shard_sizes(total, world)
-    if lengths != expected:
-        raise ValueError(
-            f"{who}: the ranks hold shards of lengths {lengths}, but shard_sequence splits a sequence of "
-            f"{total} tokens over {world} ranks as {expected}; was the full sequence (or a wrongly split "
-            "one) passed to a sequence-parallel module?"
-        )

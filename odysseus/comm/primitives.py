@@ -9,25 +9,15 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..layout import all_reduce_bytes, gather_bytes, offsets, scatter_bytes
 from . import ledger
 from ._compat import all_gather_tensor, reduce_scatter_tensor
 from .failures import named_failures
 from .groups import group_rank, group_size
-from .sizes import offsets, shard_sizes
 
 
 def _row_bytes(t: torch.Tensor) -> int:
     return t[0].numel() * t.element_size() if t.shape[0] else 0
-
-
-def gather_bytes(sizes: list[int], rank: int, row_bytes: int) -> tuple[int, int]:
-    """(sent, received) bytes of an all-gather where rank i holds ``sizes[i]`` rows of ``row_bytes``."""
-    return (len(sizes) - 1) * sizes[rank] * row_bytes, (sum(sizes) - sizes[rank]) * row_bytes
-
-
-def scatter_bytes(sizes: list[int], rank: int, row_bytes: int) -> tuple[int, int]:
-    """(sent, received) bytes of a reduce-scatter where rank i keeps ``sizes[i]`` rows of ``row_bytes``."""
-    return (sum(sizes) - sizes[rank]) * row_bytes, (len(sizes) - 1) * sizes[rank] * row_bytes
 
 
 def all_gather(
@@ -125,14 +115,13 @@ def all_to_all(
 def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str = "") -> torch.Tensor:
     """Sum ``x`` over ranks in place and return it.
 
-    Counted as a reduce-scatter plus an all-gather over ``numel`` split by :func:`shard_sizes`.
+    Counted as a reduce-scatter plus an all-gather (:func:`odysseus.layout.all_reduce_bytes`).
     """
     world, rank = group_size(pg), group_rank(pg)
     if world == 1:
         return x
     with named_failures(f"all_reduce {label}"):
         dist.all_reduce(x, group=pg)
-    chunks = shard_sizes(x.numel(), world)
-    moved = ((x.numel() - chunks[rank]) + (world - 1) * chunks[rank]) * x.element_size()
+    moved = all_reduce_bytes(x.numel(), world, rank, x.element_size())
     ledger.record("all_reduce", moved, moved, world, category, label)
     return x

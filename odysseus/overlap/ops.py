@@ -25,7 +25,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from ..comm.failures import named_failures
 from ..comm.groups import group_rank, group_size
 from ..comm.ledger import record
-from ..comm.primitives import gather_bytes, scatter_bytes
+from ..layout import gather_bytes, scatter_bytes
 
 
 def _impl(backend: str):
