@@ -5,10 +5,11 @@ from .comm import CommLedger, gather_sequence, shard_sequence
 from .comm.failures import PeerFailure, fail_fast
 from .config import TransformerConfig
 from .overlap import check_overlap
-from .parallelize import STRATEGIES, ParallelBlock, dense_state_dict, finalize_grads, parallelize, zero3
-from .strategies.odysseus import OdysseusAttention, SeqParallelFFN
-from .strategies.tp import TPFFN, TPAttention
-from .strategies.tp_sp import TPSPFFN, TPSPAttention
+from .parallelize import STRATEGIES, parallelize
+from .state import dense_state_dict, finalize_grads, zero3
+from .strategies.block import ParallelBlock
+from .strategies.ffn import TPFFN, TPSPFFN, SeqParallelFFN
+from .strategies.head_split import OdysseusAttention, TPAttention, TPSPAttention
 from .strategies.ulysses import UlyssesAttention
 
 __all__ = [

@@ -26,3 +26,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, head_dim: int, theta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on ``q: (B, L, Hq, D)`` and ``k: (B, L, Hkv, D)`` at ``position_ids: (B or 1, L)``."""
+    cos, sin = rope_cos_sin(position_ids, head_dim, theta, q.dtype)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)

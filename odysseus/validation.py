@@ -41,3 +41,9 @@ def normalize_position_ids(
     if position_ids.device != device:
         raise ValueError(f"position_ids are on {position_ids.device} but the input is on {device}")
     return position_ids.long()
+
+
+def check_finite_here(x: torch.Tensor, who: str, rank: int) -> None:
+    """Reject NaN/Inf in ``x`` on this rank (``check_finite=True`` where no exchange carries the verdict)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{who}: the input holds NaN or Inf on rank {rank} (check_finite=True)")

@@ -27,21 +27,17 @@ layers) have their gradients summed over ranks by :func:`finalize_model_grads`.
 from __future__ import annotations
 
 import inspect
-import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from ..comm import primitives
-from ..comm.groups import group_rank, group_size, resolve_group
-from ..comm.ledger import phase
-from ..comm.sizes import offsets, shard_sizes
+from ..comm.groups import group_size, resolve_group
 from ..config import TransformerConfig
 from ..overlap import check_backend
-from ..parallelize import ParallelBlock, check_strategy, dense_state_dict, finalize_grads
+from ..strategies import registry
+from ..strategies.block import ParallelBlock
 
 __all__ = [
     "ParallelLlamaDecoderLayer",
@@ -133,18 +129,20 @@ class ParallelLlamaDecoderLayer(ParallelBlock):
         return super().forward(hidden_states)
 
 
-def _layers(model: nn.Module) -> list[ParallelLlamaDecoderLayer]:
+def layers(model: nn.Module) -> list[ParallelLlamaDecoderLayer]:
+    """The odysseus decoder layers of a :func:`parallelize_llama` model."""
     return [m for m in model.modules() if isinstance(m, ParallelLlamaDecoderLayer)]
 
 
-def _setup(model: nn.Module) -> tuple[str, dist.ProcessGroup | None]:
-    """(strategy, process group) of a model parallelized by :func:`parallelize_llama`."""
-    layers = _layers(model)
-    if not layers:
+def model_setup(model: nn.Module) -> tuple[registry.StrategySpec, dist.ProcessGroup | None]:
+    """(strategy spec, process group) of a model parallelized by :func:`parallelize_llama`."""
+    found = layers(model)
+    if not found:
         raise ValueError(f"{type(model).__name__} has no ParallelLlamaDecoderLayer; call parallelize_llama first")
-    setups = {(layer.strategy, layer.pg) for layer in layers}
+    setups = {(layer.spec, layer.pg) for layer in found}
     if len(setups) != 1:
-        raise ValueError(f"the layers of {type(model).__name__} use different (strategy, group) pairs: {setups}")
+        pairs = {(spec.name, pg) for spec, pg in setups}
+        raise ValueError(f"the layers of {type(model).__name__} use different (strategy, group) pairs: {pairs}")
     return setups.pop()
 
 
@@ -241,12 +239,12 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
     ``output_hidden_states`` raise ``ValueError``, as does ``labels`` for a sequence-split strategy on more than
     one rank (use :func:`causal_lm_loss`).
     """
-    check_strategy(strategy)
+    spec = registry.get(strategy)
     check_backend(backend)
     pg = resolve_group(group)
     if isinstance(model, (LlamaDecoderLayer, ParallelLlamaDecoderLayer)):
         raise TypeError("pass the model that holds the decoder layers (e.g. LlamaForCausalLM), not a single layer")
-    if _layers(model):
+    if layers(model):
         raise ValueError(f"{type(model).__name__} is already parallelized; parallelize_llama a fresh model")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LlamaDecoderLayer)]
     if not found:
@@ -282,143 +280,11 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
     for owner in owners.values():
         owner.register_forward_pre_hook(_model_call_hook(owner, hf_config), with_kwargs=True)
     world = group_size(pg)
-    if strategy != "tp" and world > 1 and "labels" in inspect.signature(model.forward).parameters:
+    if spec.sequence_split and world > 1 and "labels" in inspect.signature(model.forward).parameters:
         model.register_forward_pre_hook(_labels_hook(model, strategy, world), with_kwargs=True)
     return model
 
 
-def _shift(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """``labels: (batch, seq)`` -> the next token's label at every position, ``ignore_index`` at the last."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
-
-
-def shift_labels_for_shard(labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token targets of this rank's tokens: ``labels: (batch, seq)``, the same full tensor on every rank,
-    -> ``(batch, seq_local)``, the shard :func:`odysseus.shard_sequence` gives of ``labels[:, 1:]`` followed by
-    ``ignore_index``.
-
-    So the target of the last token of rank r's shard is the first label of rank r+1's shard, and the last
-    token of the sequence has none. Pass ``input_ids`` as ``labels`` for plain language modelling.
-    """
-    if labels.dim() != 2:
-        raise ValueError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
-    pg = resolve_group(group)
-    shifted = _shift(labels, ignore_index)
-    sizes = shard_sizes(labels.shape[1], group_size(pg))
-    if min(sizes) == 0:
-        raise ValueError(f"a sequence of {labels.shape[1]} tokens cannot be split over {len(sizes)} ranks")
-    rank = group_rank(pg)
-    return shifted[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]]
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy, as this rank's term of the global mean loss (fp32 scalar).
-
-    ``logits``: ``(batch, seq_local, vocab)`` from a sequence-split model, or ``(batch, seq, vocab)`` from a
-    ``"tp"`` model (told apart by their length). ``labels: (batch, seq)``: the full labels (or ``input_ids``),
-    the same on every rank, ``ignore_index`` where no loss is wanted.
-
-    Sequence-split: returns ``sum of this rank's token losses / number of target tokens in the whole batch``,
-    so the sum over ranks is the mean loss of the unsplit model (what ``LlamaForCausalLM(labels=...)`` gives);
-    call ``backward()`` on it on every rank. Full logits: returns that mean loss itself, identical on every
-    rank. The count needs no communication, as every rank holds the full labels.
-    """
-    pg = resolve_group(group)
-    labels = labels.to(logits.device)
-    world, L = group_size(pg), labels.shape[-1]
-    if logits.dim() != 3 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)}: "
-            "expected (batch, seq or seq_local, vocab) with the labels' batch"
-        )
-    if logits.shape[1] == L:
-        targets = _shift(labels, ignore_index)
-    else:
-        targets = shift_labels_for_shard(labels, pg, ignore_index)
-        if logits.shape[1] != targets.shape[1]:
-            raise ValueError(
-                f"logits hold {logits.shape[1]} tokens; with labels of {L} tokens over {world} ranks rank "
-                f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
-            )
-    count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
-    # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
-    total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
-    return total / count
-
-
-def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """The global loss value for logging (detached): the sum of the ranks' ``loss`` for sequence-split
-    strategies, ``loss`` itself for ``"tp"``. Collective for sequence-split strategies."""
-    strategy, pg = _setup(model)
-    value = loss.detach().clone()
-    if strategy == "tp":
-        return value
-    return primitives.all_reduce(value, pg, category="metadata", label="loss")
-
-
-def finalize_model_grads(model: nn.Module) -> None:
-    """Make every gradient of a :func:`parallelize_llama` model equal the unsplit model's, in place.
-
-    Sequence-split strategies: the embeddings, final norm and LM head saw only this rank's tokens, so their
-    gradients are summed over the group (one all-reduce per dtype and device, recorded by the CommLedger as
-    ``category="gradient"``). Then :func:`odysseus.finalize_grads` syncs the layers' replicated weights. For
-    ``"tp"`` every rank saw the whole sequence and the same loss: only the layers need it. FSDP2-sharded
-    weights are left to FSDP2. Collective: call on every rank after ``backward()``.
-    """
-    strategy, pg = _setup(model)
-    if strategy != "tp" and group_size(pg) > 1:
-        in_layers = {id(p) for layer in _layers(model) for p in layer.parameters()}
-        buckets: dict[tuple, list[nn.Parameter]] = {}
-        for p in model.parameters():
-            if id(p) in in_layers or not p.requires_grad or hasattr(p, "placements"):
-                continue
-            buckets.setdefault((p.dtype, p.device), []).append(p)
-        for params in buckets.values():
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            with phase("backward"):
-                flat = primitives.all_reduce(
-                    torch.cat([g.reshape(-1) for g in grads]), pg, category="gradient", label="model grads"
-                )
-            for p, summed in zip(params, flat.split([g.numel() for g in grads])):
-                p.grad = summed.view_as(p).clone()
-    finalize_grads(model)
-
-
-def hf_state_dict(model: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
-    """The unsplit model's state dict (or, with ``grad=True``, its parameter gradients) under the Hugging Face
-    keys of ``model.state_dict()``: full tensors, the same on every rank, loadable into a fresh
-    ``transformers`` model with ``load_state_dict``. Tied weights appear under each of their keys as separate
-    tensors. Collective: call on every rank (after :func:`finalize_model_grads` for ``grad=True``).
-    """
-    dense = dense_state_dict(model, grad=grad)
-    param_name = {id(p): name for name, p in model.named_parameters()}
-    out, used = {}, set()
-    for key, t in model.state_dict(keep_vars=True).items():
-        name = param_name.get(id(t))
-        if name is None:
-            if not grad:
-                out[key] = t.detach().clone()
-            continue
-        out[key] = dense[name].clone() if name in used else dense[name]
-        used.add(name)
-    return out
-
-
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None:
-    """Write the unsplit model as a ``transformers`` checkpoint: ``config.json`` and ``model.safetensors``.
-
-    ``LlamaForCausalLM.from_pretrained(save_directory)`` (or the class of ``model``) loads it on one device.
-    Global rank 0 writes; every rank gathers (collective) and waits until the files exist.
-    """
-    from safetensors.torch import save_file
-
-    if not hasattr(getattr(model, "config", None), "save_pretrained"):
-        raise TypeError(f"{type(model).__name__} has no transformers config to save; pass the PreTrainedModel")
-    state = hf_state_dict(model)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        os.makedirs(save_directory, exist_ok=True)
-        model.config.save_pretrained(save_directory)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-        save_file(tensors, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
-    if dist.is_initialized():
-        dist.barrier()
+# The loss and the checkpoint helpers live beside this module; they are part of this module's interface.
+from .hf_state import finalize_model_grads, hf_state_dict, save_pretrained  # noqa: E402
+from .loss import causal_lm_loss, global_loss, shift_labels_for_shard  # noqa: E402

@@ -1,9 +1,10 @@
 """DeepSpeed-Ulysses: whole weights, sequence split; all-to-all into head-split layout for attention.
 
-q/k/v are computed on this rank's tokens, rotated with their global positions, then moved by
-all-to-all to (all tokens, this rank's heads); the attention output goes back the same way. Uneven
-heads and shards use all-to-all split sizes; with GQA each rank receives exactly the kv heads its
-query heads read, so a kv head may travel to several ranks and its gradient comes back summed.
+q/k/v are computed on this rank's tokens, rotated at their global positions, then moved by all-to-all to
+(all tokens, this rank's heads); the attention output goes back the same way. Uneven heads and shards use
+all-to-all split sizes; with GQA each rank receives exactly the kv heads its query heads read, so a kv head
+may travel to several ranks and its gradient comes back summed. RoPE and the local attention are the ones
+the head-split attention uses.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 from .. import comm
 from ..attention import local_attention
-from ..comm import offsets
-from ..rope import apply_rope, rope_cos_sin
+from ..layout import HeadSplit
+from ..rope import rotate_qk
 from ..validation import check_input, normalize_position_ids
-from .common import HeadSplit, ParallelModule
+from .module import ParallelModule
+from .regions import SequenceRegion
 
 
 class UlyssesAttention(ParallelModule):
@@ -25,10 +27,9 @@ class UlyssesAttention(ParallelModule):
     positions of the shard.
     """
 
-    strategy = "ulysses"
-
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
+        self.region = SequenceRegion(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
         self.heads = HeadSplit.build(config, self.world, self.rank)
         sync = "sum" if self.world > 1 else "none"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -38,15 +39,15 @@ class UlyssesAttention(ParallelModule):
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         B, L_r, _ = x.shape
-        sizes = self.seq_lengths(x)
-        pos = normalize_position_ids(position_ids, B, L_r, offsets(sizes)[self.rank], x.device)
-        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
-        q = apply_rope(self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)
-        k = apply_rope(self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim)), cos, sin)
+        span = self.region.open(x)
+        pos = normalize_position_ids(position_ids, B, L_r, span.offset, x.device)
+        q = self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim))
+        k = self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
+        q, k = rotate_qk(q, k, pos, c.head_dim, c.rope_theta)
         v = self.v_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
-        q = comm.seq_to_heads(q, sizes, self.heads.q, self.pg, "attn.q")
-        k = comm.seq_to_heads(k, sizes, self.heads.kv, self.pg, "attn.k")
-        v = comm.seq_to_heads(v, sizes, self.heads.kv, self.pg, "attn.v")
+        q = comm.seq_to_heads(q, span.sizes, self.heads.q, self.pg, "attn.q")
+        k = comm.seq_to_heads(k, span.sizes, self.heads.kv, self.pg, "attn.k")
+        v = comm.seq_to_heads(v, span.sizes, self.heads.kv, self.pg, "attn.v")
         o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal)
-        o = comm.heads_to_seq(o, sizes, self.heads.q, c.num_heads, self.pg, "attn.o")
+        o = comm.heads_to_seq(o, span.sizes, self.heads.q, c.num_heads, self.pg, "attn.o")
         return self.o_proj(o.flatten(2))

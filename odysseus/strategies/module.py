@@ -8,18 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..comm import (
-    exchange_lengths,
-    group_rank,
-    group_size,
-    head_ranges,
-    kv_range,
-    meta_group,
-    offsets,
-    resolve_group,
-    shard_sizes,
-)
+from ..comm import group_rank, group_size, meta_group, resolve_group
 from ..config import TransformerConfig
+from ..layout import dense_shapes
 from ..overlap import check_backend
 from ..reference import seeded_normal
 
@@ -38,54 +29,6 @@ class ParamSpec:
     sync: str = "none"
 
 
-def split_ranges(n: int, world: int, what: str) -> list[tuple[int, int]]:
-    """Contiguous ``[start, end)`` ranges of ``n`` items over ``world`` ranks (first ones one larger)."""
-    if n < world:
-        raise ValueError(f"cannot split {what}={n} over world size {world}: every rank needs at least one")
-    o = offsets(shard_sizes(n, world))
-    return [(o[j], o[j + 1]) for j in range(world)]
-
-
-@dataclass(frozen=True)
-class HeadSplit:
-    """Query and kv heads of every rank when heads are split over ``world`` ranks."""
-
-    q: tuple[tuple[int, int], ...]
-    kv: tuple[tuple[int, int], ...]
-    kv_of_q: tuple[int, ...]
-    """For this rank's local query heads: which local kv head each reads."""
-    shared_kv: bool
-    """Some kv head lives on several ranks (its gradient then needs summing)."""
-
-    @classmethod
-    def build(cls, config: TransformerConfig, world: int, rank: int) -> HeadSplit:
-        q = tuple(head_ranges(config.num_heads, world))
-        kv = tuple(kv_range(r, config.q_per_kv) for r in q)
-        (qs, qe), (ks, _) = q[rank], kv[rank]
-        kv_of_q = tuple(h // config.q_per_kv - ks for h in range(qs, qe))
-        shared = any(kv[j][1] > kv[j + 1][0] for j in range(world - 1))
-        return cls(q, kv, kv_of_q, shared)
-
-
-def rows(ranges, width: int) -> list[tuple[int, int]]:
-    """Head ranges -> row ranges of a projection whose heads are ``width`` wide."""
-    return [(s * width, e * width) for s, e in ranges]
-
-
-def dense_shapes(c: TransformerConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of every linear layer of the dense block, by Hugging Face name."""
-    qd, kvd = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {
-        "q_proj": (qd, c.hidden_size),
-        "k_proj": (kvd, c.hidden_size),
-        "v_proj": (kvd, c.hidden_size),
-        "o_proj": (c.hidden_size, qd),
-        "gate_proj": (c.intermediate_size, c.hidden_size),
-        "up_proj": (c.intermediate_size, c.hidden_size),
-        "down_proj": (c.hidden_size, c.intermediate_size),
-    }
-
-
 class ParallelModule(nn.Module):
     """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
 
@@ -95,8 +38,6 @@ class ParallelModule(nn.Module):
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
     where the module exchanges lengths anyway).
     """
-
-    strategy: str = ""
 
     def __init__(
         self,
@@ -143,20 +84,13 @@ class ParallelModule(nn.Module):
         setattr(self, name, lin)
         self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
 
-    def seq_lengths(self, x: torch.Tensor) -> list[int]:
-        """Every rank's sequence length for the shard ``x: (batch, seq_local, hidden)`` (checked layout)."""
-        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
-        return exchange_lengths(x.shape[1], self.pg, type(self).__name__, finite)
-
-    def check_finite_input(self, x: torch.Tensor) -> None:
-        """With ``check_finite``, reject NaN/Inf in ``x`` on this rank (modules that exchange nothing)."""
-        if self.check_finite and not bool(torch.isfinite(x).all()):
-            raise ValueError(
-                f"{type(self).__name__}: the input holds NaN or Inf on rank {self.rank} (check_finite=True)"
-            )
+    @property
+    def sequence_split(self) -> bool:
+        """Whether this module takes ``shard_sequence`` shards (else the full sequence on every rank)."""
+        return self.region.sequence_split
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}, rank={self.rank}, world={self.world}, backend={self.backend!r}"
+        return f"rank={self.rank}, world={self.world}, backend={self.backend!r}"
 
     @classmethod
     def from_dense(cls, ref: nn.Module, group=None, **kwargs) -> ParallelModule:

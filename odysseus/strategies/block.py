@@ -1,0 +1,70 @@
+"""A whole Llama block split by one strategy: the registry's attention and FFN between replicated norms."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from ..validation import check_input
+from . import registry
+from .module import ParamSpec
+
+
+class ParallelBlock(nn.Module):
+    """A Llama block split by ``strategy``: ``h = x + attn(norm(x))``, ``y = h + ffn(norm(h))``.
+
+    ``forward(x, position_ids=None)``: for ``"tp"`` ``x: (batch, seq, hidden)`` on every rank; for the
+    sequence-split strategies ``x: (batch, seq_local, hidden)`` from :func:`odysseus.shard_sequence`.
+    The output has the input's layout. The norms are replicated; where the sequence is split they see only
+    this rank's tokens, so their gradients are summed by :func:`odysseus.finalize_grads`.
+
+    ``weights``: a dense block's state dict to take this rank's share of (default: fresh weights, see
+    :class:`~odysseus.strategies.module.ParallelModule`); other keyword arguments (``backend``, ``seed``,
+    ``check_finite``, ``device``, ``dtype``...) go to the attention and FFN modules.
+    :meth:`from_dense` takes the share of a reference block (``parallelize`` calls it).
+    """
+
+    def __init__(self, config, strategy: str, group=None, *, weights: dict | None = None, **kwargs):
+        super().__init__()
+        self.spec = registry.get(strategy)
+        self.config, self.strategy = config, strategy
+        attn_cls, ffn_cls = self.spec.modules()
+        weights = weights or {}
+
+        def sub(prefix: str) -> dict | None:
+            got = {k[len(prefix) : -len(".weight")]: v for k, v in weights.items() if k.startswith(prefix)}
+            return got or None
+
+        self.input_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = attn_cls(config, group, weights=sub("self_attn."), **kwargs)
+        self.post_attention_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = ffn_cls(config, group, weights=sub("mlp."), **kwargs)
+        like = self.self_attn.q_proj.weight
+        sync = "sum" if self.spec.sequence_split and self.self_attn.world > 1 else "none"
+        self.param_specs: dict[str, ParamSpec] = {}
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(self, name).to(like.device, like.dtype)
+            if f"{name}.weight" in weights:
+                with torch.no_grad():
+                    norm.weight.copy_(weights[f"{name}.weight"])
+            self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
+        self.pg = self.self_attn.pg
+
+    @classmethod
+    def from_dense(cls, block: reference.TransformerBlock, strategy: str, group=None, **kwargs) -> ParallelBlock:
+        """This rank's share of ``block``, on the block's device and in its dtype."""
+        return cls(block.config, strategy, group, weights=dict(block.state_dict()), **kwargs)
+
+    @property
+    def sequence_split(self) -> bool:
+        """Whether this block takes ``shard_sequence`` shards (else the full sequence on every rank)."""
+        return self.spec.sequence_split
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        check_input(x, self.input_layernorm.weight, self.config.hidden_size, f"ParallelBlock[{self.strategy}]")
+        h = x + self.self_attn(self.input_layernorm(x), position_ids)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def extra_repr(self) -> str:
+        return f"strategy={self.strategy!r}"

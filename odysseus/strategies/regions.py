@@ -1,0 +1,114 @@
+"""Where a module's activations live on the ranks, and the collectives at its entry and exit.
+
+A region is bound once, at construction, to the module's group and overlap backend:
+
+- :class:`ReplicatedRegion` (TP): every rank holds the whole sequence. Entry: identity into a
+  column-split GEMM (all-reduce of the gradient); exit: all-reduce after a row-split GEMM.
+- :class:`SequenceRegion` (TP-SP, Odysseus, Ulysses): each rank holds its ``shard_sequence`` shard.
+  Entry: all-gather⊗GEMM; exit: GEMM⊗reduce-scatter (:mod:`odysseus.overlap`, which may hide them).
+
+``region.open(x)`` checks the input's layout once per forward call and returns a :class:`Span`, which
+carries the lengths the entry and exit need. So TP and the sequence-split strategies run the same module
+code; only the region differs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import comm
+from ..comm import exchange_lengths
+from ..layout import offsets
+from ..overlap import ag_matmul, matmul_rs
+from ..validation import check_finite_here, normalize_position_ids
+
+
+class Span:
+    """One forward call through a region: ``sizes`` holds every rank's sequence length."""
+
+    def __init__(self, region: Region, sizes: list[int]):
+        self.region, self.sizes = region, sizes
+
+    @property
+    def offset(self) -> int:
+        """Global position of this rank's first token."""
+        return offsets(self.sizes)[self.region.rank] if self.region.sequence_split else 0
+
+    @property
+    def total(self) -> int:
+        """Length of the whole sequence."""
+        return sum(self.sizes) if self.region.sequence_split else self.sizes[self.region.rank]
+
+    def gather_matmul(self, x: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        """``x: (B, L_here, K)`` times a column-split ``w: (K, N)`` -> ``(B, L, N)`` over the whole sequence."""
+        return self.region.gather_matmul(self, x, w, label)
+
+    def matmul_scatter(self, h: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        """Partial sums ``h: (B, L, K_r)`` times a row-split ``w: (K_r, N)`` -> ``(B, L_here, N)``, summed."""
+        return self.region.matmul_scatter(self, h, w, label)
+
+    def positions(self, position_ids: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """Positions ``(batch or 1, L)`` of the whole sequence; given ones follow the input's layout."""
+        return self.region.positions(self, position_ids, batch, device)
+
+
+class Region:
+    """Base: the group, this rank, the backend; subclasses define the layout and its collectives."""
+
+    sequence_split: bool
+
+    def __init__(self, pg, rank: int, backend: str, who: str, check_finite: bool):
+        self.pg, self.rank, self.backend, self.who, self.check_finite = pg, rank, backend, who, check_finite
+
+    def open(self, x: torch.Tensor) -> Span:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return type(self).__name__
+
+
+class ReplicatedRegion(Region):
+    """Every rank holds the whole sequence (TP)."""
+
+    sequence_split = False
+
+    def open(self, x: torch.Tensor) -> Span:
+        if self.check_finite:
+            check_finite_here(x, self.who, self.rank)
+        return Span(self, [x.shape[1]] * comm.group_size(self.pg))
+
+    def gather_matmul(self, span: Span, x: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        return comm.copy_to_tp(x, self.pg, label) @ w
+
+    def matmul_scatter(self, span: Span, h: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        return comm.reduce_from_tp(h @ w, self.pg, label)
+
+    def positions(self, span: Span, position_ids, batch: int, device: torch.device) -> torch.Tensor:
+        return normalize_position_ids(position_ids, batch, span.total, 0, device)
+
+
+class SequenceRegion(Region):
+    """Each rank holds its ``shard_sequence`` shard (TP-SP, Odysseus, Ulysses)."""
+
+    sequence_split = True
+
+    def open(self, x: torch.Tensor) -> Span:
+        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
+        return Span(self, exchange_lengths(x.shape[1], self.pg, self.who, finite))
+
+    # The backend is resolved by odysseus.overlap once per (group, device, dtype) and cached there ("auto"
+    # may probe symm the first time); the region only carries the user's choice, validated at construction.
+    def gather_matmul(self, span: Span, x: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        return ag_matmul(x, w, span.sizes, self.pg, self.backend, label)
+
+    def matmul_scatter(self, span: Span, h: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
+        return matmul_rs(h, w, span.sizes, self.pg, self.backend, label)
+
+    def positions(self, span: Span, position_ids, batch: int, device: torch.device) -> torch.Tensor:
+        """The default needs no traffic; given (shard-layout) positions are all-gathered."""
+        if position_ids is None:
+            return torch.arange(span.total, device=device)[None]
+        local = normalize_position_ids(position_ids, batch, span.sizes[self.rank], 0, device).expand(batch, -1)
+        return comm.primitives.all_gather(
+            local.contiguous(), span.sizes, self.pg, 1, category="metadata", label="positions"
+        )
