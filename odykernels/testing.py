@@ -103,6 +103,7 @@ def simulate_matmul_rs(
     Args:
         a_per_rank: ``world`` tensors (M, K_r).
         b_per_rank: ``world`` tensors (K_r, N).
+        path: ``"tma"`` or ``"pointer"`` forces the producers' code path (default: automatic).
 
     Returns:
         ``world`` tensors; entry d is (split_rows(M, world)[d], N), rows of chunk d of the sum.
