@@ -232,6 +232,7 @@ def inspect(compiled, capability: int) -> dict:
     tma_prologue = tma_copies // 2 - 1 if tma_copies else -1
     return {
         "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)),
+        "wgmma_shapes": sorted(set(re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))),
         "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
         "tma_loads": len(re.findall(r"\bcp\.async\.bulk\.tensor\.\w+\.shared::\w+\.global", ptx)),
         "cp_async": len(re.findall(r"\bcp\.async\.c[ag]\b", ptx)),
@@ -242,3 +243,30 @@ def inspect(compiled, capability: int) -> dict:
         "smem_limit": SMEM_LIMIT[divmod(capability, 10)],
         **resource_usage(compiled.asm["cubin"]),
     }
+
+
+def report(capabilities=CAPABILITIES, dtype: str = "bf16") -> str:
+    """A markdown table of :func:`inspect` for every kernel and table config (docs/KERNELS.md's proof table)."""
+    lines = [
+        "| sm | kernel | path | config | regs | spill (stack B) | shared B | st.global | TMA loads | MMA | prologue |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for cap in capabilities:
+        for name in (*DOT_KERNELS, "reduce_slots"):
+            path = default_path(name, cap)
+            configs = table_configs(cap, path) if name in DOT_KERNELS else [None]
+            for cfg in configs:
+                r = inspect(compile_kernel(name, cap, dtype, path, cfg), cap)
+                stores = ", ".join(f"{k[1:]} x{v}" for k, v in sorted(r["st_global"].items()))
+                mma = f"wgmma {'/'.join(r['wgmma_shapes'])}" if r["wgmma"] else (
+                    f"mma.sync x{r['mma_sync']}" if r["mma_sync"] else "-")  # fmt: skip
+                lines.append(
+                    f"| {cap} | {name} | {path} | {cfg or '64x128 w4'} | {r['regs']} | {r['stack']} | {r['shared']} "
+                    f"| {stores} | {r['tma_loads']} | {mma} | {max(r['tma_prologue'], 0)} |"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(f"triton {triton.__version__}, bf16 inputs and outputs, B = weight.t()")
+    print(report())

@@ -613,12 +613,18 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
+@pytest.mark.parametrize("b_weight_t", [False, True], ids=["b_rows", "b_weight_t"])
 @pytest.mark.parametrize("shape", [(M, K, N), (1000, 520, 1030), (4096, 1024, 1536)], ids=str)
-def test_matmul_gpu_bf16_numerics(shape):
+def test_matmul_gpu_bf16_numerics(shape, b_weight_t, path):
+    # auto: the TMA path on sm_90 where the rows allow it (1000 x 520 x 1030 has 1030-wide rows of B: not
+    # 16-byte aligned, so it falls back), the pointer path elsewhere.
     m, k, n = shape
-    a, b = randn(m, k, dtype=torch.bfloat16, device="cuda"), randn(k, n, dtype=torch.bfloat16, device="cuda", seed=1)
+    a = randn(m, k, dtype=torch.bfloat16, device="cuda")
+    b = randn(n, k, dtype=torch.bfloat16, device="cuda", seed=1).t() if b_weight_t else randn(k, n, seed=1,
+        dtype=torch.bfloat16, device="cuda")  # fmt: skip
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    matmul(a, b, out=out)
+    matmul(a, b, out=out, path=path)
     cublas = a @ b
     assert not out.isnan().any()
     assert _rel(out, cublas) < 1e-2
@@ -626,28 +632,76 @@ def test_matmul_gpu_bf16_numerics(shape):
 
 
 @gpu
+def test_matmul_gpu_autotunes_once_per_shape_key(monkeypatch):
+    monkeypatch.setattr(matmul_module, "AUTOTUNE", True)
+    monkeypatch.setattr(matmul_module, "_TUNED", {})
+    a, b = (
+        randn(3000, 4096, dtype=torch.bfloat16, device="cuda"),
+        randn(4096, 2048, dtype=torch.bfloat16, device="cuda"),
+    )
+    out = matmul(a, b)
+    assert len(matmul_module._TUNED) == 1 and _rel(out, a @ b) < 1e-2
+    matmul(a[:2900], b)  # same power-of-two bucket of M: no new tuning
+    assert len(matmul_module._TUNED) == 1
+
+
+@gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_ag_matmul_gpu_bf16_numerics(world):
+def test_ag_matmul_gpu_bf16_numerics(world, path):
     m = 61 * 37  # 2257 rows: uneven chunks, partial tiles at every chunk end
     a, b = randn(m, 512, dtype=torch.bfloat16, device="cuda"), randn(512, 384, dtype=torch.bfloat16, device="cuda")
     cublas = a @ b
     for rank in range(world):
-        got = simulate_ag_matmul(a, b, world, rank)
+        got = simulate_ag_matmul(a, b, world, rank, path=path)
         assert not got.isnan().any()
         assert _rel(got, cublas) < 1e-2, f"rank {rank}"
 
 
 @gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_matmul_rs_gpu_bf16_numerics(world):
+def test_matmul_rs_gpu_bf16_numerics(world, path):
     m = 61 * 37
     a = [randn(m, 256, dtype=torch.bfloat16, device="cuda", seed=r) for r in range(world)]
     b = [randn(256, 320, dtype=torch.bfloat16, device="cuda", seed=10 + r) for r in range(world)]
     ref = sum((x @ y).float() for x, y in zip(a, b))
     starts = chunk_starts(split_rows(m, world))
-    for d, out in enumerate(simulate_matmul_rs(a, b, world)):
+    for d, out in enumerate(simulate_matmul_rs(a, b, world, path=path)):
         assert not out.isnan().any()
         assert _rel(out, ref[starts[d] : starts[d + 1]]) < 1e-2, f"rank {d}"
+
+
+@gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
+def test_ag_matmul_gpu_copy_engine_producer_numerics(path):
+    # The all-gather as the symmetric-memory backend runs it: a side stream copies each remote chunk with a
+    # copy-engine copy, then writes its flag (a 4-byte device-to-device copy: no SM needed), ~25 ms after
+    # the kernel started. Remote rows start as NaN: a tile that read them before its flag (a lookahead too
+    # short for the pipeline, a missing proxy fence) leaves NaN or stale values in the output.
+    world, rank, m = 8, 3, 8192
+    sizes = split_rows(m, world)
+    starts = chunk_starts(sizes)
+    src = randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    b = randn(2048, 1024, dtype=torch.bfloat16, device="cuda", seed=1).t()
+    a_full = torch.full_like(src, float("nan"))
+    a_full[starts[rank] : starts[rank + 1]] = src[starts[rank] : starts[rank + 1]]
+    flags = torch.zeros(world, dtype=torch.uint32, device="cuda")
+    epochs = torch.full((world,), 4, dtype=torch.uint32, device="cuda")
+    side = torch.cuda.Stream()
+    status = new_status("cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        for step in range(1, world):
+            c = (rank + step) % world
+            a_full[starts[c] : starts[c + 1]].copy_(src[starts[c] : starts[c + 1]])
+            flags[c : c + 1].copy_(epochs[c : c + 1])
+    out = ag_matmul(a_full, b, sizes, rank, flags, 4, status=status, check=False, path=path)
+    torch.cuda.synchronize()
+    check_status(status, rank, "ag_matmul")
+    assert not out.isnan().any()
+    assert _rel(out, src @ b) < 1e-2
 
 
 @gpu
