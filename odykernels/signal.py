@@ -97,10 +97,11 @@ def _spin_acquire_fenced(flag_ptr, want, limit_ns):
     thread saw the flag, and ``fence.proxy.async.global`` orders what they acquired before the async proxy's
     (TMA) reads that follow. Returns (the last value this thread read, 1 if all threads saw ``want`` else 0).
 
-    Inline PTX rather than a Triton loop, ``tl.debug_barrier`` and atomics: inside a software-pipelined loop
-    Triton 3.6/3.7 refuse to pipeline a loop body that holds an ``scf.while`` or a ``gpu.barrier``
-    (compiled for sm_90: one stage and 48 KiB of shared memory instead of three), but accept inline asm.
-    Labels are local to the ``{ }`` block, so the helper may be inlined more than once.
+    Inline PTX for the barrier because Triton 3.6/3.7 do not software-pipeline a loop whose body holds a
+    ``tl.debug_barrier`` (``gpu.barrier``; compiled for sm_90: one stage and 48 KiB of shared memory instead
+    of three) but do pipeline one holding inline asm (a Triton ``while`` loop alone does not stop them);
+    and for the fence, which neither version offers as a builtin. The poll loop shares the block. Labels
+    are local to the ``{ }`` block, so the helper may be inlined more than once.
     """
     return tl.inline_asm_elementwise(
         """
