@@ -129,7 +129,7 @@ def wrapped_cols(pid_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def store_tile(c_ptr, acc, rows, cols, row_end, col_end, stride_cm, stride_cn, VEC: tl.constexpr):
+def store_tile(c_ptr, acc, rows, cols, row_end, col_end, stride_cm, stride_cn, VEC: tl.constexpr = 1):
     """Store ``acc`` to ``C[rows, cols]`` in C's dtype, skipping rows ``>= row_end`` and cols ``>= col_end``.
 
     ``VEC > 1`` promises (the host checked it) that ``stride_cm`` and ``col_end`` are multiples of ``VEC``

@@ -165,11 +165,12 @@ def cta_barrier(USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def notify(flag_ptr, value, USE_ASM: tl.constexpr):
+def notify(flag_ptr, value, USE_ASM: tl.constexpr = False):
     """Set ``*flag_ptr = value`` with release semantics at system scope, after all of this program's stores.
 
     The barrier first makes every thread's stores (e.g. a tile written to a peer) part of what the
-    single-thread release publishes (``USE_ASM``: see :func:`cta_barrier`).
+    single-thread release publishes (``USE_ASM``, default off: see :func:`cta_barrier`; compiled kernels
+    that notify inside a software-pipelined loop need it).
     """
     cta_barrier(USE_ASM)
     tl.atomic_xchg(flag_ptr, value.to(tl.uint32), sem="release", scope="sys")

@@ -617,8 +617,9 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("b_weight_t", [False, True], ids=["b_rows", "b_weight_t"])
 @pytest.mark.parametrize("shape", [(M, K, N), (1000, 520, 1030), (4096, 1024, 1536)], ids=str)
 def test_matmul_gpu_bf16_numerics(shape, b_weight_t, path):
-    # auto: the TMA path on sm_90 where the rows allow it (1000 x 520 x 1030 has 1030-wide rows of B: not
-    # 16-byte aligned, so it falls back), the pointer path elsewhere.
+    # auto: the TMA path on sm_90 where the rows allow it (row-major B of 1000 x 520 x 1030 has 2060-byte
+    # rows: not 16-byte aligned, so it falls back; as weight.t() its rows are 1040 bytes and TMA takes it,
+    # with a K tail), the pointer path elsewhere. An N of 1030 also leaves the output stores unvectorized.
     m, k, n = shape
     a = randn(m, k, dtype=torch.bfloat16, device="cuda")
     b = randn(n, k, dtype=torch.bfloat16, device="cuda", seed=1).t() if b_weight_t else randn(k, n, seed=1,
