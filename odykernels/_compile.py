@@ -3,13 +3,16 @@
 Used by tests/test_compile.py (the proof in CI) and docs/KERNELS.md. Kernels are compiled with the
 specializations the JIT would apply to contiguous, 16-byte aligned inputs: unit inner strides become the
 constant 1, pointers and the other strides are known multiples of 16. :func:`inspect` reads the PTX, the
-TTGIR and the cubin's resource usage (``cuobjdump``, shipped with Triton). Must run in a process where
-``TRITON_INTERPRET`` was not set when triton was imported (the kernels must be real jit functions).
+TTGIR, the cubin's resource usage (``cuobjdump``, shipped with Triton) and ptxas's own ``-v`` report.
+Must run in a process where ``TRITON_INTERPRET`` was not set when triton was imported (the kernels must be
+real jit functions).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import io
 import re
 import subprocess
 import tempfile
@@ -197,7 +200,31 @@ def compile_kernel(
     if missing:
         raise KeyError(f"{name}: constexprs {sorted(missing)} are not arguments of the kernel")
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    log = io.StringIO()
+    saved = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True  # triton runs `ptxas -v` anyway; this prints its report, caught here
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log = saved
+    _PTXAS_LOGS[id(compiled)] = log.getvalue()
+    return compiled
+
+
+# `ptxas -v` reports of the kernels compiled by this process (empty for a kernel Triton took from its cache).
+_PTXAS_LOGS: dict[int, str] = {}
+
+
+def ptxas_report(compiled) -> dict[str, int | None]:
+    """Spill bytes and registers from the ``ptxas -v`` report of ``compiled`` (None if it came from the cache)."""
+    log = _PTXAS_LOGS.get(id(compiled), "")
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    return {
+        "ptxas_spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+        "ptxas_regs": int(regs.group(1)) if regs else None,
+    }
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -242,6 +269,7 @@ def inspect(compiled, capability: int) -> dict:
         "shared": compiled.metadata.shared,
         "smem_limit": SMEM_LIMIT[divmod(capability, 10)],
         **resource_usage(compiled.asm["cubin"]),
+        **ptxas_report(compiled),
     }
 
 

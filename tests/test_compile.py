@@ -8,8 +8,9 @@ deterministic picks at the Llama tensor-parallel shapes) and with an fp32 receiv
   (the pipeline prologue issues 1 .. num_stages-1 K steps), and ag_matmul's flag lookahead (num_stages
   iterations) is deeper than that prologue and its waits end in ``fence.proxy.async.global``;
 * every ``st.global`` is 128-bit (``.v4``): the outputs and matmul_rs's peer stores, never 16-bit scalars;
-* no spills (no stack frame), at most 255 registers, shared memory within the card's limit (and, on the
-  TMA path, within the estimate the config pruning uses).
+* no spills (ptxas's ``-v`` report: 0 bytes of spill stores and loads; and no stack frame in the cubin),
+  at most 255 registers, shared memory within the card's limit (and, on the TMA path, within the estimate
+  the config pruning uses).
 
 The compiles run in child processes (one per capability, concurrently) with ``TRITON_INTERPRET`` removed
 and a fresh Triton cache, so they really compile and are immune to what this process imported.
@@ -146,6 +147,9 @@ def test_compiled_code(compiled, job):
     assert stores, f"{what}: no global stores at all"
     assert all(kind.startswith(".v4.") for kind in stores), f"{what}: not only 128-bit stores: {stores}"
     assert r["stack"] == 0, f"{what}: a {r['stack']}-byte stack frame: registers spill"
+    # ptxas's own report (the child compiles with an empty cache, so ptxas always runs).
+    assert r["ptxas_spill_bytes"] == 0, f"{what}: ptxas reports {r['ptxas_spill_bytes']} bytes of spill traffic"
+    assert r["ptxas_regs"] == r["regs"], f"{what}: ptxas used {r['ptxas_regs']} registers, the cubin says {r['regs']}"
     assert r["regs"] <= 255, f"{what}: {r['regs']} registers"
     assert r["shared"] <= r["smem_limit"], f"{what}: {r['shared']} B of shared memory > {r['smem_limit']}"
 
