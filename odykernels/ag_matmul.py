@@ -6,6 +6,14 @@ peers writing into this rank's symmetric buffer). Chunk ``c`` (rows ``[starts[c]
 local chunk first (already in place, no wait), then rank+1, rank+2, ... so the first chunks to arrive
 (neighbours) are consumed first. Every chunk is tiled on its own, so each tile waits on exactly one flag,
 before it loads any of that chunk's rows.
+
+On the TMA path (sm_90) the loop over (tile, K step) is flattened and software-pipelined, so the loads of a
+tile are issued up to ``num_stages - 1`` iterations before the loop body that computes it; a wait placed at
+the tile would come after its own loads. Each program therefore acquires a tile's flag ``LOOKAHEAD`` (=
+``num_stages``) iterations ahead of the tile's first K step, and before the loop for the tiles whose loads
+the pipeline's prologue issues; a bitmask remembers the chunks already acquired, so a program waits at most
+once per chunk. ``tests/test_compile.py`` checks in the compiled code that the prologue is shallower than
+the lookahead.
 """
 
 from __future__ import annotations
@@ -19,9 +27,15 @@ from odykernels._runtime import Launch, is_interpreted, normalize_device, num_pr
 from odykernels.matmul import (
     check_operands,
     check_out,
+    choose_path,
     config_for,
+    descriptors,
+    gemm_launch_metadata,
     grouped_tile,
     input_precision,
+    load_a,
+    load_b,
+    out_vec,
     store_tile,
     tile_dot,
     wrapped_cols,
@@ -35,10 +49,13 @@ from odykernels.signal import (
     new_status,
     wait_budget,
     wait_flag,
+    wait_flag_for_tma,
 )
 
 
-@triton.jit(do_not_specialize=["rank", "expected", "budget"])
+@triton.jit(
+    do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "pointer")
+)
 def _ag_matmul_kernel(
     a_ptr,
     b_ptr,
@@ -64,6 +81,7 @@ def _ag_matmul_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    OUT_VEC: tl.constexpr,
     USE_CLOCK: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -82,7 +100,100 @@ def _ag_matmul_kernel(
             a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
-        store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn)
+        store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
+
+
+@triton.jit
+def acquire_tile_chunk(
+    tile, ready, num_mtiles, num_pid_n, mtiles_ptr, flags_ptr, status_ptr, rank, expected, budget,
+    GROUP_M: tl.constexpr, USE_CLOCK: tl.constexpr,
+):  # fmt: skip
+    """Acquire the flag of the chunk output tile ``tile`` reads, unless it is local or already in ``ready``.
+
+    ``ready`` is an int64 bitmask of the chunks this program has acquired; chunks 63 and up are never
+    recorded (and so waited on per tile, still correctly). Returns the updated mask.
+    """
+    mtile, _ = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
+    chunk = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+    bit = tl.where(chunk < 63, tl.full([], 1, tl.int64) << tl.minimum(chunk, 62).to(tl.int64), 0)
+    if (chunk != rank) & ((ready & bit) == 0):
+        wait_flag_for_tma(flags_ptr + chunk, expected, budget, status_ptr, chunk, tile, USE_CLOCK)
+        ready |= bit
+    return ready
+
+
+@triton.jit(do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "tma"))
+def _ag_matmul_tma_kernel(
+    a_desc,
+    b_desc,
+    c_ptr,
+    flags_ptr,
+    status_ptr,
+    mtiles_ptr,
+    num_mtiles,
+    N,
+    K,
+    stride_cm,
+    stride_cn,
+    rank,
+    expected,
+    budget,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr,
+    B_K_CONTIGUOUS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    OUT_VEC: tl.constexpr,
+    LOOKAHEAD: tl.constexpr,
+    USE_CLOCK: tl.constexpr,
+):
+    # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table, plus the flag waits.
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
+    total = my_tiles * k_tiles
+    # Iterations [0, LOOKAHEAD) are this program's first tiles; the pipeline prologue may load them before
+    # the loop body runs, so their chunks are acquired first. Iteration `it` acquires the tile that starts
+    # at iteration it + LOOKAHEAD, in time for the loads the pipeline issues (at most num_stages - 1 ahead).
+    ready = tl.zeros([], tl.int64)
+    for t in range(0, tl.minimum(my_tiles, (LOOKAHEAD - 1) // k_tiles + 1)):
+        ready = acquire_tile_chunk(
+            pid + t * progs, ready, num_mtiles, num_pid_n, mtiles_ptr, flags_ptr, status_ptr, rank, expected, budget,
+            GROUP_M, USE_CLOCK,
+        )  # fmt: skip
+    tile = pid - progs
+    ki = -1
+    row_start = 0
+    row_end = 0
+    pid_n = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, total):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile += progs
+            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
+            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
+            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
+        ahead = it + LOOKAHEAD
+        if (ahead < total) & (ahead % k_tiles == 0):
+            ready = acquire_tile_chunk(
+                pid + (ahead // k_tiles) * progs, ready, num_mtiles, num_pid_n, mtiles_ptr, flags_ptr, status_ptr,
+                rank, expected, budget, GROUP_M, USE_CLOCK,
+            )  # fmt: skip
+        # A chunk's partial last tile reads up to BLOCK_M - 1 rows past the chunk (the next chunk's rows,
+        # maybe still landing, or zeros past M); those rows only reach output rows the store drops.
+        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
+        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ki == k_tiles - 1:
+            rows = row_start + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
 def prepare_ag_matmul(
@@ -96,11 +207,13 @@ def prepare_ag_matmul(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
     max_programs: int | None = None,
+    *,
+    path: str | None = None,
 ) -> Launch:
     """Check the arguments of :func:`ag_matmul` and configure its launch (run it with ``.run()``).
 
     ``status`` is required here: the caller checks it when it chooses. The launch's ``out`` is the output
-    tensor, already zero-filled when ``K == 0``.
+    tensor, already zero-filled when ``K == 0``. ``path``: see :func:`ag_matmul`.
     """
     what = "ag_matmul"
     check_operands(a_full, b, what)
@@ -124,22 +237,33 @@ def prepare_ag_matmul(
     if K == 0:
         return Launch(None, device, out=out.zero_())
 
-    cfg = config_for(M, N, K, a_full.dtype, device, _ag_matmul_kernel)
+    path = choose_path(a_full, b, _ag_matmul_tma_kernel, path, what)
+    kernel = _ag_matmul_tma_kernel if path == "tma" else _ag_matmul_kernel
+    cfg = config_for(M, N, K, a_full, b, out.dtype, kernel, path)
     table = mtile_table(chunk_sizes, rank, cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
     tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
     progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
+    kwargs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=input_precision(a_full.dtype), OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if path == "tma":
+        a_desc, b_desc, layout = descriptors(a_full, b, cfg)
+        args = (
+            a_desc, b_desc, out, flags, status, table, num_mtiles, N, K, out.stride(0), out.stride(1),
+            rank, expected, budget,
+        )  # fmt: skip
+        kwargs.update(layout, LOOKAHEAD=cfg.num_stages)
+        return Launch(kernel, device, (progs,), args, kwargs, out)
     args = (
         a_full, b, out, flags, status, table, num_mtiles, N, K,
         a_full.stride(0), a_full.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         rank, expected, budget,
     )  # fmt: skip
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a_full.dtype), USE_CLOCK=not interpreted,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return Launch(_ag_matmul_kernel, device, (progs,), args, kwargs, out)
+    kwargs.update(EVEN_K=K % cfg.block_k == 0)
+    return Launch(kernel, device, (progs,), args, kwargs, out)
 
 
 def ag_matmul(
@@ -154,6 +278,8 @@ def ag_matmul(
     status: torch.Tensor | None = None,
     check: bool = True,
     max_programs: int | None = None,
+    *,
+    path: str | None = None,
 ) -> torch.Tensor:
     """``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it has landed.
 
@@ -180,6 +306,8 @@ def ag_matmul(
         max_programs: cap on the persistent grid (default: one program per SM). Each program holds most of
             an SM's registers, so a kernel that must run on this GPU while this one waits (a local copy
             kernel feeding the flags, say) needs SMs left free for it; the waits are bounded either way.
+        path: ``"tma"`` or ``"pointer"`` to force a code path (default: TMA on sm_90+ when ``a_full`` and
+            ``b`` are 16-byte aligned with a unit stride, see :func:`odykernels.matmul.choose_path`).
 
     Returns:
         (M, N) tensor ``out``. After a timeout its tiles of the late chunk hold garbage.
@@ -188,7 +316,9 @@ def ag_matmul(
         if not check:
             raise ValueError("ag_matmul: check=False needs a status tensor to record timeouts in")
         status = new_status(a_full.device)
-    launch = prepare_ag_matmul(a_full, b, chunk_sizes, rank, flags, expected, out, timeout_s, status, max_programs)
+    launch = prepare_ag_matmul(
+        a_full, b, chunk_sizes, rank, flags, expected, out, timeout_s, status, max_programs, path=path
+    )
     out = launch.run()
     if check:
         check_status(status, rank, "ag_matmul", index_name="chunk")

@@ -1,26 +1,40 @@
-"""Persistent tiled GEMM ``C = A @ B`` and the tile helpers the fused kernels share.
+"""Persistent tiled GEMM ``C = A @ B``, the tile helpers and configs the fused kernels share.
 
-One program per SM walks output tiles ``pid, pid + P, pid + 2P, ...`` in grouped order (``GROUP_M``
-M-tiles side by side sweep N together, so their A rows and B columns stay in L2). The K loop of one
-tile lives in :func:`tile_dot`, which ``ag_matmul`` and ``matmul_rs`` call as well.
+Two code paths, chosen on the host per call (:func:`choose_path`), each compiled for its target:
+
+* ``"tma"`` (sm_90 and newer, operands 16-byte aligned): A and B tiles arrive through tensor descriptors
+  (TMA, ``cp.async.bulk.tensor``). Each program runs ONE flattened loop over (its tiles) x (K steps), so
+  the software pipeline keeps loading the next tile's first K blocks while the current tile's epilogue
+  stores, instead of draining and refilling per tile.
+* ``"pointer"`` (sm_80, unaligned or K == 0 operands, and the default under the interpreter): pointer
+  loads the compiler turns into ``cp.async``, one K loop per tile (:func:`tile_dot`).
+
+Programs walk output tiles ``pid, pid + P, pid + 2P, ...`` in grouped order (``GROUP_M`` M-tiles side
+by side sweep N together, so their A rows and B columns stay in L2).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from odykernels._runtime import (
+    Launch,
     check_supported_device,
     device_info,
     is_interpreted,
-    launchable,
     normalize_device,
     num_programs,
 )
+
+PATHS = ("tma", "pointer")
+
+# ----------------------------------------------------------------------------------------- tile helpers
 
 
 @triton.jit
@@ -51,7 +65,7 @@ def tile_dot(
     EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A[rows, :K] @ B[:K, cols]``.
+    """Pointer path: fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A[rows, :K] @ B[:K, cols]``.
 
     ``rows`` (``[BLOCK_M]``) and ``cols`` (``[BLOCK_N]``) must all be valid indices: callers wrap the tail
     of a partial tile back onto valid rows/columns (and drop those results on store), so only the K tail
@@ -79,6 +93,32 @@ def tile_dot(
 
 
 @triton.jit
+def load_a(a_desc, row, k, A_COL_MAJOR: tl.constexpr):
+    """TMA path: the ``[BLOCK_M, BLOCK_K]`` block of A at (row, k); rows or columns past A's end read zero.
+
+    ``A_COL_MAJOR``: the descriptor is over Aᵀ (``[K, M]``, M contiguous) and the block is transposed back;
+    wgmma reads 16-bit operands from shared memory in either major order.
+    """
+    if A_COL_MAJOR:
+        return a_desc.load([k, row]).T
+    else:
+        return a_desc.load([row, k])
+
+
+@triton.jit
+def load_b(b_desc, k, col, B_K_CONTIGUOUS: tl.constexpr):
+    """TMA path: the ``[BLOCK_K, BLOCK_N]`` block of B at (k, col), zero past B's end.
+
+    ``B_K_CONTIGUOUS``: B is a transposed row-major matrix (``weight.t()`` of an ``nn.Linear``, the usual
+    case); the descriptor is over Bᵀ (``[N, K]``) and the block is transposed back.
+    """
+    if B_K_CONTIGUOUS:
+        return b_desc.load([col, k]).T
+    else:
+        return b_desc.load([k, col])
+
+
+@triton.jit
 def wrapped_cols(pid_n, N, BLOCK_N: tl.constexpr):
     """Columns of N-tile ``pid_n`` (``[BLOCK_N]``), those past ``N`` wrapped onto valid ones for loading.
 
@@ -89,14 +129,58 @@ def wrapped_cols(pid_n, N, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn):
-    """Store ``acc`` to ``C[rows, cols]`` in C's dtype, skipping rows ``>= row_end`` and cols ``>= N``."""
-    mask = (rows[:, None] < row_end) & (cols[None, :] < N)
+def store_tile(c_ptr, acc, rows, cols, row_end, col_end, stride_cm, stride_cn, VEC: tl.constexpr = 1):
+    """Store ``acc`` to ``C[rows, cols]`` in C's dtype, skipping rows ``>= row_end`` and cols ``>= col_end``.
+
+    ``VEC > 1`` promises (the host checked it) that ``stride_cm`` and ``col_end`` are multiples of ``VEC``
+    elements, ``VEC`` elements are 16 bytes, C's address is 16-byte aligned and ``stride_cn == 1``: the
+    compiler then emits 128-bit stores even when the JIT could not prove it (a stride that is a multiple of
+    8 but not 16 elements, a loaded peer offset).
+    """
+    if VEC > 1:
+        stride_cm = tl.multiple_of(stride_cm, VEC)
+        col_end = tl.multiple_of(col_end, VEC)
+    mask = (rows[:, None] < row_end) & (cols[None, :] < col_end)
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# ----------------------------------------------------------------------------------------- metadata
+
+
+def _nbytes(arg) -> tuple[tuple[int, ...], int]:
+    """(shape, element size) of a kernel argument that is a tensor or a tensor descriptor."""
+    if isinstance(arg, TensorDescriptor):
+        return tuple(arg.base.shape), arg.base.element_size()
+    return tuple(arg.shape), arg.element_size()
+
+
+def gemm_launch_metadata(op: str, path: str):
+    """A ``launch_metadata`` hook: ``name``, ``flops`` (and ``flops<bits>``, proton's key) and ``bytes``.
+
+    Triton calls it only when a launch hook is installed (the proton profiler, ``knobs.runtime``), so it
+    costs nothing otherwise. ``bytes`` counts A, B and C once each (the compulsory traffic).
+    """
+
+    def metadata(grid, kernel, args) -> dict:
+        (M, K), a_size = _nbytes(args["a_desc"] if "a_desc" in args else args["a_ptr"])
+        (_, N), b_size = _nbytes(args["b_desc"] if "b_desc" in args else args["b_ptr"])
+        c_size = args["recv_ptr" if "recv_ptr" in args else "c_ptr"].element_size()
+        flops = 2.0 * M * N * K
+        return {
+            "name": f"odykernels.{op}[{path}] M={M} N={N} K={K}",
+            "flops": flops,
+            f"flops{8 * a_size}": flops,
+            "bytes": a_size * M * K + b_size * K * N + c_size * M * N,
+        }
+
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit(launch_metadata=gemm_launch_metadata("matmul", "pointer"))
 def _matmul_kernel(
     a_ptr,
     b_ptr,
@@ -116,6 +200,7 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    OUT_VEC: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -127,7 +212,59 @@ def _matmul_kernel(
             a_ptr, b_ptr, rows % M, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
-        store_tile(c_ptr, acc, rows, cols, M, N, stride_cm, stride_cn)
+        store_tile(c_ptr, acc, rows, cols, M, N, stride_cm, stride_cn, OUT_VEC)
+
+
+@triton.jit(launch_metadata=gemm_launch_metadata("matmul", "tma"))
+def _matmul_tma_kernel(
+    a_desc,
+    b_desc,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_cm,
+    stride_cn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr,
+    B_K_CONTIGUOUS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    OUT_VEC: tl.constexpr,
+):
+    # One loop over this program's (tile, K step) pairs. The tile advance sits in its own `if` at the top
+    # and the epilogue in another at the bottom: Triton's pipeliner puts the first (with the loads that
+    # depend on it) in its first stage and the second (with the dot) in its last. Both in one `if` at the
+    # bottom leaves the loop unpipelined (triton 3.7.1, sm_90: 48 KiB of shared memory, one stage).
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    my_tiles = tl.cdiv(num_pid_m * num_pid_n - pid, progs)
+    tile = pid - progs
+    ki = -1
+    pid_m = 0
+    pid_n = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, my_tiles * k_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile += progs
+            pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        a = load_a(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_COL_MAJOR)
+        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ki == k_tiles - 1:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            store_tile(c_ptr, acc, rows, cols, M, N, stride_cm, stride_cn, OUT_VEC)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+# ----------------------------------------------------------------------------------------- configs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,74 +278,232 @@ class TileConfig:
     num_warps: int
     num_stages: int
 
-    def smem_bytes(self, elem_size: int) -> int:
-        """Shared memory of the pipelined A and B tiles (the dominant term of the kernel's use)."""
-        return self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * elem_size
+    def smem_bytes(self, elem_size: int, out_elem_size: int | None = None, path: str = "pointer") -> int:
+        """Shared memory the kernel is expected to need, bytes.
+
+        The pipelined A and B tiles; on the TMA path also the epilogue's layout-conversion scratch, live at
+        the same time because the next tile's loads are in flight during the epilogue. The scratch term is
+        measured, not derived (compiled for sm_90, triton 3.6.0 and 3.7.1): 16-bit outputs use at most
+        32 KiB (half of a 128x256 tile), fp32 outputs the whole tile (128 KiB for 128x256, which no longer
+        fits beside three stages); ``tests/test_compile.py`` checks that the estimate bounds the real figure
+        for every table config. The pointer path's epilogue reuses the pipeline buffers (its K loop ended).
+        """
+        stages = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * elem_size
+        if path != "tma":
+            return stages
+        out = elem_size if out_elem_size is None else out_elem_size
+        tile = self.block_m * self.block_n * out
+        scratch = tile if out >= 4 else min(tile, 32768)
+        return stages + scratch + 1024  # + the mbarriers and alignment
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} g{self.group_m} w{self.num_warps} s{self.num_stages}"
 
 
-# GPU configs, most preferred first. None of them has been timed by this project yet (no GPU so far): the
-# first is the Triton persistent-matmul tutorial's choice for H100 bf16 (128x256x64, 8 warps, 3 stages,
-# 144 KiB of shared memory); the smaller ones give enough tiles to fill the SMs on small problems.
-CONFIGS: list[TileConfig] = [
-    TileConfig(128, 256, 64, group_m=8, num_warps=8, num_stages=3),
-    TileConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=4),
-    TileConfig(64, 128, 64, group_m=8, num_warps=4, num_stages=4),
-    TileConfig(64, 64, 64, group_m=8, num_warps=4, num_stages=4),
-]
+def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -> TileConfig:
+    return TileConfig(bm, bn, bk, group_m=group_m, num_warps=warps, num_stages=stages)
+
+
+# Config tables, per architecture and regime, most preferred first (the first is the deterministic pick
+# when it makes at least one tile per SM, see select_config; on a GPU the autotuner times all of them).
+# None of them has been timed by this project yet (no GPU so far); they come from the Triton
+# persistent-matmul tutorial's H100 autotune space (BLOCK_M 128, BLOCK_N 128/256, BLOCK_K 64, 3-4 stages,
+# 8 warps), and each is compiled for sm_90 in CI: 0 spills, <= 255 registers, shared memory under the
+# H100's 227 KiB (tests/test_compile.py).
+#
+# Regimes (see regime()): "small_m" M <= 1024 (short sequences: 64-row tiles give the SMs work);
+# "narrow_n" N <= 1024 (QKV at world 8 of a GQA model, N = d/8): fewer 128x256 tiles than SMs, so
+# 128x128 first; "short_k" K <= 1024 (o_proj at world 8: K = d/8 = 512): 8 K steps per tile, so the
+# epilogue is a large share of a tile and a fourth stage keeps more of the next tile's loads in flight;
+# "large" otherwise.
+SM90_CONFIGS: dict[str, list[TileConfig]] = {
+    "large": [_cfg(128, 256, 64, 8, 3), _cfg(128, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4)],
+    "short_k": [_cfg(128, 256, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4)],
+    "narrow_n": [_cfg(128, 128, 64, 8, 4), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)],
+    "small_m": [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)],
+}
+# sm_80 (pointer path, cp.async + mma.sync): the configs this project used before the sm_90 path, for
+# every regime. 128x256x64 / 8 warps / 3 stages needs 144 KiB of the A100's 163 KiB.
+SM80_CONFIGS: dict[str, list[TileConfig]] = {
+    regime: [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
+    for regime in ("large", "short_k", "narrow_n", "small_m")
+}
+# Considered and left out, each with its reason (compiled for sm_90 bf16 with triton 3.7.1; not timed).
+DISABLED_CONFIGS: list[tuple[TileConfig, str]] = [
+    (_cfg(128, 256, 128, 8, 3), "A/B stages alone need 3 x 96 KiB = 288 KiB, over the H100's 227 KiB"),
+    (_cfg(128, 256, 64, 4, 3), "4 warps hold the 128x256 fp32 accumulator in 256 registers per thread: spills"),
+    (_cfg(128, 256, 64, 8, 5), "5 x 48 KiB stages + 32 KiB epilogue scratch = 272 KiB, over 227 KiB"),
+    (_cfg(256, 128, 64, 8, 3), "same accumulator and shared memory as 128x256 but B tiles half as wide: "
+     "the tutorial's H100 autotune space never picks it; kept out to keep the tuning short"),
+]  # fmt: skip
 
 # Interpreter only: every tl.dot costs about 7 ms on the CPU whatever its size, and tests run tiny shapes,
 # so the smallest legal dot (16x16x16) keeps them fast while a 2-wide group still exercises the ordering.
-INTERPRETER_CONFIG = TileConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=1)
+# num_stages only sets ag_matmul's flag lookahead there (the interpreter does not pipeline): 3 makes the
+# lookahead span several tiles when K is one block.
+INTERPRETER_CONFIG = TileConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=3)
 
 # Largest dynamic shared memory per block, bytes, by compute capability (CUDA programming guide).
-SMEM_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 7): 166912, (8, 9): 101376, (9, 0): 232448}
+SMEM_LIMIT = {
+    (8, 0): 166912,
+    (8, 6): 101376,
+    (8, 7): 166912,
+    (8, 9): 101376,
+    (9, 0): 232448,
+    (10, 0): 232448,
+    (12, 0): 101376,
+}
 SMEM_LIMIT_DEFAULT = 101376
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+def regime(M: int, N: int, K: int) -> str:
+    """The config table row a problem uses: "small_m", "narrow_n", "short_k" or "large" (first that applies)."""
+    if M <= 1024:
+        return "small_m"
+    if N <= 1024:
+        return "narrow_n"
+    if K <= 1024:
+        return "short_k"
+    return "large"
+
+
+def config_table(capability: tuple[int, int], path: str) -> dict[str, list[TileConfig]]:
+    """The regime -> configs table for a card and code path."""
+    return SM90_CONFIGS if path == "tma" and tuple(capability) >= (9, 0) else SM80_CONFIGS
+
+
 def prune_configs(
-    configs: list[TileConfig], M: int, N: int, K: int, elem_size: int, capability: tuple[int, int]
+    configs: list[TileConfig],
+    M: int,
+    N: int,
+    K: int,
+    elem_size: int,
+    capability: tuple[int, int],
+    out_elem_size: int | None = None,
+    path: str = "pointer",
 ) -> list[TileConfig]:
     """Configs that fit the card's shared memory and are not taller than the problem needs.
 
     A config whose ``block_m`` exceeds M rounded up to a power of two only computes padding rows; it is
-    kept when nothing smaller is left, so the result is never empty for sizes the launcher accepts.
+    kept when nothing smaller is left, so the result is never empty while one config fits.
     """
     limit = SMEM_LIMIT.get(tuple(capability), SMEM_LIMIT_DEFAULT)
-    fits = [c for c in configs if c.smem_bytes(elem_size) <= limit]
+    fits = [c for c in configs if c.smem_bytes(elem_size, out_elem_size, path) <= limit]
     tall_enough = [c for c in fits if c.block_m <= max(16, triton.next_power_of_2(M))]
     return tall_enough or fits[-1:]
 
 
-def select_config(
-    M: int, N: int, K: int, elem_size: int, capability: tuple[int, int] | None, num_sms: int
-) -> TileConfig:
-    """Deterministic pick: the first pruned config with at least one tile per SM, else the one with most.
-
-    ``capability=None`` means the CPU interpreter and returns :data:`INTERPRETER_CONFIG`.
-    """
-    if capability is None:
-        return INTERPRETER_CONFIG
-    candidates = prune_configs(CONFIGS, M, N, K, elem_size, capability)
-    if not candidates:
+def candidate_configs(
+    M: int,
+    N: int,
+    K: int,
+    elem_size: int,
+    capability: tuple[int, int],
+    num_sms: int,
+    out_elem_size: int | None = None,
+    path: str = "pointer",
+) -> list[TileConfig]:
+    """The regime's configs that fit, the deterministic pick first (the autotuner's candidates)."""
+    table = config_table(capability, path)
+    configs = prune_configs(table[regime(M, N, K)], M, N, K, elem_size, capability, out_elem_size, path)
+    if not configs:
         raise ValueError(f"no GEMM config fits capability {capability} with {elem_size}-byte elements")
 
     def tiles(c: TileConfig) -> int:
         return triton.cdiv(M, c.block_m) * triton.cdiv(N, c.block_n)
 
-    for c in candidates:
-        if tiles(c) >= num_sms:
-            return c
-    return max(candidates, key=tiles)
+    first = next((c for c in configs if tiles(c) >= num_sms), None) or max(configs, key=tiles)
+    return [first] + [c for c in configs if c != first]
 
 
-def config_for(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, kernel) -> TileConfig:
-    """The config a launcher uses for this problem on ``device`` (interpreter config on CPU)."""
+def select_config(
+    M: int,
+    N: int,
+    K: int,
+    elem_size: int,
+    capability: tuple[int, int] | None,
+    num_sms: int,
+    out_elem_size: int | None = None,
+    path: str = "pointer",
+) -> TileConfig:
+    """Deterministic pick: the regime's first fitting config with at least one tile per SM, else the one
+    with most tiles. ``capability=None`` means the CPU interpreter and returns :data:`INTERPRETER_CONFIG`.
+    """
+    if capability is None:
+        return INTERPRETER_CONFIG
+    return candidate_configs(M, N, K, elem_size, capability, num_sms, out_elem_size, path)[0]
+
+
+# ----------------------------------------------------------------------------------------- autotuning
+
+AUTOTUNE = os.environ.get("ODYKERNELS_AUTOTUNE", "1") != "0"
+"""Time the candidate configs on a GPU the first time a shape key is seen (``ODYKERNELS_AUTOTUNE=0``: no)."""
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def tune_key(M: int, N: int, K: int, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, path: str) -> tuple:
+    """The tuning cache key: M by power-of-two bucket (sequence lengths vary per batch), the rest exactly."""
+    return (
+        normalize_device(a.device), path, a.dtype, out_dtype, triton.next_power_of_2(M), N, K,
+        a.stride(1) == 1, b.stride(0) == 1,
+    )  # fmt: skip
+
+
+def autotune(key: tuple, candidates: list[TileConfig], run, bench=None) -> TileConfig:
+    """The fastest of ``candidates`` by ``bench(lambda: run(config))`` (ms; default ``triton.testing.do_bench``),
+    cached under ``key``. A config that does not fit the card at launch (``OutOfResources``) is skipped.
+    """
+    if key in _TUNED:
+        return _TUNED[key]
+    if bench is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=5, rep=20)
+
+    times = {}
+    for cfg in candidates:
+        try:
+            times[cfg] = bench(lambda cfg=cfg: run(cfg))
+        except triton.runtime.errors.OutOfResources:
+            continue
+    if not times:
+        raise RuntimeError(f"autotune: no candidate config could run for {key}: {[str(c) for c in candidates]}")
+    best = min(candidates, key=lambda c: times.get(c, float("inf")))  # ties: the earlier (preferred) one
+    _TUNED[key] = best
+    return best
+
+
+def config_for(
+    M: int,
+    N: int,
+    K: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out_dtype: torch.dtype,
+    kernel,
+    path: str,
+) -> TileConfig:
+    """The config a launcher uses: the interpreter's on CPU; on a GPU the tuned one when autotuning is on
+    (timed with :func:`matmul` on ``a``, ``b`` and a scratch output: the fused kernels share its inner
+    loop, and cannot be run for timing themselves), else the deterministic pick."""
+    device = a.device
     if is_interpreted(kernel, device):
         return INTERPRETER_CONFIG
     capability, num_sms = device_info(normalize_device(device))
-    return select_config(M, N, K, dtype.itemsize, capability, num_sms)
+    candidates = candidate_configs(M, N, K, a.element_size(), capability, num_sms, out_dtype.itemsize, path)
+    if len(candidates) == 1 or not AUTOTUNE or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    key = tune_key(M, N, K, a, b, out_dtype, path)
+    if key not in _TUNED:
+        scratch = torch.empty((M, N), dtype=out_dtype, device=device)
+        return autotune(key, candidates, lambda cfg: prepare_matmul(a, b, scratch, config=cfg, path=path).run())
+    return _TUNED[key]
+
+
+# ----------------------------------------------------------------------------------------- checks
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -256,37 +551,138 @@ def check_out(out: torch.Tensor, shape: tuple[int, int], device: torch.device, w
     check_dtype(out.dtype, device, f"{what}: out")
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _major(t: torch.Tensor, name: str) -> tuple[bool | None, str]:
+    """(True if column-major / False if row-major / None if neither is TMA-loadable, why not)."""
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return None, f"{name} starts at an address that is not 16-byte aligned ({t.data_ptr() % 16} bytes off)"
+    if t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0:
+        return False, ""
+    if t.stride(0) == 1 and (t.stride(1) * es) % 16 == 0:
+        return True, ""
+    return None, (
+        f"{name} has strides {tuple(t.stride())} ({es}-byte elements); TMA needs one unit stride and the other "
+        f"a multiple of 16 bytes"
+    )
+
+
+def tma_layout(a: torch.Tensor, b: torch.Tensor) -> tuple[bool | None, bool | None, str]:
+    """(A column-major?, B K-contiguous?, why not) for the TMA path; None where it cannot load the operand."""
+    a_col, why_a = _major(a, "a")
+    b_kcontig, why_b = _major(b, "b")  # B "column-major" = K contiguous
+    if a.shape[1] == 0:
+        return None, None, "K is 0 (a tensor descriptor cannot span an empty dimension)"
+    return a_col, b_kcontig, why_a or why_b
+
+
+def choose_path(a: torch.Tensor, b: torch.Tensor, kernel, path: str | None, what: str) -> str:
+    """The code path for these operands: ``path`` if given (checked), else "tma" on sm_90+ when the operands
+    are TMA-loadable, else "pointer". Under the interpreter the default is "pointer" (tests pick "tma").
+    """
+    if path is not None and path not in PATHS:
+        raise ValueError(f"{what}: path={path!r}; expected one of {list(PATHS)} or None (automatic)")
+    if path == "pointer":
+        return path
+    interpreted = is_interpreted(kernel, a.device)
+    capability = None if interpreted else device_info(normalize_device(a.device))[0]
+    a_col, b_kcontig, why = tma_layout(a, b)
+    if path == "tma":
+        if capability is not None and capability < (9, 0):
+            raise ValueError(
+                f"{what}: path='tma' needs sm_90 or newer; {a.device} is sm_{capability[0]}{capability[1]}"
+            )
+        if a_col is None or b_kcontig is None:
+            raise ValueError(f"{what}: path='tma' cannot load these operands: {why}")
+        return path
+    if interpreted or capability < (9, 0) or a_col is None or b_kcontig is None:
+        return "pointer"
+    return "tma"
+
+
+def descriptors(a: torch.Tensor, b: torch.Tensor, cfg: TileConfig) -> tuple[TensorDescriptor, TensorDescriptor, dict]:
+    """Host tensor descriptors of A and B for ``cfg`` and the layout constexprs of the TMA kernels."""
+    a_col, b_kcontig, _ = tma_layout(a, b)
+    (M, K), N = a.shape, b.shape[1]
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    if a_col:
+        a_desc = TensorDescriptor(a, [K, M], [a.stride(1), 1], [bk, bm])
+    else:
+        a_desc = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk])
+    if b_kcontig:
+        b_desc = TensorDescriptor(b, [N, K], [b.stride(1), 1], [bn, bk])
+    else:
+        b_desc = TensorDescriptor(b, [K, N], [b.stride(0), 1], [bk, bn])
+    return a_desc, b_desc, {"A_COL_MAJOR": bool(a_col), "B_K_CONTIGUOUS": bool(b_kcontig)}
+
+
+def out_vec(out: torch.Tensor, cols: int) -> int:
+    """Elements per 128-bit store of ``out`` when its rows allow them (address, row stride and the column
+    count all multiples of 16 bytes, unit column stride), else 1 (the stores then follow what the JIT's
+    own specialization proves)."""
+    es = out.element_size()
+    vec = 16 // es
+    aligned = out.data_ptr() % 16 == 0 and (out.stride(0) * es) % 16 == 0 and cols % vec == 0
+    return vec if aligned and out.stride(1) == 1 else 1
+
+
+# ----------------------------------------------------------------------------------------- launcher
+
+
+def prepare_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    config: TileConfig | None = None,
+    path: str | None = None,
+) -> Launch:
+    """Check the arguments of :func:`matmul` and configure its launch (run it with ``.run()``).
+
+    ``config`` overrides the config choice (benchmarks, the autotuner); ``path`` the code path.
+    """
+    what = "matmul"
+    check_operands(a, b, what)
+    M, K = a.shape
+    N = b.shape[1]
+    if out is None:
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    else:
+        check_out(out, (M, N), a.device, what)
+    if M == 0 or N == 0:
+        return Launch(None, a.device, out=out)
+    if K == 0:
+        return Launch(None, a.device, out=out.zero_())
+    path = choose_path(a, b, _matmul_tma_kernel, path, what)
+    kernel = _matmul_tma_kernel if path == "tma" else _matmul_kernel
+    cfg = config or config_for(M, N, K, a, b, out.dtype, kernel, path)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    progs = num_programs(normalize_device(a.device), tiles, is_interpreted(kernel, a.device))
+    common = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=input_precision(a.dtype), OUT_VEC=out_vec(out, N),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if path == "tma":
+        a_desc, b_desc, layout = descriptors(a, b, cfg)
+        args = (a_desc, b_desc, out, M, N, K, out.stride(0), out.stride(1))
+        return Launch(kernel, a.device, (progs,), args, {**common, **layout}, out)
+    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+    return Launch(kernel, a.device, (progs,), args, {**common, "EVEN_K": K % cfg.block_k == 0}, out)
+
+
+def matmul(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, *, path: str | None = None
+) -> torch.Tensor:
     """``a @ b`` with fp32 accumulation.
 
     Args:
         a: (M, K), bf16/fp16/fp32, any strides.
         b: (K, N), same dtype and device as ``a``, any strides.
         out: optional (M, N) output, any supported dtype (default: ``a``'s dtype), any strides.
+        path: ``"tma"`` or ``"pointer"`` to force a code path (default: chosen from the card and the
+            operands' alignment, see :func:`choose_path`).
 
     Returns:
         (M, N) tensor ``out``.
     """
-    check_operands(a, b, "matmul")
-    M, K = a.shape
-    N = b.shape[1]
-    if out is None:
-        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    else:
-        check_out(out, (M, N), a.device, "matmul")
-    if M == 0 or N == 0:
-        return out
-    if K == 0:
-        return out.zero_()
-    kernel = launchable(_matmul_kernel, a.device)
-    cfg = config_for(M, N, K, a.dtype, a.device, _matmul_kernel)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(a.device), tiles, is_interpreted(_matmul_kernel, a.device))
-    kernel[(progs,)](
-        a, b, out, M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return out
+    return prepare_matmul(a, b, out, path=path).run()

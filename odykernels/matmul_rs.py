@@ -22,9 +22,21 @@ offsets ``peer_offsets[j]`` = (peer j's buffer address - base address) / element
 peer ``j`` as ``base + peer_offsets[j] + local offset``. With CUDA symmetric memory the offsets come from
 the rendezvous handle's ``buffer_ptrs``; in a single-process simulation all buffers are slices of one
 tensor. Loaded pointers are avoided because the CPU interpreter cannot dereference them.
+
+Alignment rule (checked by the launcher, on every device): the receive buffer's address, its slot and row
+strides and every peer offset are multiples of 16 bytes, and its column stride is 1. The kernels state
+that with ``tl.multiple_of`` on the loaded offset and the strides, so every peer store is a 128-bit
+``st.global.v4`` (a loaded offset has no alignment the compiler could prove: without the hint a tile went
+out as 16-bit scalar stores). The padding columns ``[N, round_up(N, 16 bytes))`` of a row belong to the
+kernel, which may write them.
+
+On the TMA path (sm_90) the K loop is flattened over the program's tiles like ``matmul``'s; the epilogue
+(peer stores, the tile count, the flag) runs in the loop's last pipeline stage while the next tile loads.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -45,9 +57,14 @@ from odykernels.matmul import (
     check_dtype,
     check_operands,
     check_out,
+    choose_path,
     config_for,
+    descriptors,
+    gemm_launch_metadata,
     grouped_tile,
     input_precision,
+    load_a,
+    load_b,
     store_tile,
     tile_dot,
     wrapped_cols,
@@ -58,14 +75,50 @@ from odykernels.signal import (
     check_flags_tensor,
     check_status,
     check_status_tensor,
+    cta_barrier,
     new_status,
     notify,
     wait_budget,
     wait_flag,
 )
 
+ALIGN_BYTES = 16
+"""Alignment of the receive buffer's address, strides and peer offsets (one 128-bit store)."""
 
-@triton.jit(do_not_specialize=["rank", "epoch"])
+
+@triton.jit
+def store_slot(
+    recv_ptr, recv_offsets_ptr, dest, rank, acc, rows, cols, row_end, N, stride_rs, stride_rm, stride_rn,
+    VEC: tl.constexpr,
+):  # fmt: skip
+    """Store ``acc`` (rows relative to the destination's chunk) into slot ``rank`` of ``dest``'s buffer.
+
+    ``VEC`` elements are 16 bytes; the launcher checked that the peer offsets and the slot and row strides
+    are multiples of it, so the stores are 128-bit. Columns up to N rounded up to ``VEC`` are written
+    (row padding, the kernel's by the alignment rule), which keeps the column mask ``VEC``-aligned.
+    """
+    offset = tl.multiple_of(tl.load(recv_offsets_ptr + dest), VEC)
+    slot_ptr = recv_ptr + offset + rank.to(tl.int64) * tl.multiple_of(stride_rs, VEC)
+    store_tile(slot_ptr, acc, rows, cols, row_end, tl.cdiv(N, VEC) * VEC, stride_rm, stride_rn, VEC)
+
+
+@triton.jit
+def count_tile(counters_ptr, flags_ptr, flag_offsets_ptr, dest, rank, epoch, dest_tiles, USE_ASM: tl.constexpr):
+    """Count one finished tile for ``dest``; the program that counts its last tile raises ``dest``'s flag.
+
+    The barrier first orders every thread's stores of this tile before the acquire-release count (system
+    scope: they went to a peer). The program that counts the last tile has acquired every other program's
+    count, so its release publishes their tiles too. Nobody touches the counter again this call, so it is
+    reset for the next one.
+    """
+    cta_barrier(USE_ASM)
+    done = tl.atomic_add(counters_ptr + dest, 1, sem="acq_rel", scope="sys")
+    if done == dest_tiles - 1:
+        tl.atomic_xchg(counters_ptr + dest, 0, sem="relaxed", scope="gpu")
+        notify(flags_ptr + tl.load(flag_offsets_ptr + dest) + rank, epoch, USE_ASM)
+
+
+@triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "pointer"))
 def _matmul_rs_kernel(
     a_ptr,
     b_ptr,
@@ -93,6 +146,7 @@ def _matmul_rs_kernel(
     GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    RECV_VEC: tl.constexpr,
 ):
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
@@ -110,19 +164,96 @@ def _matmul_rs_kernel(
             a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
-        slot_ptr = recv_ptr + tl.load(recv_offsets_ptr + dest) + rank.to(tl.int64) * stride_rs
-        store_tile(slot_ptr, acc, rows - dest_start, cols, row_end - dest_start, N, stride_rm, stride_rn)
-        # Publish this program's stores before counting the tile (system scope: they went to a peer).
-        tl.debug_barrier()
-        done = tl.atomic_add(counters_ptr + dest, 1, sem="acq_rel", scope="sys")
-        if done == dest_mtiles * num_pid_n - 1:
-            # Last tile of this destination: every other program's count was acquired above, so the
-            # release below publishes their tiles too. Nobody touches this counter again this call.
-            tl.atomic_xchg(counters_ptr + dest, 0, sem="relaxed", scope="gpu")
-            notify(flags_ptr + tl.load(flag_offsets_ptr + dest) + rank, epoch)
+        store_slot(
+            recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
+            stride_rs, stride_rm, stride_rn, RECV_VEC,
+        )  # fmt: skip
+        count_tile(counters_ptr, flags_ptr, flag_offsets_ptr, dest, rank, epoch, dest_mtiles * num_pid_n, False)
 
 
-@triton.jit(do_not_specialize=["epoch", "budget"])
+@triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "tma"))
+def _matmul_rs_tma_kernel(
+    a_desc,
+    b_desc,
+    recv_ptr,
+    recv_offsets_ptr,
+    flags_ptr,
+    flag_offsets_ptr,
+    counters_ptr,
+    mtiles_ptr,
+    num_mtiles,
+    N,
+    K,
+    stride_rs,
+    stride_rm,
+    stride_rn,
+    rank,
+    epoch,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr,
+    B_K_CONTIGUOUS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    RECV_VEC: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):
+    # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table; A and B are local, so
+    # nothing waits. USE_ASM (compiled for a GPU): the epilogue's barriers are inline PTX, which the
+    # pipeliner accepts (a tl.debug_barrier in the loop body leaves it unpipelined).
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
+    tile = pid - progs
+    ki = -1
+    row_start = 0
+    row_end = 0
+    dest = 0
+    dest_start = 0
+    dest_mtiles = 0
+    pid_n = 0
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, my_tiles * k_tiles):
+        ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
+        if ki == 0:
+            tile += progs
+            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
+            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
+            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
+            dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+            dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
+            dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
+        # A partial last tile of a chunk reads the next chunk's rows of A (local, complete) or zeros past M;
+        # those rows reach only output rows the store drops.
+        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
+        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ki == k_tiles - 1:
+            rows = row_start + tl.arange(0, BLOCK_M)
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            store_slot(
+                recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
+                stride_rs, stride_rm, stride_rn, RECV_VEC,
+            )  # fmt: skip
+            count_tile(counters_ptr, flags_ptr, flag_offsets_ptr, dest, rank, epoch, dest_mtiles * num_pid_n, USE_ASM)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+def _reduce_metadata(grid, kernel, args) -> dict:
+    """``launch_metadata`` of reduce_slots: world - 1 additions per output element; reads every slot once."""
+    out = args["out_ptr"]
+    rows, N, world = out.shape[0], out.shape[1], args["world"]
+    return {
+        "name": f"odykernels.reduce_slots world={world} rows={rows} N={N}",
+        "flops": float(max(world - 1, 0) * rows * N),
+        "bytes": world * rows * N * args["recv_ptr"].element_size() + rows * N * out.element_size(),
+    }
+
+
+@triton.jit(do_not_specialize=["epoch", "budget"], launch_metadata=_reduce_metadata)
 def _reduce_slots_kernel(
     recv_ptr,
     flags_ptr,
@@ -186,6 +317,58 @@ def _check_recv(recv: torch.Tensor, world: int, max_rows: int, N: int, device: t
     check_dtype(recv.dtype, device, f"{what}: recv")
 
 
+# peer_offsets tensors whose values passed the alignment check: id -> (weak reference, version, element size).
+# Reading the offsets is a device-to-host copy; the symmetric-memory backend keeps one offsets tensor per
+# buffer, so the check costs that copy once per tensor (and again after an in-place change).
+_ALIGNED_OFFSETS: dict[int, tuple[weakref.ref, int, int]] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter: check every time
+        return None
+
+
+def check_recv_alignment(recv: torch.Tensor, peer_offsets: torch.Tensor, what: str) -> None:
+    """Raise ``ValueError`` unless ``recv`` and ``peer_offsets`` follow the 16-byte rule (module docstring).
+
+    The first check of a ``peer_offsets`` tensor reads it to the host (a synchronization; do it before a
+    CUDA graph capture, like the first call for a chunk layout); later calls reuse the verdict until the
+    tensor changes.
+    """
+    es = recv.element_size()
+    if recv.stride(2) != 1:
+        raise ValueError(f"{what}: recv has strides {tuple(recv.stride())}; expected a column stride of 1")
+    if recv.data_ptr() % ALIGN_BYTES:
+        raise ValueError(
+            f"{what}: recv starts at address {recv.data_ptr():#x}, {recv.data_ptr() % ALIGN_BYTES} bytes past a "
+            f"{ALIGN_BYTES}-byte boundary; expected {ALIGN_BYTES}-byte alignment"
+        )
+    for dim, name in ((1, "row"), (0, "slot")):
+        if (recv.stride(dim) * es) % ALIGN_BYTES:
+            raise ValueError(
+                f"{what}: recv's {name} stride is {recv.stride(dim)} elements = {recv.stride(dim) * es} bytes, "
+                f"expected a multiple of {ALIGN_BYTES} bytes (pad the row length N and max_rows so that rows and "
+                f"slots start on {ALIGN_BYTES}-byte boundaries)"
+            )
+    key = id(peer_offsets)
+    seen = _ALIGNED_OFFSETS.get(key)
+    version = _version(peer_offsets)
+    if seen is not None and seen[0]() is peer_offsets and version is not None and seen[1:] == (version, es):
+        return
+    for j, offset in enumerate(peer_offsets.tolist()):
+        if (offset * es) % ALIGN_BYTES:
+            raise ValueError(
+                f"{what}: peer_offsets[{j}] = {offset} elements = {offset * es} bytes, expected a multiple of "
+                f"{ALIGN_BYTES} bytes (every peer's recv must start on a {ALIGN_BYTES}-byte boundary)"
+            )
+    if version is not None:
+        if len(_ALIGNED_OFFSETS) > 1024:
+            _ALIGNED_OFFSETS.clear()
+        _ALIGNED_OFFSETS[key] = (weakref.ref(peer_offsets), version, es)
+
+
 def prepare_matmul_rs(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -198,6 +381,8 @@ def prepare_matmul_rs(
     epoch: int,
     counters: torch.Tensor | None = None,
     max_programs: int | None = None,
+    *,
+    path: str | None = None,
 ) -> Launch:
     """Check the arguments of :func:`matmul_rs` and configure its launch (run it with ``.run()``)."""
     what = "matmul_rs"
@@ -209,6 +394,7 @@ def prepare_matmul_rs(
     world = len(chunk_sizes)
     _check_recv(recv, world, max(chunk_sizes), N, device, what)
     _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
+    check_recv_alignment(recv, peer_offsets, what)
     check_flags_tensor(flags, world, device, what)
     _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
     check_epoch(epoch, what)
@@ -222,22 +408,34 @@ def prepare_matmul_rs(
     if M == 0 or N == 0:
         return Launch(None, device)
 
-    cfg = config_for(M, N, K, a.dtype, device, _matmul_rs_kernel)
+    path = choose_path(a, b, _matmul_rs_tma_kernel, path, what)
+    kernel = _matmul_rs_tma_kernel if path == "tma" else _matmul_rs_kernel
+    interpreted = is_interpreted(kernel, device)
+    cfg = config_for(M, N, K, a, b, recv.dtype, kernel, path)
     table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
     tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, is_interpreted(_matmul_rs_kernel, device), max_programs)
-    args = (
-        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), recv.stride(0), recv.stride(1), recv.stride(2),
-        rank, epoch,
-    )  # fmt: skip
+    progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
     kwargs = dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0, INPUT_PRECISION=input_precision(a.dtype),
+        INPUT_PRECISION=input_precision(a.dtype), RECV_VEC=ALIGN_BYTES // recv.element_size(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
-    return Launch(_matmul_rs_kernel, device, (progs,), args, kwargs)
+    recv_strides = (recv.stride(0), recv.stride(1), recv.stride(2))
+    if path == "tma":
+        a_desc, b_desc, layout = descriptors(a, b, cfg)
+        args = (
+            a_desc, b_desc, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+            *recv_strides, rank, epoch,
+        )  # fmt: skip
+        kwargs.update(layout, USE_ASM=not interpreted)
+        return Launch(kernel, device, (progs,), args, kwargs)
+    args = (
+        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *recv_strides, rank, epoch,
+    )  # fmt: skip
+    kwargs.update(EVEN_K=K % cfg.block_k == 0)
+    return Launch(kernel, device, (progs,), args, kwargs)
 
 
 def matmul_rs(
@@ -252,6 +450,8 @@ def matmul_rs(
     epoch: int,
     counters: torch.Tensor | None = None,
     max_programs: int | None = None,
+    *,
+    path: str | None = None,
 ) -> None:
     """Compute ``a @ b`` and push each destination chunk's rows into that rank's receive buffer, slot ``rank``.
 
@@ -260,6 +460,10 @@ def matmul_rs(
     * receive buffer ``recv``: (world, max_rows, N), ``recv[s, i, :]`` = row ``starts[d] + i`` of source
       ``s``'s partial product on destination rank ``d``; ``max_rows >= max(chunk_sizes)``; any float dtype
       the kernels support (fp32 keeps partials exact before the sum; 16-bit halves the traffic).
+      **16-byte rule** (checked, ``ValueError`` otherwise): ``recv``'s address, ``recv.stride(0)`` and
+      ``recv.stride(1)`` times the element size, and every ``peer_offsets[j]`` times the element size are
+      multiples of 16 bytes; ``recv.stride(2) == 1``. E.g. allocate (world, max_rows, N_pad) with
+      N_pad = N rounded up to 16 bytes and view ``[..., :N]``. The kernel may write the padding columns.
     * flags: contiguous uint32 (world,), ``flags[s]`` on rank ``d`` = epoch of the last call whose slot
       ``s`` is complete on ``d``. Start at 0; never reset.
 
@@ -279,12 +483,14 @@ def matmul_rs(
             it can be kept across calls (not shared by two launches in flight). Allocated if None.
         max_programs: cap on the persistent grid (default: one program per SM), to leave SMs to kernels
             that run beside this one (e.g. the peers' reductions or other communication).
+        path: ``"tma"`` or ``"pointer"`` to force a code path for the loads (default: TMA on sm_90+ when
+            ``a`` and ``b`` are 16-byte aligned with a unit stride and K_r > 0).
 
     Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
     With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
     """
     prepare_matmul_rs(
-        a, b, chunk_sizes, rank, recv, peer_offsets, flags, flag_peer_offsets, epoch, counters, max_programs
+        a, b, chunk_sizes, rank, recv, peer_offsets, flags, flag_peer_offsets, epoch, counters, max_programs, path=path
     ).run()
 
 

@@ -71,23 +71,108 @@ def wait_flag(flag_ptr, expected, budget, status_ptr, index, tile, USE_CLOCK: tl
                 seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
                 polls += 1
         if seen != want:
-            if tl.atomic_cas(status_ptr, 0, index + 1, sem="relaxed", scope="gpu") == 0:
-                tl.store(status_ptr + 1, seen.to(tl.int32, bitcast=True))
-                tl.store(status_ptr + 2, expected)
-                tl.store(status_ptr + 3, tile)
+            record_timeout(status_ptr, seen, expected, index, tile)
     # The acquire above is issued by one thread; the barrier extends its ordering to the whole program.
     tl.debug_barrier()
     return seen == want
 
 
 @triton.jit
-def notify(flag_ptr, value):
+def record_timeout(status_ptr, seen, expected, index, tile):
+    """Fill the status record for a wait on flag ``index`` that gave up, unless an earlier failure holds it.
+
+    The words are written with atomic exchanges, not stores: the kernels' only ``st.global`` instructions
+    are then their data stores, which the compile checks require to be 128-bit.
+    """
+    if tl.atomic_cas(status_ptr, 0, index + 1, sem="relaxed", scope="gpu") == 0:
+        tl.atomic_xchg(status_ptr + 1, seen.to(tl.int32, bitcast=True), sem="relaxed", scope="gpu")
+        tl.atomic_xchg(status_ptr + 2, expected, sem="relaxed", scope="gpu")
+        tl.atomic_xchg(status_ptr + 3, tile, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _spin_acquire_fenced(flag_ptr, want, limit_ns):
+    """GPU only. Every thread polls ``*flag_ptr`` (acquire, system scope) until it reads ``want`` or ``limit_ns``
+    of global time pass; then one ``bar.red.and`` both joins the threads and tells them all whether every
+    thread saw the flag, and ``fence.proxy.async.global`` orders what they acquired before the async proxy's
+    (TMA) reads that follow. Returns (the last value this thread read, 1 if all threads saw ``want`` else 0).
+
+    Inline PTX for the barrier because Triton 3.6/3.7 do not software-pipeline a loop whose body holds a
+    ``tl.debug_barrier`` (``gpu.barrier``; compiled for sm_90: one stage and 48 KiB of shared memory instead
+    of three) but do pipeline one holding inline asm (a Triton ``while`` loop alone does not stop them);
+    and for the fence, which neither version offers as a builtin. The poll loop shares the block. Labels
+    are local to the ``{ }`` block, so the helper may be inlined more than once.
+    """
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .pred %p<3>;
+        .reg .u64 %t<3>;
+        mov.u64 %t0, %globaltimer;
+        $$ODY_SPIN:
+        ld.global.acquire.sys.u32 $0, [$2];
+        setp.eq.u32 %p0, $0, $3;
+        @%p0 bra $$ODY_DONE;
+        mov.u64 %t1, %globaltimer;
+        sub.u64 %t2, %t1, %t0;
+        setp.lt.u64 %p1, %t2, $4;
+        @%p1 bra $$ODY_SPIN;
+        $$ODY_DONE:
+        bar.red.and.pred %p2, 0, %p0;
+        selp.u32 $1, 1, 0, %p2;
+        fence.proxy.async.global;
+        }
+        """,
+        "=r,=r,l,r,l",
+        [flag_ptr, want, limit_ns],
+        dtype=(tl.uint32, tl.uint32),
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def wait_flag_for_tma(flag_ptr, expected, budget, status_ptr, index, tile, USE_CLOCK: tl.constexpr):
+    """:func:`wait_flag` for data that tensor-descriptor (TMA) loads read next, usable inside a pipelined loop.
+
+    Compiled for a GPU (``USE_CLOCK``) the wait is :func:`_spin_acquire_fenced`: every thread acquires the
+    flag itself, the threads join, and a ``fence.proxy.async.global`` orders the acquired data before the
+    TMA engine's reads (the flag is acquired in the generic proxy; TMA reads through the async proxy). Under
+    the interpreter (no proxies, no PTX) it is :func:`wait_flag`. Same budget and status record as
+    :func:`wait_flag`; returns whether the flag was seen.
+    """
+    if USE_CLOCK:
+        want = expected.to(tl.uint32)
+        earlier = tl.atomic_add(status_ptr, 0, sem="relaxed", scope="gpu")
+        limit = tl.where(earlier == 0, budget, 0).to(tl.int64) * 1000  # microseconds -> nanoseconds
+        seen, ok = _spin_acquire_fenced(flag_ptr, want, limit)
+        if ok == 0:
+            record_timeout(status_ptr, seen, expected, index, tile)
+        return ok != 0
+    else:
+        return wait_flag(flag_ptr, expected, budget, status_ptr, index, tile, False)
+
+
+@triton.jit
+def cta_barrier(USE_ASM: tl.constexpr):
+    """Join all threads of the program. ``USE_ASM`` (compiled for a GPU): a ``bar.sync 0`` in inline PTX,
+    which Triton's software pipeliner accepts inside a loop (a ``tl.debug_barrier`` there makes it give up
+    pipelining, triton 3.6/3.7); otherwise ``tl.debug_barrier`` (the interpreter cannot run PTX)."""
+    if USE_ASM:
+        tl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.debug_barrier()
+
+
+@triton.jit
+def notify(flag_ptr, value, USE_ASM: tl.constexpr = False):
     """Set ``*flag_ptr = value`` with release semantics at system scope, after all of this program's stores.
 
     The barrier first makes every thread's stores (e.g. a tile written to a peer) part of what the
-    single-thread release publishes.
+    single-thread release publishes (``USE_ASM``, default off: see :func:`cta_barrier`; compiled kernels
+    that notify inside a software-pipelined loop need it).
     """
-    tl.debug_barrier()
+    cta_barrier(USE_ASM)
     tl.atomic_xchg(flag_ptr, value.to(tl.uint32), sem="release", scope="sys")
 
 

@@ -10,12 +10,18 @@ import torch
 
 from odykernels._chunks import split_rows
 from odykernels.ag_matmul import ag_matmul
-from odykernels.matmul_rs import matmul_rs, reduce_slots
+from odykernels.matmul_rs import ALIGN_BYTES, matmul_rs, reduce_slots
 from odykernels.signal import FLAG_DTYPE
 
 
 def simulate_ag_matmul(
-    a_full: torch.Tensor, b: torch.Tensor, world: int, rank: int, epoch: int = 1, timeout_s: float = 0.05
+    a_full: torch.Tensor,
+    b: torch.Tensor,
+    world: int,
+    rank: int,
+    epoch: int = 1,
+    timeout_s: float = 0.05,
+    path: str | None = None,
 ) -> torch.Tensor:
     """What rank ``rank`` computes once the all-gather has finished: every chunk's flag holds ``epoch``.
 
@@ -25,12 +31,12 @@ def simulate_ag_matmul(
 
     Returns:
         (M, N_r) = ``a_full @ b`` through :func:`odykernels.ag_matmul`. The output starts as NaN (for float
-        outputs) so a tile the kernel skipped shows up.
+        outputs) so a tile the kernel skipped shows up. ``path`` forces a code path (``"tma"``/``"pointer"``).
     """
     chunk_sizes = split_rows(a_full.shape[0], world)
     flags = torch.full((world,), epoch, dtype=FLAG_DTYPE, device=a_full.device)
     out = torch.full((a_full.shape[0], b.shape[1]), float("nan"), dtype=a_full.dtype, device=a_full.device)
-    return ag_matmul(a_full, b, chunk_sizes, rank, flags, epoch, out=out, timeout_s=timeout_s)
+    return ag_matmul(a_full, b, chunk_sizes, rank, flags, epoch, out=out, timeout_s=timeout_s, path=path)
 
 
 class SimulatedRS:
@@ -38,17 +44,24 @@ class SimulatedRS:
 
     ``recv[j]`` is rank j's (world, max_rows, N) buffer, ``flags[j]`` its uint32 (world,) flags; since all
     live in one allocation, peer offsets are differences of slice starts, as symmetric memory's are of
-    buffer addresses. Receive buffers start as NaN so any slot a producer skipped poisons the sum.
+    buffer addresses. Rows are padded to a multiple of 16 bytes (``matmul_rs``'s alignment rule), so
+    ``recv[j]`` is a view ``[..., :N]`` of the padded rows. Receive buffers start as NaN so any slot a
+    producer skipped poisons the sum.
     """
 
     def __init__(self, chunk_sizes: list[int], N: int, dtype: torch.dtype, device: torch.device | str):
         self.chunk_sizes = list(chunk_sizes)
         self.world = len(chunk_sizes)
         max_rows = max(chunk_sizes)
-        self.recv = torch.full((self.world, self.world, max(max_rows, 1), N), float("nan"), dtype=dtype, device=device)
+        vec = ALIGN_BYTES // dtype.itemsize
+        padded = torch.full(
+            (self.world, self.world, max(max_rows, 1), -(-max(N, 1) // vec) * vec), float("nan"), dtype=dtype,
+            device=device,
+        )  # fmt: skip
+        self.recv = padded[..., :N]
         self.flags = torch.zeros((self.world, self.world), dtype=FLAG_DTYPE, device=device)
         self.counters = torch.zeros((self.world, self.world), dtype=torch.int32, device=device)
-        per_recv = self.recv[0].numel()
+        per_recv = self.recv.stride(0)
         self._recv_offsets = [
             torch.tensor([(j - r) * per_recv for j in range(self.world)], dtype=torch.int64, device=device)
             for r in range(self.world)
@@ -58,11 +71,11 @@ class SimulatedRS:
             for r in range(self.world)
         ]
 
-    def produce(self, rank: int, a: torch.Tensor, b: torch.Tensor, epoch: int) -> None:
-        """Run rank ``rank``'s :func:`matmul_rs` (a: (M, K_r), b: (K_r, N))."""
+    def produce(self, rank: int, a: torch.Tensor, b: torch.Tensor, epoch: int, path: str | None = None) -> None:
+        """Run rank ``rank``'s :func:`matmul_rs` (a: (M, K_r), b: (K_r, N)); ``path`` forces a code path."""
         matmul_rs(
             a, b, self.chunk_sizes, rank, self.recv[rank], self._recv_offsets[rank],
-            self.flags[rank], self._flag_offsets[rank], epoch, counters=self.counters[rank],
+            self.flags[rank], self._flag_offsets[rank], epoch, counters=self.counters[rank], path=path,
         )  # fmt: skip
 
     def reduce(
@@ -77,7 +90,11 @@ class SimulatedRS:
 
 
 def simulate_matmul_rs(
-    a_per_rank: list[torch.Tensor], b_per_rank: list[torch.Tensor], world: int, epoch: int = 1
+    a_per_rank: list[torch.Tensor],
+    b_per_rank: list[torch.Tensor],
+    world: int,
+    epoch: int = 1,
+    path: str | None = None,
 ) -> list[torch.Tensor]:
     """Every rank's share of ``sum_r a_per_rank[r] @ b_per_rank[r]``, through the real kernels.
 
@@ -86,6 +103,7 @@ def simulate_matmul_rs(
     Args:
         a_per_rank: ``world`` tensors (M, K_r).
         b_per_rank: ``world`` tensors (K_r, N).
+        path: ``"tma"`` or ``"pointer"`` forces the producers' code path (default: automatic).
 
     Returns:
         ``world`` tensors; entry d is (split_rows(M, world)[d], N), rows of chunk d of the sum.
@@ -95,5 +113,5 @@ def simulate_matmul_rs(
     M, N = a_per_rank[0].shape[0], b_per_rank[0].shape[1]
     sim = SimulatedRS(split_rows(M, world), N, a_per_rank[0].dtype, a_per_rank[0].device)
     for r in range(world):
-        sim.produce(r, a_per_rank[r], b_per_rank[r], epoch)
+        sim.produce(r, a_per_rank[r], b_per_rank[r], epoch, path)
     return [sim.reduce(d, epoch) for d in range(world)]

@@ -6,10 +6,12 @@ Outputs and receive buffers start as NaN, so a tile a kernel never wrote fails t
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -18,8 +20,25 @@ import torch
 import odykernels
 from odykernels import ag_matmul, check_status, matmul, new_status, reduce_slots, split_rows
 from odykernels._chunks import CHUNK, ROW_END, ROW_START, chunk_starts, mtile_table
-from odykernels.matmul import CONFIGS, INTERPRETER_CONFIG, prune_configs, select_config
+from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel
+from odykernels.matmul import (
+    DISABLED_CONFIGS,
+    INTERPRETER_CONFIG,
+    SM80_CONFIGS,
+    SM90_CONFIGS,
+    TileConfig,
+    autotune,
+    candidate_configs,
+    prepare_matmul,
+    prune_configs,
+    regime,
+    select_config,
+)
+from odykernels.matmul_rs import _matmul_rs_kernel, _matmul_rs_tma_kernel, _reduce_slots_kernel
 from odykernels.testing import SimulatedRS, simulate_ag_matmul, simulate_matmul_rs
+
+# The module, not the function odykernels exports under the same name.
+matmul_module = importlib.import_module("odykernels.matmul")
 
 CPU_DTYPES = [torch.float32, torch.float16]
 # (atol, rtol) against an fp64 reference of the same (rounded) inputs; fp16 covers one rounding of the output
@@ -29,6 +48,9 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-2, 4e-3), torch.bfloat16:
 # interpreter tiles; world 4 with 61 rows gives 16/15/15/15.
 M, K, N = 61, 40, 24
 WORLDS = [1, 2, 3, 4]
+# Both code paths run under the interpreter: "tma" (tensor descriptors, the flattened loop, ag_matmul's
+# flag lookahead) needs K and N rows of 16 bytes, which M, K, N above give in fp32 and fp16.
+PATHS = ["pointer", "tma"]
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,17 +80,19 @@ def randn(*shape, dtype, device="cpu", seed=0):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize(
-    "shape",
-    [(M, K, N), (16, 16, 16), (5, 7, 3), (33, 70, 50)],
-    ids=lambda s: "x".join(map(str, s)),
-)
-def test_matmul_numerics(dtype, shape):
+    "shape, path",
+    [((M, K, N), "pointer"), ((M, K, N), "tma"), ((16, 16, 16), "tma"), ((5, 7, 3), None), ((33, 70, 50), None),
+     ((40, 56, 72), "tma")],
+    ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
+)  # fmt: skip
+def test_matmul_numerics(dtype, shape, path):
+    # path None: automatic, which is the pointer path under the interpreter (and for these unaligned rows).
     m, k, n = shape
     a, b = randn(m, k, dtype=dtype, seed=1), randn(k, n, dtype=dtype, seed=2)
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    got = matmul(a, b, out=out)
+    got = matmul(a, b, out=out, path=path)
     assert got is out
-    assert_close(got, a.double() @ b.double(), dtype, f"matmul {shape} {dtype}")
+    assert_close(got, a.double() @ b.double(), dtype, f"matmul {shape} {dtype} {path}")
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -79,6 +103,39 @@ def test_matmul_strided_and_fp32_out_numerics(dtype):
     out = torch.full((M, N + 5), float("nan"), dtype=torch.float32)[:, :N]
     matmul(a, b, out=out)
     assert_close(out, a.double() @ b.double(), torch.float32 if dtype == torch.float32 else dtype, "strided")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("a_col_major", [False, True], ids=["a_rows", "a_cols"])
+@pytest.mark.parametrize("b_k_contiguous", [False, True], ids=["b_rows", "b_weight_t"])
+def test_matmul_tma_layouts_numerics(dtype, a_col_major, b_k_contiguous):
+    # The descriptor path in every operand layout it takes: A row- or column-major, B row-major or
+    # K-contiguous (an nn.Linear weight, transposed). 48 rows keep A's column stride 16-byte aligned.
+    m = 48
+    a = randn(K, m, dtype=dtype, seed=5).t() if a_col_major else randn(m, K, dtype=dtype, seed=5)
+    b = randn(N, K, dtype=dtype, seed=6).t() if b_k_contiguous else randn(K, N, dtype=dtype, seed=6)
+    padded = torch.full((m, N + 8), float("nan"), dtype=dtype)  # rows padded, 16-byte aligned
+    out = padded[:, :N]
+    matmul(a, b, out=out, path="tma")
+    assert_close(out, a.double() @ b.double(), dtype, f"tma a_col_major={a_col_major} b_k={b_k_contiguous}")
+    assert padded[:, N:].isnan().all(), "the row padding past N must not be written"
+
+
+def test_matmul_path_choice_and_errors():
+    a, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
+    launch = prepare_matmul(a, b)
+    assert launch.kernel is matmul_module._matmul_kernel  # interpreter default: the pointer path
+    assert prepare_matmul(a, b, path="tma").kernel is matmul_module._matmul_tma_kernel
+    with pytest.raises(ValueError, match=r"path='fast'; expected one of \['tma', 'pointer'\]"):
+        matmul(a, b, path="fast")
+    odd = randn(M, 7, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"path='tma' cannot load these operands: a has strides \(7, 1\)"):
+        matmul(odd, randn(7, N, dtype=torch.float16), path="tma")
+    # K = 0 is zeros without a launch; matmul_rs still launches (it must send zeros), on the pointer path.
+    assert torch.equal(matmul(torch.empty(3, 0), torch.empty(0, 4), path="tma"), torch.zeros(3, 4))
+    sim = SimulatedRS([3], 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="matmul_rs: path='tma' cannot load these operands: K is 0"):
+        sim.produce(0, torch.empty(3, 0), torch.empty(0, 4), 1, path="tma")
 
 
 def test_matmul_default_out_and_empty_k():
@@ -112,15 +169,87 @@ def test_matmul_rejects_bad_out():
 
 
 def test_config_selection_is_deterministic_and_fits():
-    h100 = select_config(8192, 4096, 4096, 2, (9, 0), 132)
-    assert (h100.block_m, h100.block_n, h100.block_k) == (128, 256, 64)
-    assert select_config(8192, 4096, 4096, 2, (9, 0), 132) == h100
-    # A problem with fewer 128x256 tiles than SMs takes the config that makes the most tiles.
-    small = select_config(256, 256, 4096, 2, (9, 0), 132)
+    h100 = select_config(8192, 4096, 4096, 2, (9, 0), 132, path="tma")
+    assert (h100.block_m, h100.block_n, h100.block_k, h100.num_stages) == (128, 256, 64, 3)
+    assert select_config(8192, 4096, 4096, 2, (9, 0), 132, path="tma") == h100
+    # o_proj at world 8 (K = 512) takes the fourth stage; N = d/8 = 512 the 128x128 tiles.
+    assert select_config(8192, 4096, 512, 2, (9, 0), 132, path="tma").num_stages == 4
+    narrow = select_config(8192, 512, 4096, 2, (9, 0), 132, path="tma")
+    assert (narrow.block_m, narrow.block_n) == (128, 128)
+    # A problem with fewer tiles than SMs takes the config that makes the most tiles.
+    small = select_config(256, 256, 4096, 2, (9, 0), 132, path="tma")
     assert (small.block_m, small.block_n) == (64, 64)
+    assert select_config(256, 256, 4096, 2, (8, 0), 108) == TileConfig(64, 64, 64, 8, 4, 4)
     # fp32 tiles of 128x256x64 over 3 stages need 288 KiB: more than any card has.
-    assert all(c.smem_bytes(4) <= 166912 for c in prune_configs(CONFIGS, 4096, 4096, 4096, 4, (8, 0)))
+    for configs in SM80_CONFIGS.values():
+        assert all(c.smem_bytes(4) <= 166912 for c in prune_configs(configs, 4096, 4096, 4096, 4, (8, 0)))
+    # An fp32 receive buffer needs the whole fp32 tile as epilogue scratch on the TMA path: no 128x256 there.
+    fp32_out = candidate_configs(8192, 4096, 4096, 2, (9, 0), 132, out_elem_size=4, path="tma")
+    assert fp32_out == [TileConfig(128, 128, 64, 8, 8, 4)]
     assert select_config(5, 5, 5, 2, None, 1) == INTERPRETER_CONFIG
+    # On CPU the launchers never tune: the interpreter config, whatever the shape.
+    assert prepare_matmul(randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32)).kwargs["BLOCK_M"] == 16
+
+
+def test_config_tables():
+    assert [regime(512, 4096, 4096), regime(8192, 512, 4096), regime(8192, 4096, 512), regime(8192, 4096, 4096)] == [
+        "small_m", "narrow_n", "short_k", "large",
+    ]  # fmt: skip
+    for table in (SM90_CONFIGS, SM80_CONFIGS):
+        assert set(table) == {"small_m", "narrow_n", "short_k", "large"}
+        for configs in table.values():
+            assert 1 <= len(configs) <= 4 and len(set(configs)) == len(configs)
+    enabled = {c for table in (SM90_CONFIGS, SM80_CONFIGS) for configs in table.values() for c in configs}
+    for cfg, reason in DISABLED_CONFIGS:
+        assert cfg not in enabled and len(reason) > 20, (cfg, reason)
+    # Every enabled sm_90 config fits the H100 with 16-bit data on the TMA path.
+    assert all(c.smem_bytes(2, 2, "tma") <= 232448 for configs in SM90_CONFIGS.values() for c in configs)
+
+
+def test_autotune_picks_the_fastest_and_caches(monkeypatch):
+    monkeypatch.setattr(matmul_module, "_TUNED", {})
+    a, b, c = (TileConfig(128, 256, 64, 8, 8, s) for s in (3, 4, 5))
+    times = {a: 2.0, b: 1.0}
+    runs = []
+
+    def run(cfg):
+        runs.append(cfg)
+        if cfg == c:
+            raise matmul_module.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+
+    def bench(fn):
+        fn()
+        return times[runs[-1]]
+
+    assert autotune(("key",), [a, b, c], run, bench) == b
+    assert runs == [a, b, c]
+    assert autotune(("key",), [a, b, c], run, bench=None) == b  # cached: no new runs, no do_bench
+    assert runs == [a, b, c]
+    with pytest.raises(RuntimeError, match="no candidate config could run"):
+        autotune(("other",), [c], run, bench)
+
+
+def test_launch_metadata_reports_flops_and_bytes():
+    a, b = torch.zeros(64, 32, dtype=torch.float16), torch.zeros(32, 48, dtype=torch.float16)
+    out = torch.zeros(64, 48, dtype=torch.float32)
+    for kernel, a_arg, b_arg, path in [
+        (matmul_module._matmul_kernel, a, b, "pointer"),
+        (matmul_module._matmul_tma_kernel, *prepare_matmul(a, b, path="tma").args[:2], "tma"),
+    ]:
+        hook = kernel.launch_metadata
+        key_a, key_b = ("a_desc", "b_desc") if path == "tma" else ("a_ptr", "b_ptr")
+        meta = hook((1,), kernel, {key_a: a_arg, key_b: b_arg, "c_ptr": out})
+        assert meta["name"] == f"odykernels.matmul[{path}] M=64 N=48 K=32"
+        assert meta["flops"] == meta["flops16"] == 2 * 64 * 48 * 32
+        assert meta["bytes"] == 2 * 64 * 32 + 2 * 32 * 48 + 4 * 64 * 48
+    kernels = [
+        matmul_module._matmul_kernel, matmul_module._matmul_tma_kernel, _ag_matmul_kernel, _ag_matmul_tma_kernel,
+        _matmul_rs_kernel, _matmul_rs_tma_kernel, _reduce_slots_kernel,
+    ]  # fmt: skip
+    assert all(k.launch_metadata is not None for k in kernels)
+    recv = torch.zeros(3, 10, 48)
+    meta = _reduce_slots_kernel.launch_metadata((1,), None, {"recv_ptr": recv, "out_ptr": out[:10], "world": 3})
+    assert meta["flops"] == 2 * 10 * 48 and meta["bytes"] == 3 * 10 * 48 * 4 + 10 * 48 * 4
 
 
 # ---------------------------------------------------------------------------------- chunks and tiles
@@ -150,13 +279,30 @@ def test_mtile_table_rotates_and_never_straddles(world, rank):
 # ----------------------------------------------------------------------------------------- ag_matmul
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
 @pytest.mark.parametrize("world", WORLDS)
-def test_ag_matmul_numerics(dtype, world):
+def test_ag_matmul_numerics(dtype, world, path):
     a_full, b = randn(M, K, dtype=dtype, seed=5), randn(K, N, dtype=dtype, seed=6)
     ref = a_full.double() @ b.double()
     for rank in range(world):
-        assert_close(simulate_ag_matmul(a_full, b, world, rank), ref, dtype, f"ag world {world} rank {rank}")
+        got = simulate_ag_matmul(a_full, b, world, rank, path=path)
+        assert_close(got, ref, dtype, f"ag world {world} rank {rank} {path}")
+
+
+@pytest.mark.parametrize("k", [16, 48, 80], ids=lambda k: f"K{k}")
+def test_ag_matmul_tma_lookahead_numerics(k):
+    # K = 16, 48, 80 are 1, 3 and 5 K steps per tile: the flag lookahead (3 iterations under the
+    # interpreter) then spans several tiles, exactly one tile, or falls inside a tile. The own chunk's
+    # flag holds garbage: it must never be read.
+    world, rank = 4, 2
+    a_full, b = randn(M, k, dtype=torch.float32, seed=7), randn(k, 32, dtype=torch.float32, seed=8)
+    flags = torch.full((world,), 5, dtype=torch.uint32)
+    flags[rank] = 0xDEAD
+    for progs in (1, 2, 3):
+        out = torch.full((M, 32), float("nan"))
+        ag_matmul(a_full, b, split_rows(M, world), rank, flags, 5, out=out, max_programs=progs, path="tma")
+        assert_close(out, a_full.double() @ b.double(), torch.float32, f"K={k} programs={progs}")
 
 
 def test_ag_matmul_empty_chunks_and_epoch_numerics():
@@ -167,17 +313,20 @@ def test_ag_matmul_empty_chunks_and_epoch_numerics():
         assert_close(got, a_full.double() @ b.double(), torch.float32, f"rank {rank}")
 
 
-def test_fused_kernels_with_one_program_numerics():
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_kernels_with_one_program_numerics(path):
     # One program walks every tile of every chunk: the persistent loops cover the whole table.
     sizes = split_rows(M, 3)
     a, b = randn(M, K, dtype=torch.float32, seed=1), randn(K, N, dtype=torch.float32, seed=2)
     out = torch.full((M, N), float("nan"))
-    ag_matmul(a, b, sizes, 1, torch.full((3,), 2, dtype=torch.uint32), 2, out=out, max_programs=1)
+    ag_matmul(a, b, sizes, 1, torch.full((3,), 2, dtype=torch.uint32), 2, out=out, max_programs=1, path=path)
     assert_close(out, a.double() @ b.double(), torch.float32, "ag_matmul, one program")
     sim = SimulatedRS(sizes, N, torch.float32, "cpu")
-    recv_offsets = torch.tensor([j * sim.recv[0].numel() for j in range(3)], dtype=torch.int64)
+    recv_offsets = torch.tensor([j * sim.recv.stride(0) for j in range(3)], dtype=torch.int64)
     flag_offsets = torch.tensor([3 * j for j in range(3)], dtype=torch.int64)
-    odykernels.matmul_rs(a, b, sizes, 0, sim.recv[0], recv_offsets, sim.flags[0], flag_offsets, 1, max_programs=1)
+    odykernels.matmul_rs(
+        a, b, sizes, 0, sim.recv[0], recv_offsets, sim.flags[0], flag_offsets, 1, max_programs=1, path=path
+    )
     starts = chunk_starts(sizes)
     for d in range(3):
         assert sim.flags[d].tolist() == [1, 0, 0]
@@ -188,13 +337,43 @@ def test_fused_kernels_with_one_program_numerics():
         ag_matmul(a, b, sizes, 1, torch.ones(3, dtype=torch.uint32), 1, max_programs=0)
 
 
-def test_ag_matmul_times_out_naming_rank_and_chunk():
+@pytest.mark.parametrize("path", PATHS)
+def test_ag_matmul_times_out_naming_rank_and_chunk(path):
     a_full, b = randn(M, K, dtype=torch.float32), randn(K, N, dtype=torch.float32, seed=1)
     flags = torch.tensor([1, 0, 1], dtype=torch.uint32)  # chunk 1 never lands
     start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"rank 2 timed out waiting for chunk 1: its flag read 0, expected 1"):
-        ag_matmul(a_full, b, split_rows(M, 3), 2, flags, expected=1, timeout_s=0.004)
+        ag_matmul(a_full, b, split_rows(M, 3), 2, flags, expected=1, timeout_s=0.004, path=path)
     assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ag_matmul_waits_for_a_concurrent_producer_numerics(path):
+    # A thread plays the all-gather: it writes each remote chunk's rows, then that chunk's flag, while the
+    # kernel runs. The interpreter reads CPU tensors in place, so this is real concurrency: a tile that
+    # loaded its rows before their flag would see the NaN they start as.
+    world, rank = 4, 1
+    sizes = split_rows(M, world)
+    starts = chunk_starts(sizes)
+    src, b = randn(M, K, dtype=torch.float32, seed=3), randn(K, N, dtype=torch.float32, seed=4)
+    a_full = torch.full((M, K), float("nan"))
+    a_full[starts[rank] : starts[rank + 1]] = src[starts[rank] : starts[rank + 1]]
+    flags = torch.zeros(world, dtype=torch.uint32)
+
+    def all_gather():
+        for step in range(1, world):
+            c = (rank + step) % world
+            time.sleep(0.05)
+            a_full[starts[c] : starts[c + 1]] = src[starts[c] : starts[c + 1]]
+            flags[c] = 3
+
+    producer = threading.Thread(target=all_gather)
+    producer.start()
+    try:
+        out = ag_matmul(a_full, b, sizes, rank, flags, 3, out=torch.full((M, N), float("nan")), timeout_s=60, path=path)
+    finally:
+        producer.join()
+    assert_close(out, src.double() @ b.double(), torch.float32, f"concurrent producer, {path}")
 
 
 def test_ag_matmul_stale_epoch_times_out():
@@ -254,6 +433,36 @@ def test_matmul_rs_numerics(dtype, world):
     starts = chunk_starts(split_rows(M, world))
     for d, out in enumerate(outs):
         assert_close(out, ref[starts[d] : starts[d + 1]], dtype, f"rs world {world} rank {d}")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("world", WORLDS)
+def test_matmul_rs_tma_numerics(dtype, world):
+    # The descriptor path: K slices of 16-byte rows (40, 24, 16, 8 columns), B as a transposed weight,
+    # N = 20 so the 16-byte-padded receive rows have padding the kernel may write.
+    widths = [40, 24, 16, 8][:world]
+    a = [randn(M, w, dtype=dtype, seed=10 + r) for r, w in enumerate(widths)]
+    b = [randn(20, w, dtype=dtype, seed=20 + r).t() for r, w in enumerate(widths)]
+    ref = sum(x.double() @ y.double() for x, y in zip(a, b))
+    outs = simulate_matmul_rs(a, b, world, path="tma")
+    starts = chunk_starts(split_rows(M, world))
+    for d, out in enumerate(outs):
+        assert_close(out, ref[starts[d] : starts[d + 1]], dtype, f"rs tma world {world} rank {d}")
+
+
+def test_matmul_rs_fp16_into_fp32_slots_numerics():
+    # 16-bit operands, fp32 receive buffer (partials unrounded before the sum), both paths.
+    sizes = split_rows(M, 2)
+    starts = chunk_starts(sizes)
+    a = [randn(M, K, dtype=torch.float16, seed=r) for r in range(2)]
+    b = [randn(K, N, dtype=torch.float16, seed=5 + r) for r in range(2)]
+    ref = sum(x.double() @ y.double() for x, y in zip(a, b))
+    for path in PATHS:
+        sim = SimulatedRS(sizes, N, torch.float32, "cpu")
+        for r in range(2):
+            sim.produce(r, a[r], b[r], 1, path=path)
+        for d in range(2):
+            assert_close(sim.reduce(d, 1), ref[starts[d] : starts[d + 1]], torch.float32, f"fp32 slots {path}")
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -339,6 +548,33 @@ def test_matmul_rs_rejects_bad_arguments():
         odykernels.matmul_rs(a, b, sizes, 0, torch.zeros(2, 31, N), offsets, flags, offsets, 0)
 
 
+def test_matmul_rs_enforces_the_16_byte_rule():
+    # One rule on every device: recv address, slot and row strides, peer offsets in 16-byte multiples.
+    sizes = split_rows(M, 2)
+    a, b = torch.zeros(M, K, dtype=torch.float16), torch.zeros(K, 20, dtype=torch.float16)
+    zero, flags = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.uint32)
+
+    def run(recv, offsets=zero):
+        odykernels.matmul_rs(a, b, sizes, 0, recv, offsets, flags, zero, 1)
+
+    with pytest.raises(ValueError, match=r"recv's row stride is 20 elements = 40 bytes, expected a multiple of 16"):
+        run(torch.zeros(2, 31, 20, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"recv's slot stride is 748 elements = 1496 bytes"):
+        run(torch.zeros(2 * 748, dtype=torch.float16).as_strided((2, 31, 20), (748, 24, 1)))
+    with pytest.raises(ValueError, match=r"recv starts at address 0x[0-9a-f]+, 2 bytes past a 16-byte boundary"):
+        run(torch.zeros(2 * 32 * 24 + 8, dtype=torch.float16)[1:].as_strided((2, 31, 20), (32 * 24, 24, 1)))
+    with pytest.raises(ValueError, match=r"recv has strides \(1488, 1, 31\); expected a column stride of 1"):
+        run(torch.zeros(2 * 1488, dtype=torch.float16).as_strided((2, 31, 20), (1488, 1, 31)))
+    recv = torch.zeros(2, 32, 24, dtype=torch.float16)[:, :31, :20]
+    with pytest.raises(ValueError, match=r"peer_offsets\[1\] = 4 elements = 8 bytes, expected a multiple of 16"):
+        run(recv, torch.tensor([0, 4]))
+    offsets = torch.tensor([0, 8])
+    run(recv, offsets)  # aligned: accepted, and the verdict is cached for this tensor
+    offsets[1] = 12  # an in-place change bumps the version: checked again
+    with pytest.raises(ValueError, match=r"peer_offsets\[1\] = 12 elements"):
+        run(recv, offsets)
+
+
 # ------------------------------------------------------------------------ TRITON_INTERPRET=1 process
 
 
@@ -355,6 +591,11 @@ def test_env_interpreter_mode_numerics():
         "err += [(simulate_ag_matmul(a, b, 3, r).double() - ref).abs().max().item() for r in range(3)]\n"
         "outs = simulate_matmul_rs([a, a], [b, 2 * b], 2)\n"
         "err.append((torch.cat(outs).double() - 3 * ref).abs().max().item())\n"
+        "a16, b16 = a[:, :16], torch.randn(16, 24)\n"
+        "ref16 = a16.double() @ b16.double()\n"
+        "err.append((matmul(a16, b16, path='tma').double() - ref16).abs().max().item())\n"
+        "outs = simulate_matmul_rs([a16, a16], [b16, b16], 2, path='tma')\n"
+        "err.append((torch.cat(outs).double() - 2 * ref16).abs().max().item())\n"
         "assert max(err) < 1e-4, err\n"
         "print('ok')\n"
     )
@@ -372,12 +613,19 @@ def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
+@pytest.mark.parametrize("b_weight_t", [False, True], ids=["b_rows", "b_weight_t"])
 @pytest.mark.parametrize("shape", [(M, K, N), (1000, 520, 1030), (4096, 1024, 1536)], ids=str)
-def test_matmul_gpu_bf16_numerics(shape):
+def test_matmul_gpu_bf16_numerics(shape, b_weight_t, path):
+    # auto: the TMA path on sm_90 where the rows allow it (row-major B of 1000 x 520 x 1030 has 2060-byte
+    # rows: not 16-byte aligned, so it falls back; as weight.t() its rows are 1040 bytes and TMA takes it,
+    # with a K tail), the pointer path elsewhere. An N of 1030 also leaves the output stores unvectorized.
     m, k, n = shape
-    a, b = randn(m, k, dtype=torch.bfloat16, device="cuda"), randn(k, n, dtype=torch.bfloat16, device="cuda", seed=1)
+    a = randn(m, k, dtype=torch.bfloat16, device="cuda")
+    b = randn(n, k, dtype=torch.bfloat16, device="cuda", seed=1).t() if b_weight_t else randn(k, n, seed=1,
+        dtype=torch.bfloat16, device="cuda")  # fmt: skip
     out = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-    matmul(a, b, out=out)
+    matmul(a, b, out=out, path=path)
     cublas = a @ b
     assert not out.isnan().any()
     assert _rel(out, cublas) < 1e-2
@@ -385,28 +633,76 @@ def test_matmul_gpu_bf16_numerics(shape):
 
 
 @gpu
+def test_matmul_gpu_autotunes_once_per_shape_key(monkeypatch):
+    monkeypatch.setattr(matmul_module, "AUTOTUNE", True)
+    monkeypatch.setattr(matmul_module, "_TUNED", {})
+    a, b = (
+        randn(3000, 4096, dtype=torch.bfloat16, device="cuda"),
+        randn(4096, 2048, dtype=torch.bfloat16, device="cuda"),
+    )
+    out = matmul(a, b)
+    assert len(matmul_module._TUNED) == 1 and _rel(out, a @ b) < 1e-2
+    matmul(a[:2900], b)  # same power-of-two bucket of M: no new tuning
+    assert len(matmul_module._TUNED) == 1
+
+
+@gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_ag_matmul_gpu_bf16_numerics(world):
+def test_ag_matmul_gpu_bf16_numerics(world, path):
     m = 61 * 37  # 2257 rows: uneven chunks, partial tiles at every chunk end
     a, b = randn(m, 512, dtype=torch.bfloat16, device="cuda"), randn(512, 384, dtype=torch.bfloat16, device="cuda")
     cublas = a @ b
     for rank in range(world):
-        got = simulate_ag_matmul(a, b, world, rank)
+        got = simulate_ag_matmul(a, b, world, rank, path=path)
         assert not got.isnan().any()
         assert _rel(got, cublas) < 1e-2, f"rank {rank}"
 
 
 @gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
 @pytest.mark.parametrize("world", WORLDS)
-def test_matmul_rs_gpu_bf16_numerics(world):
+def test_matmul_rs_gpu_bf16_numerics(world, path):
     m = 61 * 37
     a = [randn(m, 256, dtype=torch.bfloat16, device="cuda", seed=r) for r in range(world)]
     b = [randn(256, 320, dtype=torch.bfloat16, device="cuda", seed=10 + r) for r in range(world)]
     ref = sum((x @ y).float() for x, y in zip(a, b))
     starts = chunk_starts(split_rows(m, world))
-    for d, out in enumerate(simulate_matmul_rs(a, b, world)):
+    for d, out in enumerate(simulate_matmul_rs(a, b, world, path=path)):
         assert not out.isnan().any()
         assert _rel(out, ref[starts[d] : starts[d + 1]]) < 1e-2, f"rank {d}"
+
+
+@gpu
+@pytest.mark.parametrize("path", [None, "pointer"], ids=["auto", "pointer"])
+def test_ag_matmul_gpu_copy_engine_producer_numerics(path):
+    # The all-gather as the symmetric-memory backend runs it: a side stream copies each remote chunk with a
+    # copy-engine copy, then writes its flag (a 4-byte device-to-device copy: no SM needed), ~25 ms after
+    # the kernel started. Remote rows start as NaN: a tile that read them before its flag (a lookahead too
+    # short for the pipeline, a missing proxy fence) leaves NaN or stale values in the output.
+    world, rank, m = 8, 3, 8192
+    sizes = split_rows(m, world)
+    starts = chunk_starts(sizes)
+    src = randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    b = randn(2048, 1024, dtype=torch.bfloat16, device="cuda", seed=1).t()
+    a_full = torch.full_like(src, float("nan"))
+    a_full[starts[rank] : starts[rank + 1]] = src[starts[rank] : starts[rank + 1]]
+    flags = torch.zeros(world, dtype=torch.uint32, device="cuda")
+    epochs = torch.full((world,), 4, dtype=torch.uint32, device="cuda")
+    side = torch.cuda.Stream()
+    status = new_status("cuda")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        for step in range(1, world):
+            c = (rank + step) % world
+            a_full[starts[c] : starts[c + 1]].copy_(src[starts[c] : starts[c + 1]])
+            flags[c : c + 1].copy_(epochs[c : c + 1])
+    out = ag_matmul(a_full, b, sizes, rank, flags, 4, status=status, check=False, path=path)
+    torch.cuda.synchronize()
+    check_status(status, rank, "ag_matmul")
+    assert not out.isnan().any()
+    assert _rel(out, src @ b) < 1e-2
 
 
 @gpu
