@@ -10,7 +10,6 @@ from torch import nn
 
 from . import reference
 from .comm.groups import resolve_group
-from .overlap import check_backend
 from .state import dense_state_dict, finalize_grads, zero3
 from .strategies import registry
 from .strategies.block import ParallelBlock
@@ -32,8 +31,7 @@ def parallelize(
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     spec = registry.get(strategy)
-    check_backend(backend)
-    resolve_group(group)
+    resolve_group(group)  # the modules check the backend (ParallelModule)
     kwargs = dict(backend=backend, check_finite=check_finite)
     if isinstance(module, reference.TransformerBlock):
         return ParallelBlock.from_dense(module, strategy, group, **kwargs)

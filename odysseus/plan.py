@@ -36,7 +36,7 @@ from .attention import uniform_gqa
 from .comm.sizes import shard_sizes
 from .config import TransformerConfig
 from .plan_presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
-from .strategies.common import HeadSplit, dense_shapes
+from .layout import HeadSplit, dense_shapes
 from .volume import Record, expected_records
 
 BASE_STRATEGIES = ("tp", "tp-sp", "ulysses", "odysseus")

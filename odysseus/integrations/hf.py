@@ -35,7 +35,6 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from ..comm.groups import group_size, resolve_group
 from ..config import TransformerConfig
-from ..overlap import check_backend
 from ..strategies import registry
 from ..strategies.block import ParallelBlock
 
@@ -240,7 +239,6 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
     one rank (use :func:`causal_lm_loss`).
     """
     spec = registry.get(strategy)
-    check_backend(backend)
     pg = resolve_group(group)
     if isinstance(model, (LlamaDecoderLayer, ParallelLlamaDecoderLayer)):
         raise TypeError("pass the model that holds the decoder layers (e.g. LlamaForCausalLM), not a single layer")
