@@ -35,8 +35,8 @@ import torch
 from .attention import uniform_gqa
 from .comm.sizes import shard_sizes
 from .config import TransformerConfig
-from .plan_presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
 from .layout import HeadSplit, dense_shapes
+from .plan_presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
 from .volume import Record, expected_records
 
 BASE_STRATEGIES = ("tp", "tp-sp", "ulysses", "odysseus")
