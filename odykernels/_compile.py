@@ -1,6 +1,6 @@
 """Ahead-of-time compile of every kernel for a GPU target, no GPU needed, and what the compiled code shows.
 
-Used by tests/test_compile.py (the proof in CI) and docs/KERNELS.md. Kernels are compiled with the
+Used by tests/test_kernels_compile.py (the proof in CI) and docs/KERNELS.md. Kernels are compiled with the
 specializations the JIT would apply to contiguous, 16-byte aligned inputs: unit inner strides become the
 constant 1, pointers and the other strides are known multiples of 16. :func:`inspect` reads the PTX, the
 TTGIR, the cubin's resource usage (``cuobjdump``, shipped with Triton) and ptxas's own ``-v`` report.

@@ -12,7 +12,7 @@ tile are issued up to ``num_stages - 1`` iterations before the loop body that co
 the tile would come after its own loads. Each program therefore acquires a tile's flag ``LOOKAHEAD`` (=
 ``num_stages``) iterations ahead of the tile's first K step, and before the loop for the tiles whose loads
 the pipeline's prologue issues; a bitmask remembers the chunks already acquired, so a program waits at most
-once per chunk. ``tests/test_compile.py`` checks in the compiled code that the prologue is shallower than
+once per chunk. ``tests/test_kernels_compile.py`` checks in the compiled code that the prologue is shallower than
 the lookahead.
 """
 

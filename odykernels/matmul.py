@@ -285,7 +285,7 @@ class TileConfig:
         the same time because the next tile's loads are in flight during the epilogue. The scratch term is
         measured, not derived (compiled for sm_90, triton 3.6.0 and 3.7.1): 16-bit outputs use at most
         32 KiB (half of a 128x256 tile), fp32 outputs the whole tile (128 KiB for 128x256, which no longer
-        fits beside three stages); ``tests/test_compile.py`` checks that the estimate bounds the real figure
+        fits beside three stages); ``tests/test_kernels_compile.py`` checks that the estimate bounds the real figure
         for every table config. The pointer path's epilogue reuses the pipeline buffers (its K loop ended).
         """
         stages = self.num_stages * (self.block_m * self.block_k + self.block_k * self.block_n) * elem_size
@@ -309,7 +309,7 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int, group_m: int = 8) -
 # None of them has been timed by this project yet (no GPU so far); they come from the Triton
 # persistent-matmul tutorial's H100 autotune space (BLOCK_M 128, BLOCK_N 128/256, BLOCK_K 64, 3-4 stages,
 # 8 warps), and each is compiled for sm_90 in CI: 0 spills, <= 255 registers, shared memory under the
-# H100's 227 KiB (tests/test_compile.py).
+# H100's 227 KiB (tests/test_kernels_compile.py).
 #
 # Regimes (see regime()): "small_m" M <= 1024 (short sequences: 64-row tiles give the SMs work);
 # "narrow_n" N <= 1024 (QKV at world 8 of a GQA model, N = d/8): fewer 128x256 tiles than SMs, so

@@ -15,14 +15,11 @@ import argparse
 import torch
 
 import odysseus
-from odysseus import CommLedger, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
+from odysseus import CommLedger, finalize_grads, shard_sequence
 from odysseus.launch import run_ranks
+from odysseus.parity import relative_errors, run_parallel, run_reference
 from odysseus.profiling import SavedActivations, median_time
 from odysseus.reference import TransformerBlock, init_weights
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def _measure(rank: int, world: int, config: odysseus.TransformerConfig, seq: int, repeats: int) -> list[dict]:
@@ -30,36 +27,27 @@ def _measure(rank: int, world: int, config: odysseus.TransformerConfig, seq: int
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, seq, config.hidden_size, generator=g)
     gy = torch.randn(1, seq, config.hidden_size, generator=g)
-    xr = x.clone().requires_grad_()
-    y_ref = ref(xr)
-    y_ref.backward(gy)
+    want = run_reference(ref, x, gy)
     rows = []
     for strategy in odysseus.STRATEGIES:
         block = odysseus.parallelize(ref, strategy)
-        split = strategy != "tp"
-        xin = shard_sequence(x) if split else x
-        gin = shard_sequence(gy) if split else gy
+        errors = relative_errors(run_parallel(block, x, gy), want)
+        xin, gin = (shard_sequence(x), shard_sequence(gy)) if block.sequence_split else (x, gy)
 
         def step(block=block, xin=xin, gin=gin):
             block.zero_grad()
-            xi = xin.detach().requires_grad_()
-            y = block(xi)
+            y = block(xin.detach().requires_grad_())
             (y * gin).sum().backward()
             finalize_grads(block)
-            return xi, y
 
         with CommLedger() as ledger:
             with SavedActivations(block) as saved:
-                xi, y = step()
-        grads = dense_state_dict(block, grad=True)
-        y_full = gather_sequence(y.detach()) if split else y.detach()
-        gx_full = gather_sequence(xi.grad) if split else xi.grad
-        err_grad = max([_rel(gx_full, xr.grad)] + [_rel(grads[k], p.grad) for k, p in ref.named_parameters()])
+                step()
         rows.append(
             dict(
                 strategy=strategy,
-                err_out=_rel(y_full, y_ref.detach()),
-                err_grad=err_grad,
+                err_out=errors.pop("output"),
+                err_grad=max(errors.values()),
                 act_bytes=ledger.bytes(category="activation"),
                 grad_bytes=ledger.bytes(category="gradient"),
                 saved=saved.peak_bytes,

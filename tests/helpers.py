@@ -51,3 +51,41 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|, in fp64."""
     a, e = actual.detach().double(), expected.detach().double()
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+# --- the parity harness (odysseus.parity, shared with the demo) and one table of strategies x backends ----
+
+from odysseus.parity import Run, relative_errors, run_parallel, run_reference  # noqa: E402
+from odysseus.strategies.registry import SPECS  # noqa: E402
+
+# Strategies whose activations go through the overlap ops run on each CPU backend; the others have no
+# all-gather⊗GEMM to overlap, so "auto" is all they take. (symm on CPU: tests/test_symm.py, small shapes.)
+CPU_OVERLAP_BACKENDS = ("naive", "pipelined")
+STRATEGY_BACKENDS = [
+    (s.name, b)
+    for s in SPECS
+    for b in (CPU_OVERLAP_BACKENDS if "gather_scatter" in (s.attention_comm, s.ffn_comm) else ("auto",))
+]
+
+__all__ = ["Run", "relative_errors", "run_parallel", "run_reference", "STRATEGY_BACKENDS"]
+
+
+def assert_runs_close(ours: Run, want: Run, what: str, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Output, input gradient and every weight gradient of two runs agree (atol scaled by each tensor's max)."""
+    tol = dict(rtol=rtol, atol=atol, scaled=True)
+    assert_close(ours.output, want.output, **tol, what=f"{what} output")
+    assert_close(ours.input_grad, want.input_grad, **tol, what=f"{what} x.grad")
+    assert set(ours.grads) == set(want.grads), (sorted(ours.grads), sorted(want.grads))
+    for k in want.grads:
+        assert_close(ours.grads[k], want.grads[k], **tol, what=f"{what} {k}.grad")
+
+
+def assert_low_precision_within(ours: Run, base: Run, truth: Run, what: str, factor: float = 3, slack: float = 0):
+    """Every tensor of ``ours`` is within ``factor`` x the error of ``base`` (the reference in the same low
+    precision), both measured against ``truth`` (the fp64 reference); returns the errors."""
+    e_ours, e_base = relative_errors(ours, truth), relative_errors(base, truth)
+    for k in e_base:
+        assert e_ours[k] <= factor * e_base[k] + slack, (
+            f"{what} {k}: error {e_ours[k]:.2e} vs reference {e_base[k]:.2e}"
+        )
+    return {k: (e_ours[k], e_base[k]) for k in e_base}

@@ -5,7 +5,7 @@ Each row runs on ranks (gloo, forked) at a world size from 1 to 4 and checks the
 
 import pytest
 import torch
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, STRATEGY_BACKENDS, assert_close, make_block
 from multirank import run_ranks
 
 import odysseus
@@ -163,9 +163,6 @@ def _non_contiguous(rank, world, strategy, backend):
     return True
 
 
-@pytest.mark.parametrize(
-    "strategy, backend",
-    [("tp", "auto"), ("ulysses", "auto"), ("tp-sp", "pipelined"), ("odysseus", "naive"), ("odysseus", "pipelined")],
-)
+@pytest.mark.parametrize("strategy, backend", STRATEGY_BACKENDS)
 def test_non_contiguous_input_is_handled(strategy, backend):
     assert all(run_ranks(3, _non_contiguous, strategy, backend))

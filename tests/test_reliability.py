@@ -6,18 +6,14 @@ import time
 
 import pytest
 import torch
-from helpers import assert_close, make_block
+from helpers import STRATEGY_BACKENDS, assert_runs_close, make_block, run_parallel, run_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multirank import run_ranks
 
 import odysseus
-from odysseus import STRATEGIES, TransformerConfig, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
+from odysseus import STRATEGIES, TransformerConfig, dense_state_dict, finalize_grads, shard_sequence
 from odysseus.reference import TransformerBlock, init_weights
-
-STRATEGY_BACKENDS = [("tp", "auto"), ("tp-sp", "pipelined"), ("ulysses", "auto"), ("odysseus", "naive"),
-                     ("odysseus", "pipelined")]  # fmt: skip
-
 
 # --- a rank that raises mid-forward -------------------------------------------------------------------
 
@@ -87,27 +83,10 @@ def test_bitwise_deterministic(strategy, backend):
 def _all_strategies(rank, world, cfg, B, L):
     ref = init_weights(TransformerBlock(cfg), std=0.2, seed=3)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(B, L, cfg.hidden_size, generator=g)
-    xr = x.clone().requires_grad_()
-    y_ref = ref(xr)
-    y_ref.square().sum().backward()
+    x, gy = torch.randn(B, L, cfg.hidden_size, generator=g), torch.randn(B, L, cfg.hidden_size, generator=g)
+    want = run_reference(ref, x, gy)
     for strategy in STRATEGIES:
-        par = odysseus.parallelize(ref, strategy)
-        xp = x.clone().requires_grad_()
-        if strategy == "tp":
-            y = par(xp)
-            y.square().sum().backward()
-        else:
-            y = par(shard_sequence(xp))
-            y.square().sum().backward()
-            y = gather_sequence(y.detach())
-        finalize_grads(par)
-        tol = dict(rtol=1e-5, atol=1e-5, scaled=True)
-        assert_close(y, y_ref, **tol, what=f"{strategy} output")
-        assert_close(xp.grad, xr.grad, **tol, what=f"{strategy} x.grad")
-        grads = dense_state_dict(par, grad=True)
-        for k, p in ref.named_parameters():
-            assert_close(grads[k], p.grad, **tol, what=f"{strategy} {k}.grad")
+        assert_runs_close(run_parallel(odysseus.parallelize(ref, strategy), x, gy), want, strategy)
     return True
 
 

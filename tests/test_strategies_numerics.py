@@ -2,34 +2,20 @@
 
 import pytest
 import torch
-from helpers import EVEN, ODD, assert_close, make_block, rel_err
+from helpers import (
+    EVEN,
+    ODD,
+    STRATEGY_BACKENDS,
+    assert_low_precision_within,
+    assert_runs_close,
+    make_block,
+    run_parallel,
+    run_reference,
+)
 from multirank import run_ranks
 
 import odysseus
-from odysseus import STRATEGIES, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
-
-
-def run_parallel(par, strategy, x, gy, position_ids=None):
-    """Forward+backward of a parallel module on the full input ``x``; returns (full output, x.grad)."""
-    xp = x.detach().clone().requires_grad_()
-    if strategy == "tp":
-        y = par(xp) if position_ids is None else par(xp, position_ids)
-        (y * gy).sum().backward()  # TP: the loss is replicated, every rank computes it whole
-        full = y.detach()
-    else:
-        pos = None if position_ids is None else shard_sequence(position_ids)
-        y = par(shard_sequence(xp)) if pos is None else par(shard_sequence(xp), pos)  # FFNs take no positions
-        (y * shard_sequence(gy)).sum().backward()  # global loss = sum of the ranks' local losses
-        full = gather_sequence(y.detach())
-    finalize_grads(par)
-    return full, xp.grad
-
-
-def run_reference(ref, x, gy, position_ids=None):
-    xr = x.detach().clone().requires_grad_()
-    y = ref(xr, position_ids) if position_ids is not None else ref(xr)
-    y.backward(gy)
-    return y.detach(), xr.grad, {k: p.grad for k, p in ref.named_parameters()}
+from odysseus import STRATEGIES, dense_state_dict
 
 
 def _parity(rank, world, strategy, shape, B, L, what, with_pos, backend="auto"):
@@ -43,23 +29,11 @@ def _parity(rank, world, strategy, shape, B, L, what, with_pos, backend="auto"):
     x = torch.randn(B, L, ref.config.hidden_size, generator=g)
     gy = torch.randn(B, L, ref.config.hidden_size, generator=g)
     pos = torch.randint(0, 10_000, (B, L), generator=g) if with_pos else None
-    y_ref, gx_ref, gw_ref = run_reference(ref, x, gy, pos)
-    y, gx = run_parallel(par, strategy, x, gy, pos)
-    tol = dict(rtol=1e-5, atol=1e-5, scaled=True)
-    assert_close(y, y_ref, **tol, what=f"{strategy} output")
-    assert_close(gx, gx_ref, **tol, what=f"{strategy} x.grad")
-    weights, grads = dense_state_dict(par), dense_state_dict(par, grad=True)
-    assert set(grads) == set(gw_ref), (sorted(grads), sorted(gw_ref))
-    for k in gw_ref:
-        assert torch.equal(weights[k], ref.state_dict()[k]), f"{k} weight"
-        assert_close(grads[k], gw_ref[k], **tol, what=f"{strategy} {k}.grad")
+    assert_runs_close(run_parallel(par, x, gy, pos), run_reference(ref, x, gy, pos), strategy)
+    weights = dense_state_dict(par)
+    for k, w in ref.state_dict().items():
+        assert torch.equal(weights[k], w), f"{k} weight"
     return True
-
-
-# The overlap backends that run on CPU tensors; TP and Ulysses have no all-gather⊗GEMM to overlap.
-STRATEGY_BACKENDS = [("tp", "auto"), ("ulysses", "auto")] + [
-    (s, b) for s in ("tp-sp", "odysseus") for b in ("naive", "pipelined")
-]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -88,18 +62,10 @@ def _bf16(rank, world, strategy, backend):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 61, 96, generator=g, dtype=torch.float64)
     gy = torch.randn(2, 61, 96, generator=g, dtype=torch.float64)
-    y64, gx64, gw64 = run_reference(ref64, x, gy)
-    y16, gx16, gw16 = run_reference(ref16, x.bfloat16(), gy.bfloat16())
-    y, gx = run_parallel(par, strategy, x.bfloat16(), gy.bfloat16())
-    grads = dense_state_dict(par, grad=True)
-    pairs = [("output", y, y16, y64), ("x.grad", gx, gx16, gx64)]
-    pairs += [(k, grads[k], gw16[k], gw64[k]) for k in gw64]
-    report = {}
-    for name, ours, base, truth in pairs:
-        e_ours, e_base = rel_err(ours, truth), rel_err(base, truth)
-        report[name] = (e_ours, e_base)
-        assert e_ours <= 3 * e_base + 1e-3, f"{strategy} {name}: bf16 error {e_ours:.2e} vs reference bf16 {e_base:.2e}"
-    return report
+    truth = run_reference(ref64, x, gy)
+    base = run_reference(ref16, x.bfloat16(), gy.bfloat16())
+    ours = run_parallel(par, x.bfloat16(), gy.bfloat16())
+    return assert_low_precision_within(ours, base, truth, f"{strategy} bf16", factor=3, slack=1e-3)
 
 
 @pytest.mark.parametrize("strategy, backend", STRATEGY_BACKENDS)

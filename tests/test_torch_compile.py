@@ -3,7 +3,7 @@ so does a parallelize_llama model whose decoder layers are compiled one by one.
 
 The backend is ``aot_eager`` (dynamo + AOTAutograd, no code generation): inductor compiles the same graphs
 correctly but takes 25-50 s per strategy on a cold CPU cache (docs/COMPILE.md), too slow for the suite.
-``ODYSSEUS_COMPILE_BACKEND=inductor pytest tests/test_compile_modules.py`` runs it with inductor.
+``ODYSSEUS_COMPILE_BACKEND=inductor pytest tests/test_torch_compile.py`` runs it with inductor.
 """
 
 import os
