@@ -2,6 +2,7 @@
 
 Uneven shards are padded to the largest one on the wire (gloo and NCCL want equal chunks) and trimmed
 before returning; the ledger counts the unpadded bytes, which is what the algorithm must move.
+``category=None`` records nothing: for a caller that records the logical op itself (the overlap ops).
 """
 
 from __future__ import annotations
@@ -20,26 +21,22 @@ def _row_bytes(t: torch.Tensor) -> int:
     return t[0].numel() * t.element_size() if t.shape[0] else 0
 
 
-def all_gather(
-    x: torch.Tensor,
-    sizes: list[int],
-    pg,
-    dim: int = 1,
-    *,
-    category: str = "activation",
-    label: str = "",
-    record: bool = True,
-) -> torch.Tensor:
-    """Concatenate every rank's ``x`` along ``dim``; rank i contributes ``sizes[i]`` slices.
-
-    ``record=False`` leaves the ledger to a caller that records the logical op itself (the overlap ops).
-    """
-    world, rank = group_size(pg), group_rank(pg)
-    if world == 1:
-        return x
+def _rows_first(x: torch.Tensor, dim: int, rows: int, rank: int, who: str) -> torch.Tensor:
+    """``x`` with ``dim`` moved first, after checking that it holds ``rows`` slices along ``dim``."""
     xm = x.movedim(dim, 0)
-    if xm.shape[0] != sizes[rank]:
-        raise ValueError(f"all_gather: rank {rank} holds {xm.shape[0]} rows along dim {dim}, expected {sizes[rank]}")
+    if xm.shape[0] != rows:
+        raise ValueError(f"{who}: rank {rank} holds {xm.shape[0]} rows along dim {dim}, expected {rows}")
+    return xm
+
+
+def all_gather(
+    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str | None = "activation", label: str = ""
+) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along ``dim``; rank i contributes ``sizes[i]`` slices."""
+    if group_size(pg) == 1:
+        return x
+    world, rank = group_size(pg), group_rank(pg)
+    xm = _rows_first(x, dim, sizes[rank], rank, "all_gather")
     m, rest = max(sizes), xm.shape[1:]
     inp = xm.contiguous()
     if sizes[rank] != m:
@@ -49,33 +46,21 @@ def all_gather(
         all_gather_tensor(out, inp, group=pg)
     if any(s != m for s in sizes):
         out = torch.cat([out[i * m : i * m + s] for i, s in enumerate(sizes)])
-    if record:
+    if category is not None:
         rb = _row_bytes(inp)
         ledger.record("all_gather", *gather_bytes(sizes, rank, rb), world, category, label)
     return out.movedim(0, dim)
 
 
 def reduce_scatter(
-    x: torch.Tensor,
-    sizes: list[int],
-    pg,
-    dim: int = 1,
-    *,
-    category: str = "activation",
-    label: str = "",
-    record: bool = True,
+    x: torch.Tensor, sizes: list[int], pg, dim: int = 1, *, category: str | None = "activation", label: str = ""
 ) -> torch.Tensor:
-    """Sum ``x`` over ranks and keep this rank's ``sizes[rank]`` slices along ``dim``.
-
-    ``record=False`` leaves the ledger to a caller that records the logical op itself (the overlap ops).
-    """
+    """Sum ``x`` over ranks and keep this rank's ``sizes[rank]`` slices along ``dim``."""
     world, rank = group_size(pg), group_rank(pg)
     if world == 1:
         return x
-    xm = x.movedim(dim, 0)
-    if xm.shape[0] != sum(sizes):
-        raise ValueError(f"reduce_scatter: got {xm.shape[0]} rows along dim {dim}, expected {sum(sizes)}")
-    m, rest = max(sizes), xm.shape[1:]
+    xm, m = _rows_first(x, dim, sum(sizes), rank, "reduce_scatter"), max(sizes)
+    rest = xm.shape[1:]
     if all(s == m for s in sizes):
         inp = xm.contiguous()
     else:
@@ -86,7 +71,7 @@ def reduce_scatter(
     out = inp.new_empty(m, *rest)
     with named_failures(f"reduce_scatter {label}"):
         reduce_scatter_tensor(out, inp, group=pg)
-    if record:
+    if category is not None:
         rb = _row_bytes(inp)
         ledger.record("reduce_scatter", *scatter_bytes(sizes, rank, rb), world, category, label)
     return out[: sizes[rank]].movedim(0, dim)

@@ -15,18 +15,17 @@ import torch.nn.functional as F
 from ..layout import split_ranges
 from ..profiling import ody_range
 from ..validation import check_finite_here, check_input
-from .module import ParallelModule
+from .module import ParallelModule, RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
 
 
-class ColumnRowFFN(ParallelModule):
+class ColumnRowFFN(RegionModule):
     """SwiGLU with gate/up split by columns and down by rows; ``forward(x) -> same layout as x``."""
 
-    region_type: type = SequenceRegion
+    region_type = SequenceRegion
 
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
-        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
         cols = split_ranges(config.intermediate_size, self.world, "intermediate_size")
         self.add_linear("gate_proj", 0, cols)
         self.add_linear("up_proj", 0, cols)
@@ -41,9 +40,6 @@ class ColumnRowFFN(ParallelModule):
             w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
             gate, up = span.gather_matmul(x, w_gu, "ffn.up").chunk(2, dim=-1)
             return span.matmul_scatter(F.silu(gate) * up, self.down_proj.weight.t(), "ffn.down")
-
-    def extra_repr(self) -> str:
-        return f"{self.region!r}, {super().extra_repr()}"
 
 
 class TPFFN(ColumnRowFFN):

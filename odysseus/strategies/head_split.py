@@ -14,11 +14,11 @@ from ..attention import local_attention
 from ..layout import HeadSplit, rows
 from ..rope import rotate_qk
 from ..validation import check_input
-from .module import ParallelModule
+from .module import RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
 
 
-class HeadSplitAttention(ParallelModule):
+class HeadSplitAttention(RegionModule):
     """Attention with this rank's query heads (and the kv heads they read), o_proj split by rows.
 
     ``forward(x, position_ids=None) -> same layout as x``; ``x`` is ``(batch, seq, hidden)`` in a replicated
@@ -26,12 +26,11 @@ class HeadSplitAttention(ParallelModule):
     default to the true global positions.
     """
 
-    region_type: type = SequenceRegion
+    region_type = SequenceRegion
 
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
         hd = config.head_dim
-        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
         self.heads = HeadSplit.build(config, self.world, self.rank)
         kv_sync = "sum" if self.heads.shared_kv else "none"
         self.add_linear("q_proj", 0, rows(self.heads.q, hd))
@@ -50,9 +49,6 @@ class HeadSplitAttention(ParallelModule):
         q, k = rotate_qk(q, k, span.positions(position_ids, x.shape[0], x.device), c.head_dim, c.rope_theta)
         o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal)
         return span.matmul_scatter(o.flatten(2), self.o_proj.weight.t(), "attn.out")
-
-    def extra_repr(self) -> str:
-        return f"{self.region!r}, {super().extra_repr()}"
 
 
 class TPAttention(HeadSplitAttention):

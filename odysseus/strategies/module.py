@@ -84,11 +84,6 @@ class ParallelModule(nn.Module):
         setattr(self, name, lin)
         self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
 
-    @property
-    def sequence_split(self) -> bool:
-        """Whether this module takes ``shard_sequence`` shards (else the full sequence on every rank)."""
-        return self.region.sequence_split
-
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world={self.world}, backend={self.backend!r}"
 
@@ -97,3 +92,24 @@ class ParallelModule(nn.Module):
         """This rank's share of the reference module ``ref`` (same device and dtype as ``ref``)."""
         weights = {n: m.weight for n, m in ref.named_children() if isinstance(m, nn.Linear)}
         return cls(ref.config, group, weights=weights, **kwargs)
+
+
+class RegionModule(ParallelModule):
+    """A parallel module whose activations sit in a region (:mod:`.regions`), bound once at construction.
+
+    Subclasses name the region type; the variants of a module (TP and TP-SP attention, say) differ only in it.
+    """
+
+    region_type: type
+
+    def __init__(self, config: TransformerConfig, group=None, **kwargs):
+        super().__init__(config, group, **kwargs)
+        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
+
+    @property
+    def sequence_split(self) -> bool:
+        """Whether this module takes ``shard_sequence`` shards (else the full sequence on every rank)."""
+        return self.region.sequence_split
+
+    def extra_repr(self) -> str:
+        return f"{self.region!r}, {super().extra_repr()}"

@@ -16,20 +16,21 @@ from ..attention import local_attention
 from ..layout import HeadSplit
 from ..rope import rotate_qk
 from ..validation import check_input, normalize_position_ids
-from .module import ParallelModule
+from .module import RegionModule
 from .regions import SequenceRegion
 
 
-class UlyssesAttention(ParallelModule):
+class UlyssesAttention(RegionModule):
     """``forward(x: (batch, seq_local, hidden), position_ids=None) -> (batch, seq_local, hidden)``.
 
     ``position_ids``, if given, are this shard's ``(batch or 1, seq_local)``; by default the true global
     positions of the shard.
     """
 
+    region_type = SequenceRegion
+
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
-        self.region = SequenceRegion(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
         self.heads = HeadSplit.build(config, self.world, self.rank)
         sync = "sum" if self.world > 1 else "none"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
