@@ -128,14 +128,6 @@ def parse_ints(text: str, what: str) -> list[int]:
     return out
 
 
-def human_bytes(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1 (KiB, MiB, GiB)."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
 def sweep_args(description: str, argv: list[str] | None, models: Sequence[str]) -> argparse.Namespace:
     """Arguments of the scripts that check small shapes, then extrapolate: model, worlds, sequences, quick.
 
