@@ -129,10 +129,10 @@ class Assumptions:
     collective_efficiency: dict[str, float] = field(default_factory=dict)
     """Per collective kind (``all_gather``, ``reduce_scatter``, ``all_to_all``, ``all_reduce``), a factor on
     ``link_efficiency``; missing kinds use 1. Calibration fills it where kinds differ (gloo's reduce-scatter)."""
-    overlap: dict[str, float] = field(default_factory=lambda: {"naive": 0.0, "pipelined": 0.6, "symm": 0.9})
-    """Fraction of a fused all-gather/reduce-scatter hidden behind its GEMM, per ``odysseus.overlap`` backend."""
     grad_overlap: float = 0.0
     zero3_overlap: float = 0.9
+    overlap: dict[str, float] = field(default_factory=lambda: {"naive": 0.0, "pipelined": 0.6, "symm": 0.9})
+    """Fraction of a fused all-gather/reduce-scatter hidden behind its GEMM, per ``odysseus.overlap`` backend."""
     param_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12
@@ -192,75 +192,55 @@ class Assumptions:
                 raise ValueError(f"assumptions: {name}={getattr(self, name)!r} must be >= 0")
 
 
-_GB = 1e9
-
-_A100_DS = "NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM)"
-_H100_DS = "NVIDIA H100 Tensor Core GPU datasheet"
-
-HARDWARE: dict[str, Hardware] = {
-    h.name: h
-    for h in (
-        Hardware(
-            name="a100-nvlink",
-            description="A100-SXM4-80GB, 8 per node on NVLink 3 (NVSwitch)",
-            peak_flops=312e12,
-            memory_bytes=80 * _GB,
-            intra_node_bw=300 * _GB,
-            gpus_per_node=8,
-            sources={
-                "peak_flops": f"{_A100_DS}: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity)",
-                "memory_bytes": f"{_A100_DS}: 80GB HBM2e",
-                "intra_node_bw": f"{_A100_DS}: NVLink 600 GB/s total, i.e. 300 GB/s per direction",
-                "gpus_per_node": "NVIDIA DGX A100 datasheet: 8x A100 with NVSwitch",
-            },
-        ),
-        Hardware(
-            name="h100-nvlink",
-            description="H100 SXM5 80GB, 8 per node on NVLink 4 (NVSwitch)",
-            peak_flops=989e12,
-            memory_bytes=80 * _GB,
-            intra_node_bw=450 * _GB,
-            gpus_per_node=8,
-            sources={
-                "peak_flops": f"{_H100_DS}: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity, 989 dense",
-                "memory_bytes": f"{_H100_DS}: H100 SXM 80GB HBM3",
-                "intra_node_bw": f"{_H100_DS}: NVLink 900 GB/s total, i.e. 450 GB/s per direction",
-                "gpus_per_node": "NVIDIA DGX H100 datasheet: 8x H100 SXM with NVSwitch",
-            },
-        ),
-        Hardware(
-            name="h100-pcie",
-            description="H100 PCIe 80GB, 8 per server on PCIe Gen5 (no NVLink bridge)",
-            peak_flops=756e12,
-            memory_bytes=80 * _GB,
-            intra_node_bw=64 * _GB,
-            gpus_per_node=8,
-            sources={
-                "peak_flops": f"{_H100_DS}: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity, 756 dense",
-                "memory_bytes": f"{_H100_DS}: H100 PCIe 80GB HBM2e",
-                "intra_node_bw": f"{_H100_DS}: PCIe Gen5 128 GB/s total, i.e. 64 GB/s per direction",
-                "gpus_per_node": "assumption: an 8-GPU PCIe server",
-            },
-        ),
-        Hardware(
-            name="h100-multinode",
-            description="H100 SXM5 nodes of 8 on NVLink 4, one 400 Gb/s NIC per GPU between nodes",
-            peak_flops=989e12,
-            memory_bytes=80 * _GB,
-            intra_node_bw=450 * _GB,
-            gpus_per_node=8,
-            inter_node_bw=50 * _GB,
-            sources={
-                "peak_flops": f"{_H100_DS}: H100 SXM BF16 Tensor Core 989 TFLOPS dense",
-                "memory_bytes": f"{_H100_DS}: H100 SXM 80GB HBM3",
-                "intra_node_bw": f"{_H100_DS}: NVLink 900 GB/s total, i.e. 450 GB/s per direction",
-                "gpus_per_node": "NVIDIA DGX H100 datasheet: 8x H100 SXM per node",
-                "inter_node_bw": "NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s "
-                "per direction per GPU",
-            },
-        ),
-    )
+_DATASHEETS = {
+    "A100": "NVIDIA A100 Tensor Core GPU datasheet (A100 80GB SXM)",
+    "H100": "NVIDIA H100 Tensor Core GPU datasheet",
 }
+
+# One card per preset: ``name: description``, then one ``field value | source`` line per number, so that
+# every number stands next to its source ({A100}/{H100} name the datasheets above). Bandwidths are per
+# direction: half the bidirectional totals the datasheets quote.
+_HARDWARE_CARDS = """
+a100-nvlink: A100-SXM4-80GB, 8 per node on NVLink 3 (NVSwitch)
+    peak_flops 312e12 | {A100}: BF16 Tensor Core 312 TFLOPS dense (624 with sparsity)
+    memory_bytes 80e9 | {A100}: 80GB HBM2e
+    intra_node_bw 300e9 | {A100}: NVLink 600 GB/s total, i.e. 300 GB/s per direction
+    gpus_per_node 8 | NVIDIA DGX A100 datasheet: 8x A100 with NVSwitch
+h100-nvlink: H100 SXM5 80GB, 8 per node on NVLink 4 (NVSwitch)
+    peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity, 989 dense
+    memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
+    intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction
+    gpus_per_node 8 | NVIDIA DGX H100 datasheet: 8x H100 SXM with NVSwitch
+h100-pcie: H100 PCIe 80GB, 8 per server on PCIe Gen5 (no NVLink bridge)
+    peak_flops 756e12 | {H100}: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity, 756 dense
+    memory_bytes 80e9 | {H100}: H100 PCIe 80GB HBM2e
+    intra_node_bw 64e9 | {H100}: PCIe Gen5 128 GB/s total, i.e. 64 GB/s per direction
+    gpus_per_node 8 | assumption: an 8-GPU PCIe server
+h100-multinode: H100 SXM5 nodes of 8 on NVLink 4, one 400 Gb/s NIC per GPU between nodes
+    peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 989 TFLOPS dense
+    memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
+    intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction
+    gpus_per_node 8 | NVIDIA DGX H100 datasheet: 8x H100 SXM per node
+    inter_node_bw 50e9 | NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s per direction per GPU
+"""
+
+
+def _read_cards(text: str) -> dict[str, Hardware]:
+    """The :class:`Hardware` of each card in ``text`` (see ``_HARDWARE_CARDS``)."""
+    cards: dict[str, dict] = {}
+    for line in text.strip().splitlines():
+        if not line.startswith(" "):
+            name, description = line.split(": ", 1)
+            card = cards[name] = {"name": name, "description": description, "sources": {}}
+            continue
+        fact, source = line.strip().split(" | ", 1)
+        key, value = fact.split()
+        card[key] = int(value) if value.isdigit() else float(value)
+        card["sources"][key] = source.format(**_DATASHEETS)
+    return {name: Hardware(**card) for name, card in cards.items()}
+
+
+HARDWARE: dict[str, Hardware] = _read_cards(_HARDWARE_CARDS)
 
 
 def _hf(repo: str) -> str:
