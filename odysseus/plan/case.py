@@ -45,6 +45,7 @@ class Case:
 
     @property
     def spec(self) -> StrategySpec:
+        """The strategy's spec (ZeRO-3 or not): what the closed forms and the time model read."""
         return self.variant.spec
 
     def at(self, rank: int) -> Case:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..config import TransformerConfig
 from ..layout import HeadSplit, all_reduce_bytes, dense_shapes, gather_bytes, scatter_bytes, shard_sizes
 from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
 from .case import Case
@@ -45,7 +46,7 @@ class Collective(NamedTuple):
     bytes_received: int
 
 
-def dense_numel(config) -> dict[str, int]:
+def dense_numel(config: TransformerConfig) -> dict[str, int]:
     """Elements of every linear weight of the dense block, by Hugging Face name."""
     return {n: a * b for n, (a, b) in dense_shapes(config).items()}
 
