@@ -46,9 +46,9 @@ import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus import overlap as ody_overlap
 from odysseus.launch import run_ranks
-from odysseus.plan import BASE_STRATEGIES, PLAN_STRATEGIES, base_strategy, calibrate, calibration_report
-from odysseus.plan_presets import MODELS, get_model
+from odysseus.plan import MODELS, calibrate, calibration_report, get_model
 from odysseus.reference import TransformerBlock, init_weights
+from odysseus.strategies.registry import VARIANTS, Variant
 
 RANGES = ("ody/ag_matmul", "ody/attn", "ody/matmul_rs", "ody/ffn")
 _COLLECTIVE_HINTS = (
@@ -68,12 +68,17 @@ _COLLECTIVE_HINTS = (
     "send",
     "recv",
 )
-_USES_BACKEND = ("tp-sp", "odysseus")
+
+
+def uses_backend(strategy: str) -> bool:
+    """Whether ``strategy`` runs the ``odysseus.overlap`` ops (all-gather⊗GEMM, GEMM⊗reduce-scatter): those
+    whose attention all-gathers its input and reduce-scatters its output (TP-SP, Odysseus)."""
+    return Variant.parse(strategy).spec.attention_comm == "gather_scatter"
 
 
 def expected_ranges(strategy: str) -> tuple[str, ...]:
     """The named ranges a step of ``strategy`` should show: TP and Ulysses have no all-gather/reduce-scatter GEMMs."""
-    return RANGES if base_strategy(strategy) in _USES_BACKEND else ("ody/attn", "ody/ffn")
+    return RANGES if uses_backend(strategy) else ("ody/attn", "ody/ffn")
 
 
 def _device() -> torch.device:
@@ -84,11 +89,11 @@ def _device() -> torch.device:
 
 def _build(strategy: str, backend: str, cfg: odysseus.TransformerConfig, layers: int, dtype, device) -> nn.Module:
     """``layers`` blocks with different seeded weights, split by ``strategy``."""
-    blocks = []
+    blocks, variant = [], Variant.parse(strategy)
     for k in range(layers):
         ref = init_weights(TransformerBlock(cfg), seed=k).to(device=device, dtype=dtype)
-        par = odysseus.parallelize(ref, base_strategy(strategy), backend="naive" if backend == "n/a" else backend)
-        if "+zero3" in strategy:
+        par = odysseus.parallelize(ref, variant.spec.name, backend="naive" if backend == "n/a" else backend)
+        if variant.zero3:
             par = odysseus.zero3(par, reshard_after_forward=True)
         blocks.append(par)
     return nn.Sequential(*blocks)
@@ -149,7 +154,7 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
     pg = dist.group.WORLD
     configs = []
     for strategy in opts["strategies"]:
-        for backend in opts["backends"] if base_strategy(strategy) in _USES_BACKEND else ["n/a"]:
+        for backend in opts["backends"] if uses_backend(strategy) else ["n/a"]:
             reason = ""
             resolve = getattr(ody_overlap, "resolve_backend", None)
             if backend != "n/a" and resolve is not None:
@@ -159,7 +164,10 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
                     reason = f"{type(err).__name__}: {err}"
             model = None if reason else _build(strategy, backend, cfg, opts["layers"], dtype, device)
             for seq in opts["seqs"]:
-                configs.append(dict(strategy=strategy, backend=backend, seq=seq, model=model, reason=reason))
+                split = Variant.parse(strategy).spec.sequence_split
+                configs.append(
+                    dict(strategy=strategy, backend=backend, seq=seq, model=model, reason=reason, sequence_split=split)
+                )
     g = torch.Generator().manual_seed(0)
     inputs = {}
     for seq in opts["seqs"]:
@@ -168,7 +176,7 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
         inputs[seq] = {"full": (x, dy), "shard": (shard_sequence(x), shard_sequence(dy))}
 
     def step(c: dict) -> None:
-        x, dy = inputs[c["seq"]]["full" if c["strategy"] == "tp" else "shard"]
+        x, dy = inputs[c["seq"]]["shard" if c["sequence_split"] else "full"]
         c["model"].zero_grad(set_to_none=True)
         y = c["model"](x.detach().requires_grad_())
         y.backward(dy)
@@ -311,7 +319,7 @@ def report(run: dict, section: str = "bench_layer") -> str:
         ),
     ]
     fit_rows = [r for r in run["results"] if r["status"] == "ok" and r["backend"] in ("naive", "n/a")]
-    if len([r for r in fit_rows if r["strategy"] in BASE_STRATEGIES]) >= 3:
+    if len([r for r in fit_rows if not Variant.parse(r["strategy"]).zero3]) >= 3:  # what calibrate fits
         lines += ["", "Cost model fitted to this run's naive rows (`odysseus.plan.calibrate`):", ""]
         lines.append(calibration_report(calibrate(run)))
     return "\n".join(lines)
@@ -320,7 +328,9 @@ def report(run: dict, section: str = "bench_layer") -> str:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--local-world", type=int, help="fork this many gloo ranks here instead of running under torchrun")
-    p.add_argument("--strategies", default="tp,tp-sp,ulysses,odysseus", help=f"any of {', '.join(PLAN_STRATEGIES)}")
+    p.add_argument(
+        "--strategies", default="tp,tp-sp,ulysses,odysseus", help=f"any of {', '.join(v.name for v in VARIANTS)}"
+    )
     p.add_argument("--backends", default="naive,pipelined", help=f"overlap backends, any of {ody_overlap.BACKENDS}")
     p.add_argument("--model", choices=sorted(MODELS), help="take the block shape from a model preset")
     p.add_argument("--hidden", type=int, default=256)
@@ -347,7 +357,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _options(args: argparse.Namespace) -> dict:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     for s in strategies:
-        base_strategy(s)  # names the bad one
+        Variant.parse(s)  # names the bad one
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:
         ody_overlap.check_backend(b)

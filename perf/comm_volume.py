@@ -12,9 +12,9 @@ closed forms were checked here, exactly and on every rank, against what the real
    FSDP's collectives, so ``torch.distributed``'s all-gather/reduce-scatter functions are wrapped while
    they run and the calls made from ``torch.distributed.fsdp`` are counted the way the ledger counts
    (all-gather: the other ranks' shards; reduce-scatter: the others' contributions to this rank's shard).
-2. Check. Each rank's records must equal ``odysseus.volume.expected_records`` (library collectives),
-   ``odysseus.plan.zero3_records`` (FSDP2's, with its padding) and ``odysseus.plan.HOST_EXCHANGES``
-   (length exchanges); any difference raises before anything is extrapolated.
+2. Check. Each rank's records must equal ``odysseus.plan.expected_records`` (library collectives),
+   ``odysseus.plan.zero3_records`` (FSDP2's, with its padding) and the strategy's ``length_exchanges``
+   (``odysseus.strategies.registry``); any difference raises before anything is extrapolated.
 3. Extrapolate the checked closed forms to the model's shape and print/write the table and the plot.
 """
 
@@ -33,9 +33,9 @@ import odysseus
 from odysseus import CommLedger, finalize_grads, shard_sequence
 from odysseus.comm.ledger import current_phase
 from odysseus.launch import run_ranks
-from odysseus.plan import HOST_EXCHANGES, PLAN_STRATEGIES, base_strategy, strategy_records, zero3_records
-from odysseus.plan_presets import MODELS, get_model
+from odysseus.plan import MODELS, Case, get_model, strategy_records, zero3_records
 from odysseus.reference import TransformerBlock, init_weights
+from odysseus.strategies.registry import VARIANTS, Variant
 
 ZERO3_MODES = ("default", "keep")
 """``odysseus.zero3(par)`` as is (ZeRO-3 proper: parameters freed after forward, gathered again in backward)
@@ -91,34 +91,34 @@ def fsdp_collectives(records: list[tuple[str, str, str, int]]):
             setattr(dist, name, fn)
 
 
-def _cases(shapes: list) -> list[tuple[str, str | None, int]]:
+def _cases(shapes: list) -> list[tuple[Variant, str | None, int]]:
     """(strategy, zero3 mode or None, shape index) for every measurement."""
     out = []
     for k in range(len(shapes)):
-        for s in PLAN_STRATEGIES:
-            for mode in ZERO3_MODES if "+zero3" in s else (None,):
-                out.append((s, mode, k))
+        for v in VARIANTS:
+            for mode in ZERO3_MODES if v.zero3 else (None,):
+                out.append((v, mode, k))
     return out
 
 
 def _measure(rank: int, world: int, shapes: list) -> list[dict]:
     """On one rank: the ledger's and FSDP's records of every case."""
     got = []
-    for strategy, mode, k in _cases(shapes):
+    for v, mode, k in _cases(shapes):
         cfg_kw, B, L = shapes[k]
         ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
-        par = odysseus.parallelize(ref, base_strategy(strategy))
+        par = odysseus.parallelize(ref, v.spec.name)
         if mode is not None:
             par = odysseus.zero3(par, **({"reshard_after_forward": False} if mode == "keep" else {}))
         x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k), dtype=torch.bfloat16)
-        x = (x if strategy == "tp" else shard_sequence(x)).requires_grad_()
+        x = (shard_sequence(x) if v.spec.sequence_split else x).requires_grad_()
         fsdp: list = []
         with CommLedger() as ledger, fsdp_collectives(fsdp):
             par(x).float().square().sum().backward()
             finalize_grads(par)
         library = [(r.phase, r.op, r.category, r.bytes_received) for r in ledger.records if r.category != "metadata"]
         metadata = [r for r in ledger.records if r.category == "metadata"]
-        got.append(dict(strategy=strategy, mode=mode, shape=k, library=library, fsdp=fsdp, metadata=len(metadata)))
+        got.append(dict(strategy=v.name, mode=mode, shape=k, library=library, fsdp=fsdp, metadata=len(metadata)))
     return got
 
 
@@ -130,10 +130,10 @@ def verify(worlds: list[int], shapes: list) -> int:
         for rank, cases in enumerate(per_rank):
             for got in cases:
                 cfg_kw, B, L = shapes[got["shape"]]
-                cfg = odysseus.TransformerConfig(**cfg_kw)
+                case = Case(got["strategy"], odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2)
                 s, reshard = got["strategy"], got["mode"] != "keep"
-                every = strategy_records(s, cfg, B, L, world, rank, 2, reshard)
-                fsdp = zero3_records(s, cfg, world, rank, 2, reshard) if got["mode"] else []
+                every = strategy_records(case, reshard)
+                fsdp = zero3_records(case, reshard) if got["mode"] else []
                 library = list((Counter(every) - Counter(fsdp)).elements())
                 where = f"{s} (zero3 {got['mode']}) at N={world}, rank {rank}, shape {cfg_kw}, B={B}, L={L}"
                 for what, measured, formula in (("library", got["library"], library), ("FSDP2", got["fsdp"], fsdp)):
@@ -142,18 +142,18 @@ def verify(worlds: list[int], shapes: list) -> int:
                             f"{what} collectives differ from the closed form for {where}:\n"
                             f"  measured {sorted(measured)}\n  formula  {sorted(formula)}"
                         )
-                want_meta = HOST_EXCHANGES[base_strategy(s)]
+                want_meta = case.spec.length_exchanges
                 if got["metadata"] != want_meta:
                     raise AssertionError(f"{where}: {got['metadata']} length exchanges, expected {want_meta}")
                 checked += 1
     return checked
 
 
-def volumes(model: str, world: int, seq: int, strategy: str) -> dict[str, int]:
+def volumes(model: str, world: int, seq: int, variant: Variant) -> dict[str, int]:
     """Bytes rank 0 receives per block at full size: activations, gradient sync, ZeRO-3 parameter gathers."""
-    cfg = get_model(model).config()
+    case = Case(variant, get_model(model).config(), 1, seq, world, 0, 2)
     out = {"activation": 0, "gradient": 0, "weight": 0}
-    for _, _, category, b in strategy_records(strategy, cfg, 1, seq, world, 0, 2, reshard=True):
+    for _, _, category, b in strategy_records(case, reshard=True):
         out[category] += b
     return out
 
@@ -165,9 +165,9 @@ def table(model: str, worlds: list[int], seqs: list[int]) -> str:
     headers += ["weight-grad sync", "ZeRO-3 param all-gather"] + [f"total L={s // 1024}K" for s in seqs]
     rows = []
     for world in worlds:
-        for strategy in PLAN_STRATEGIES:
-            v = [volumes(model, world, seq, strategy) for seq in seqs]
-            row = [strategy, world] + [f"{x['activation'] / mib:,.0f}" for x in v]
+        for variant in VARIANTS:
+            v = [volumes(model, world, seq, variant) for seq in seqs]
+            row = [variant.name, world] + [f"{x['activation'] / mib:,.0f}" for x in v]
             row += [f"{v[0]['gradient'] / mib:,.0f}", f"{v[0]['weight'] / mib:,.0f}"]
             row += [f"{sum(x.values()) / mib:,.0f}" for x in v]
             rows.append(row)
@@ -184,9 +184,9 @@ def plot(model: str, worlds: list[int], path: Path) -> None:
     seqs = [1024 * 2**k for k in range(0, 8)]
     fig, axes = plt.subplots(1, len(worlds), figsize=(4.2 * len(worlds), 3.8), sharey=True, squeeze=False)
     for ax, world in zip(axes[0], worlds):
-        for strategy in PLAN_STRATEGIES:
-            ys = [sum(volumes(model, world, s, strategy).values()) / (1 << 30) for s in seqs]
-            ax.plot(seqs, ys, label=strategy, **common.STYLE[strategy])
+        for variant in VARIANTS:
+            ys = [sum(volumes(model, world, s, variant).values()) / (1 << 30) for s in seqs]
+            ax.plot(seqs, ys, label=variant.name, **common.style(variant))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L (tokens)")

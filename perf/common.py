@@ -21,6 +21,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from odysseus.strategies.registry import SPECS, Variant  # noqa: E402
+
 RESULTS = ROOT / "perf" / "RESULTS.md"
 # Small Llama-like shapes at which the perf scripts measure before extrapolating (config kwargs, batch,
 # sequence): multi-head like Llama-2-7B (i/d = 2.69), a wider head with batch 2, more heads than ranks,
@@ -34,15 +36,18 @@ SHAPES: list[tuple[dict, int, int]] = [
     (dict(hidden_size=80, num_heads=10, num_kv_heads=2, intermediate_size=216), 1, 37),
 ]
 
-# Line styles per strategy for the plots; TP and TP-SP often coincide, so TP is drawn dotted on top.
-STYLE: dict[str, dict] = {
-    "tp": dict(color="C0", ls=":", lw=2.5, marker="s", ms=3, zorder=3),
-    "tp-sp": dict(color="C1", ls="-", marker="o", ms=3),
-    "ulysses": dict(color="C2", ls="-", marker="o", ms=3),
-    "odysseus": dict(color="C3", ls="-", marker="o", ms=3),
-    "ulysses+zero3": dict(color="C2", ls="--", marker="^", ms=3),
-    "odysseus+zero3": dict(color="C3", ls="--", marker="^", ms=3),
-}
+
+def style(variant: Variant) -> dict:
+    """Plot style of a strategy: one colour per strategy (registry order), dashed with triangles for its
+    ZeRO-3 variant. TP (the one strategy that does not split the sequence) moves the same bytes as TP-SP, so
+    it is drawn dotted on top of it."""
+    colour = f"C{SPECS.index(variant.spec)}"
+    if variant.zero3:
+        return dict(color=colour, ls="--", marker="^", ms=3)
+    if not variant.spec.sequence_split:
+        return dict(color=colour, ls=":", lw=2.5, marker="s", ms=3, zorder=3)
+    return dict(color=colour, ls="-", marker="o", ms=3)
+
 
 _HEADER = """# Measured results
 
@@ -126,14 +131,6 @@ def parse_ints(text: str, what: str) -> list[int]:
             raise ValueError(f"--{what}: {value} must be positive")
         out.append(value)
     return out
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1 (KiB, MiB, GiB)."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def sweep_args(description: str, argv: list[str] | None, models: Sequence[str]) -> argparse.Namespace:

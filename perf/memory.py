@@ -28,10 +28,10 @@ import torch
 import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus.launch import run_ranks
-from odysseus.plan import PLAN_STRATEGIES, base_strategy, parameter_bytes, saved_activation_bytes
-from odysseus.plan_presets import MODELS, get_model
+from odysseus.plan import MODELS, Case, get_model, parameter_bytes, saved_activation_bytes
 from odysseus.profiling import SavedActivations
 from odysseus.reference import TransformerBlock, init_weights
+from odysseus.strategies.registry import VARIANTS
 
 
 def _local_bytes(t: torch.Tensor, padded: bool = False) -> int:
@@ -47,13 +47,13 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
     for k, (cfg_kw, B, L) in enumerate(shapes):
         ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
         x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k), dtype=torch.bfloat16)
-        for strategy in PLAN_STRATEGIES:
-            par = odysseus.parallelize(ref, base_strategy(strategy))
-            if "+zero3" in strategy:
+        for v in VARIANTS:
+            par = odysseus.parallelize(ref, v.spec.name)
+            if v.zero3:
                 par = odysseus.zero3(par)
-            xin = (x if strategy == "tp" else shard_sequence(x)).detach().requires_grad_()
+            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().requires_grad_()
             # ZeRO-3 rows report the base strategy's activations: the weights FSDP2 gathers are not activations.
-            zero3 = "+zero3" in strategy
+            zero3 = v.zero3
             with nullcontext() if zero3 else SavedActivations(par) as saved:
                 y = par(xin)
             y.float().square().sum().backward()
@@ -63,7 +63,7 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
             moments = sum(_local_bytes(v) for st in opt.state.values() for n, v in st.items() if n != "step")
             out.append(
                 dict(
-                    strategy=strategy,
+                    strategy=v.name,
                     shape=k,
                     saved=None if zero3 else saved.peak_bytes,
                     params=sum(_local_bytes(p, padded=True) for p in par.parameters()),
@@ -81,11 +81,11 @@ def verify(worlds: list[int], shapes: list) -> int:
         for rank, cases in enumerate(run_ranks(world, _measure, shapes, timeout=900)):
             for got in cases:
                 cfg_kw, B, L = shapes[got["shape"]]
-                cfg = odysseus.TransformerConfig(**cfg_kw)
                 s = got["strategy"]
-                want = parameter_bytes(s, cfg, world, rank, 2)
+                case = Case(s, odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2)
+                want = parameter_bytes(case)
                 if got["saved"] is not None:
-                    want["saved"] = saved_activation_bytes(s, cfg, B, L, world, rank, 2)
+                    want["saved"] = saved_activation_bytes(case)
                 measured = {k: got[k] for k in want}
                 if measured != want:
                     raise AssertionError(
@@ -106,10 +106,10 @@ def table(model: str, worlds: list[int], seqs: list[int]) -> str:
     headers += [f"{m.num_layers} blocks at L={seqs[-1] // 1024}K (GiB)"]
     rows = []
     for world in worlds:
-        for s in PLAN_STRATEGIES:
-            acts = [saved_activation_bytes(s, cfg, 1, seq, world, 0, 2) for seq in seqs]
-            pb = parameter_bytes(s, cfg, world, 0, 2)
-            row = [s, world] + [f"{a / gib:.2f}" for a in acts]
+        for v in VARIANTS:
+            acts = [saved_activation_bytes(Case(v, cfg, 1, seq, world, 0, 2)) for seq in seqs]
+            pb = parameter_bytes(Case(v, cfg, 1, seqs[-1], world, 0, 2))
+            row = [v.name, world] + [f"{a / gib:.2f}" for a in acts]
             row += [f"{pb['params'] / mib:,.1f}", f"{pb['grads'] / mib:,.1f}", f"{pb['adamw'] / mib:,.1f}"]
             row.append(f"{m.num_layers * (acts[-1] + sum(pb.values())) / gib:,.1f}")
             rows.append(row)
@@ -127,9 +127,9 @@ def plot(model: str, worlds: list[int], path: Path) -> None:
     seqs = [1024 * 2**k for k in range(0, 8)]
     fig, axes = plt.subplots(1, len(worlds) + 1, figsize=(4.0 * (len(worlds) + 1), 3.8), squeeze=False)
     for ax, world in zip(axes[0], worlds):
-        for s in ("tp", "tp-sp", "ulysses", "odysseus"):
-            ys = [saved_activation_bytes(s, cfg, 1, L, world, 0, 2) / (1 << 30) for L in seqs]
-            ax.plot(seqs, ys, label=s, **common.STYLE[s])
+        for v in (v for v in VARIANTS if not v.zero3):  # a ZeRO-3 variant saves what its strategy saves
+            ys = [saved_activation_bytes(Case(v, cfg, 1, L, world, 0, 2)) / (1 << 30) for L in seqs]
+            ax.plot(seqs, ys, label=v.name, **common.style(v))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L (tokens)")
@@ -139,12 +139,13 @@ def plot(model: str, worlds: list[int], path: Path) -> None:
     axes[0][0].legend(fontsize=7)
     ax = axes[0][-1]
     world = worlds[-1]
-    bottoms = [0.0] * len(PLAN_STRATEGIES)
+    bottoms = [0.0] * len(VARIANTS)
     for part, color in (("params", "C0"), ("grads", "C1"), ("adamw", "C2")):
-        vals = [parameter_bytes(s, cfg, world, 0, 2)[part] / (1 << 20) for s in PLAN_STRATEGIES]
+        vals = [parameter_bytes(Case(v, cfg, 1, seqs[-1], world, 0, 2))[part] / (1 << 20) for v in VARIANTS]
         ax.bar(range(len(vals)), vals, bottom=bottoms, color=color, label=part)
-        bottoms = [b + v for b, v in zip(bottoms, vals)]
-    ax.set_xticks(range(len(PLAN_STRATEGIES)), PLAN_STRATEGIES, rotation=35, ha="right", fontsize=7)
+        bottoms = [b + x for b, x in zip(bottoms, vals)]
+    names = [v.name for v in VARIANTS]
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7)
     ax.set_title(f"weights, N = {world}")
     ax.set_ylabel("MiB per rank per block")
     ax.legend(fontsize=7)

@@ -82,14 +82,14 @@ def test_comm_volume_check_fails_on_a_wrong_closed_form(monkeypatch):
 
 def test_comm_volume_check_fails_on_a_wrong_fsdp_form(monkeypatch):
     real = comm_volume.zero3_records
-    monkeypatch.setattr(comm_volume, "zero3_records", lambda s, c, w, r, e, reshard: real(s, c, w, r, e, True))
+    monkeypatch.setattr(comm_volume, "zero3_records", lambda case, reshard: real(case, True))
     with pytest.raises(AssertionError, match="FSDP2 collectives differ.*zero3 keep"):
         comm_volume.verify([2], common.SHAPES[:1])
 
 
 def test_memory_check_fails_on_a_wrong_closed_form(monkeypatch):
     real = memory.saved_activation_bytes
-    monkeypatch.setattr(memory, "saved_activation_bytes", lambda s, *a: real(s, *a) + (s == "odysseus"))
+    monkeypatch.setattr(memory, "saved_activation_bytes", lambda case: real(case) + (case.variant.name == "odysseus"))
     with pytest.raises(AssertionError, match="odysseus at N=2.*'saved'"):
         memory.verify([2], common.SHAPES[:1])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -16,7 +17,9 @@ from multirank import run_ranks
 
 import odysseus
 from odysseus import plan
-from odysseus.plan_presets import HARDWARE, MODELS, Assumptions, Hardware, Model
+from odysseus.plan import __main__ as cli
+from odysseus.plan.presets import HARDWARE, MODELS, Assumptions, Hardware, Model
+from odysseus.strategies.registry import SPECS, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))  # comm_volume's counter of FSDP2's collectives
@@ -126,18 +129,18 @@ def _measured(rank, world, B, L):
     from comm_volume import fsdp_collectives
 
     out = {}
-    for strategy in plan.PLAN_STRATEGIES:
-        par = odysseus.parallelize(make_block(torch.float32, **ODD), plan.base_strategy(strategy))
-        if "+zero3" in strategy:
+    for v in VARIANTS:
+        par = odysseus.parallelize(make_block(torch.float32, **ODD), v.spec.name)
+        if v.zero3:
             par = odysseus.zero3(par)
         x = torch.randn(B, L, ODD["hidden_size"], generator=torch.Generator().manual_seed(0))
-        x = (x if strategy == "tp" else odysseus.shard_sequence(x)).requires_grad_()
+        x = (odysseus.shard_sequence(x) if v.spec.sequence_split else x).requires_grad_()
         fsdp: list = []
         with odysseus.CommLedger() as ledger, fsdp_collectives(fsdp):
             par(x).square().sum().backward()
             odysseus.finalize_grads(par)
         library = [(r.phase, r.op, r.category, r.bytes_received) for r in ledger.records if r.category != "metadata"]
-        out[strategy] = library + fsdp
+        out[v.name] = library + fsdp
     return out
 
 
@@ -149,19 +152,20 @@ def test_strategy_records_match_a_real_run(world):
     B, L, cfg = 2, 61, odysseus.TransformerConfig(**ODD)
     hw, a = HARDWARE["h100-nvlink"], Assumptions()
     for rank, measured in enumerate(run_ranks(world, _measured, B, L)):
-        assert set(measured) == set(plan.PLAN_STRATEGIES)
+        assert set(measured) == {v.name for v in VARIANTS}
         for strategy, got in measured.items():
-            want = plan.strategy_records(strategy, cfg, B, L, world, rank, dtype_bytes=4)
+            case = plan.Case(strategy, cfg, B, L, world, rank, dtype_bytes=4)
+            want = plan.strategy_records(case)
             assert sorted(want) == sorted(got), (
                 f"{strategy} rank {rank}:\nplanner {sorted(want)}\nmeasured {sorted(got)}"
             )
-            cost = plan.block_cost(strategy, cfg, B, L, world, hw, a, dtype_bytes=4, rank=rank)
+            cost = plan.block_cost(case, hw, a)
             assert cost.comm_bytes == sum(b for *_, b in got) and cost.collectives == len(got), strategy
 
 
 def test_zero3_records_at_full_size():
     cfg = MODELS["llama2-7b"].config()
-    z = plan.strategy_records("odysseus+zero3", cfg, 1, 4096, 8)
+    z = plan.strategy_records(plan.Case("odysseus+zero3", cfg, 1, 4096, 8))
     assert not [r for r in z if r[1] == "all_reduce"]  # MHA: nothing shared, FSDP2 replaces finalize_grads
     ffn = 3 * cfg.hidden_size * cfg.intermediate_size * 2
     weight = sum(b for _, op, cat, b in z if cat == "weight")
@@ -226,13 +230,13 @@ def test_calibrated_hardware_plans():
 
 
 def test_cli_prints_a_ranked_table(capsys):
-    plan.main(["--model", "llama2-7b", "--seq", "65536", "--gpus", "8", "--hardware", "h100-nvlink"])
+    cli.main(["--model", "llama2-7b", "--seq", "65536", "--gpus", "8", "--hardware", "h100-nvlink"])
     out = capsys.readouterr().out
     assert "| 1 | ulysses+zero3 |" in out and "winner: ulysses+zero3 — memory" in out
-    plan.main(["--model", "llama3-8b", "--seq", "8192", "--gpus", "64", "--hardware", "h100-multinode"])
+    cli.main(["--model", "llama3-8b", "--seq", "8192", "--gpus", "64", "--hardware", "h100-multinode"])
     assert "infeasible" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        plan.main(["--model", "llama2-7b"])
+        cli.main(["--model", "llama2-7b"])
 
 
 def test_cli_as_a_module_runs():
@@ -245,3 +249,34 @@ def test_cli_as_a_module_runs():
         cwd=ROOT,
     ).stdout
     assert "winner:" in out
+
+
+def _plan_sources() -> dict[str, ast.Module]:
+    return {p.name: ast.parse(p.read_text()) for p in sorted((ROOT / "odysseus" / "plan").glob("*.py"))}
+
+
+def test_the_planner_reads_the_registry_not_module_code_or_names():
+    """odysseus.plan imports only pure modules (no torch.nn code: the modules, attention, reference) and
+    compares no strategy names: what depends on the strategy comes from its StrategySpec."""
+    pure = {"config", "layout", "strategies.registry"}
+    names = {s.name for s in SPECS} | {v.name for v in VARIANTS}
+    for file, tree in _plan_sources().items():
+        # Docstrings, of modules, functions and attributes alike, are statements of a lone string.
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:  # from ..x import y: outside odysseus.plan
+                assert node.module in pure, f"{file} imports odysseus.{node.module}"
+            if isinstance(node, ast.ImportFrom) and node.level == 0 or isinstance(node, ast.Import):
+                mods = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not any(m.startswith("odysseus") for m in mods), f"{file} imports {mods} absolutely"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert node.value not in names and "+zero3" not in node.value, f"{file}: {node.value!r}"
+
+
+def test_case_takes_a_variant_or_its_name():
+    cfg = MODELS["llama2-7b"].config()
+    case = plan.Case("odysseus+zero3", cfg, 1, 4096, 8, rank=7)
+    assert case.variant == VARIANTS[-1] and case.spec.name == "odysseus" and case.variant.zero3
+    assert case.shape.tokens == 512 and case.shape.q_heads == 4 and case.at(0).rank == 0
+    with pytest.raises(ValueError, match="no whole weights"):
+        plan.Case("tp+zero3", cfg, 1, 4096, 8)

@@ -1,4 +1,4 @@
-"""The closed forms in odysseus.volume against the CommLedger, record for record: phase, op, category, label,
+"""The closed forms in odysseus.plan.forms against the CommLedger, record for record: phase, op, category, label,
 bytes sent and bytes received, on every rank, for every strategy and every overlap backend."""
 
 from collections import Counter
@@ -10,7 +10,7 @@ from multirank import run_ranks
 
 import odysseus
 from odysseus import STRATEGIES, CommLedger, finalize_grads, shard_sequence
-from odysseus.volume import Collective, bytes_per_rank, expected_collectives
+from odysseus.plan import Case, Collective, bytes_per_rank, expected_collectives
 
 # The overlap backends whose ledger is checked (symm through the CPU transport).
 LEDGER_BACKENDS = ["naive", "pipelined", "symm"]
@@ -23,7 +23,7 @@ def check_ledger(led: CommLedger, strategy, config, B, L, world, rank, dtype_byt
         for r in led.records
         if r.category != "metadata"
     )
-    want = Counter(expected_collectives(strategy, config, B, L, world, rank, dtype_bytes))
+    want = Counter(expected_collectives(Case(strategy, config, B, L, world, rank, dtype_bytes)))
     if got != want:
         only_got, only_want = sorted((got - want).elements()), sorted((want - got).elements())
         raise AssertionError(f"{strategy} rank {rank}:\nonly in the ledger {only_got}\nonly in the formula {only_want}")
@@ -94,7 +94,37 @@ def test_ledger_check_catches_one_peers_bytes(backend, field):
 def test_textbook_ratios_hold_where_they_should():
     cfg = odysseus.TransformerConfig(hidden_size=4096, num_heads=32, intermediate_size=11008)
     for N in (2, 4, 8):
-        v = {s: bytes_per_rank(s, cfg, 1, 65536, N) for s in STRATEGIES}
+        v = {s: bytes_per_rank(Case(s, cfg, 1, 65536, N)) for s in STRATEGIES}
         assert v["odysseus"]["activation"] * 2 == v["tp-sp"]["activation"] == v["tp"]["activation"]
         assert v["ulysses"]["activation"] * N == v["tp-sp"]["activation"]  # O(Ld/N): 8(N-1)/N^2 vs 8(N-1)/N
         assert v["tp-sp"]["gradient"] < v["odysseus"]["gradient"] < v["ulysses"]["gradient"]
+
+
+def test_closed_forms_give_the_textbook_bytes_on_even_shapes():
+    """Bytes written out by hand, independent of odysseus.layout's byte rules, which the ledger and the closed
+    forms share (a wrong rule would move both alike and pass the ledger comparison). Even shapes: 12 tokens
+    and 4 heads (head_dim 2) over 4 ranks, fp32, so every rank sends what it receives."""
+    cfg = odysseus.TransformerConfig(hidden_size=8, num_heads=4, intermediate_size=16)
+    B, L, N, e, d = 2, 12, 4, 4, 8
+    shard = B * (L // N) * d * e  # one rank's rows of the (B, L, d) activation: 192 bytes
+    all_reduce = 2 * (N - 1) * B * L * d * e // N  # reduce-scatter + all-gather: 1152 bytes
+    norms = 2 * (N - 1) * 2 * d * e // N  # the two norms' gradients: 96 bytes
+    q_a2a = B * (L // N) * (N - 1) * 2 * e  # N-1 peers' tokens of this rank's one head (or the reverse): 144
+    want = {
+        "tp": {("forward", "all_reduce", "attn.out"): all_reduce, ("backward", "all_reduce", "ffn.up"): all_reduce},
+        "tp-sp": {
+            ("forward", "all_gather", "attn.qkv"): (N - 1) * shard,
+            ("forward", "reduce_scatter", "ffn.down"): (N - 1) * shard,
+            ("backward", "all_reduce", "grads"): norms,
+        },
+        "ulysses": {("forward", "all_to_all", "attn.q"): q_a2a, ("backward", "all_to_all", "attn.v"): q_a2a},
+        "odysseus": {
+            ("backward", "all_gather", "attn.out"): (N - 1) * shard,
+            ("backward", "all_reduce", "grads"): norms + 2 * (N - 1) * 3 * d * 16 * e // N,
+        },
+    }
+    for strategy, expected in want.items():
+        for rank in range(N):
+            got = {(x.phase, x.op, x.label): x for x in expected_collectives(Case(strategy, cfg, B, L, N, rank, e))}
+            for key, b in expected.items():
+                assert (got[key].bytes_sent, got[key].bytes_received) == (b, b), (strategy, rank, key, got[key])

@@ -1,0 +1,59 @@
+"""The planner: exact closed forms of bytes and memory per rank, a time model, calibration, presets.
+
+    python -m odysseus.plan --model llama2-7b --seq 65536 --gpus 8 --hardware h100-nvlink
+
+Modules: :mod:`.case` (:class:`Case`, one rank of one block under one strategy), :mod:`.forms` (exact
+bytes moved and kept, checked against real runs), :mod:`.cost` (seconds), :mod:`.predict` (whole-model
+memory and the ranking), :mod:`.calibrate` (fit to a ``perf/bench_layer.py`` run), :mod:`.presets`
+(hardware, models, assumptions, each value with its source), ``__main__`` (the command line).
+"""
+
+from .calibrate import Calibration, calibrate, calibration_report
+from .case import Case, RankShape, heads_feasible
+from .cost import Cost, attention_flops, block_cost, comm_time, model_step
+from .forms import (
+    Collective,
+    Record,
+    bytes_per_rank,
+    expected_collectives,
+    expected_records,
+    parameter_bytes,
+    saved_activation_bytes,
+    strategy_records,
+    zero3_records,
+)
+from .predict import Prediction, memory_bytes, predict
+from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
+
+__all__ = [
+    "HARDWARE",
+    "MODELS",
+    "Assumptions",
+    "Calibration",
+    "Case",
+    "Collective",
+    "Cost",
+    "Hardware",
+    "Model",
+    "Prediction",
+    "RankShape",
+    "Record",
+    "attention_flops",
+    "block_cost",
+    "bytes_per_rank",
+    "calibrate",
+    "calibration_report",
+    "comm_time",
+    "expected_collectives",
+    "expected_records",
+    "get_hardware",
+    "get_model",
+    "heads_feasible",
+    "memory_bytes",
+    "model_step",
+    "parameter_bytes",
+    "predict",
+    "saved_activation_bytes",
+    "strategy_records",
+    "zero3_records",
+]

@@ -1,0 +1,116 @@
+"""A cost model that predicts step time and peak memory per rank for each strategy, and picks one.
+
+    python -m odysseus.plan --model llama2-7b --seq 65536 --gpus 8 --hardware h100-nvlink
+    python -m odysseus.plan --calibrate bench.json          # fit rate and bandwidth to a bench_layer.py run
+
+What it counts, per rank and per training step of one micro-batch (see docs/PLANNER.md):
+
+- **Compute**: GEMM flops of this rank's share of every projection and causal-attention flops of its
+  heads, forward + backward (2x the forward for GEMMs, 2.5x for attention: FlashAttention's backward has
+  five GEMMs to the forward's two), against the dense bf16 peak times an achievable-efficiency factor.
+- **Communication**: the bytes each rank receives, from the closed forms that ``tests/test_volume.py``
+  checks against the CommLedger, plus FSDP2's all-gathers and reduce-scatters for the ZeRO-3 variants
+  (checked by ``perf/comm_volume.py``; both in :mod:`odysseus.plan.forms`), against the link
+  bandwidth, plus a fixed latency per collective. TP-SP and Odysseus all-gathers/reduce-scatters hide a
+  backend-dependent fraction behind the GEMM they are fused with; Ulysses' all-to-all and TP's all-reduce
+  hide nothing; gradient syncs hide behind backward compute by a configurable fraction.
+- **Memory**: parameters, gradients and optimizer states of this rank, activations saved for backward
+  (checked against ``SavedActivations`` by ``perf/memory.py``), the logits, and FSDP2's gathered
+  buffers. Where activations do not fit, full activation recomputation (one more forward) is tried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+
+from .calibrate import calibrate, calibration_report
+from .predict import Prediction, predict
+from .presets import HARDWARE, MODELS, Assumptions, Hardware, get_hardware
+
+
+def _fmt_gb(b: float) -> str:
+    return f"{b / 1e9:.1f}"
+
+
+def format_table(preds: list[Prediction]) -> str:
+    """A markdown table of the ranking."""
+    lines = [
+        "| # | strategy | fits | recompute | step ms | compute ms | exposed comm ms | link ms "
+        "| GB recv/rank | params+grads+optim GB | activations GB | transient GB | peak GB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in preds:
+        if not p.feasible:
+            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | {p.note} |")
+            continue
+        m, c = p.memory, p.cost
+        lines.append(
+            f"| {p.rank or '-'} | {p.strategy} | {'yes' if p.fits else 'NO'} | {'yes' if p.recompute else 'no'} "
+            f"| {p.step_s * 1e3:.0f} | {c.compute_s * 1e3:.0f} | {c.exposed_comm_s * 1e3:.0f} | {c.link_s * 1e3:.0f} "
+            f"| {c.comm_bytes / 1e9:.1f} | {_fmt_gb(m['params'] + m['grads'] + m['optimizer'])} "
+            f"| {_fmt_gb(m['activations'])} | {_fmt_gb(m['transient'])} | {_fmt_gb(m['total'])} | {p.note} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m odysseus.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", choices=sorted(MODELS), help="model preset")
+    p.add_argument("--seq", type=int, help="tokens per sequence")
+    p.add_argument("--gpus", type=int, help="ranks the layer is split over")
+    p.add_argument("--hardware", default="h100-nvlink", choices=sorted(HARDWARE))
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument(
+        "--backend",
+        default="symm",
+        choices=sorted(Assumptions().overlap),
+        help="odysseus.overlap backend of TP-SP/Odysseus: sets how much of their all-gathers/reduce-scatters hide",
+    )
+    p.add_argument("--recompute", default="auto", choices=("auto", "never", "always"))
+    p.add_argument("--grad-overlap", type=float, help="fraction of gradient all-reduce hidden behind backward")
+    p.add_argument("--calibrate", metavar="BENCH_JSON", help="fit rate/bandwidth/latency to a bench_layer.py run")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    args = p.parse_args(argv)
+    a = (
+        Assumptions()
+        if args.grad_overlap is None
+        else dataclasses.replace(Assumptions(), grad_overlap=args.grad_overlap)
+    )
+    hw: Hardware = get_hardware(args.hardware)
+    backend = args.backend
+    if args.calibrate:
+        cal = calibrate(args.calibrate)
+        print(calibration_report(cal))
+        hw, a, backend = cal.hardware(), cal.assumptions(), "naive"
+        if args.model is None:
+            return
+        print()
+    if args.model is None or args.seq is None or args.gpus is None:
+        p.error("--model, --seq and --gpus are required (unless only --calibrate is given)")
+    preds = predict(
+        args.model, args.seq, args.gpus, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a
+    )
+    if args.json:
+        # inf (step time of an infeasible strategy) is not JSON: write null.
+        rows = [{**dataclasses.asdict(x), "step_s": x.step_s if math.isfinite(x.step_s) else None} for x in preds]
+        print(json.dumps(rows, indent=1))
+        return
+    print(
+        f"{args.model}, {args.batch} x {args.seq} tokens over {args.gpus} x {hw.name} "
+        f"(backend {backend}, recompute {args.recompute}); per rank, one step of the whole model\n"
+    )
+    print(format_table(preds))
+    win = preds[0]
+    if win.rank == 1:
+        print(f"\nwinner: {win.strategy} — {win.reason}")
+    else:
+        print("\nno strategy fits: " + "; ".join(f"{x.strategy}: {x.note}" for x in preds))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The time model: seconds of one block, and of one training step of a whole model, on one rank.
+
+- **Compute**: GEMM flops of this rank's share of every projection and causal-attention flops of its
+  heads, forward + backward (2x the forward for GEMMs, 2.5x for attention: FlashAttention's backward has
+  five GEMMs to the forward's two), against the dense bf16 peak times an achievable-efficiency factor.
+- **Communication**: the bytes of :func:`~odysseus.plan.forms.strategy_records` against the link bandwidth,
+  plus a fixed latency per collective. All-gathers/reduce-scatters fused with a GEMM (the ``odysseus.overlap``
+  ops) hide a backend-dependent fraction behind it; all-reduces and all-to-alls of activations hide
+  nothing; weight gathers and gradient syncs hide behind the compute of their phase by a configurable
+  fraction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .case import Case
+from .forms import ffn_split, heads_split, strategy_records
+from .presets import Assumptions, Hardware, Model
+
+_FUSED = "gather_scatter"
+"""The comm kind (a spec field) of the parts whose collectives run inside an all-gather⊗GEMM or a
+GEMM⊗reduce-scatter op, so they can hide behind that GEMM."""
+
+
+@dataclass
+class Cost:
+    """Time (seconds) and bytes of one rank, for one block or a whole model step."""
+
+    compute_s: float = 0.0
+    exposed_comm_s: float = 0.0
+    """Communication (and collective latency) not hidden behind compute."""
+    link_s: float = 0.0
+    """Time the link is busy: a floor on the step however much overlaps."""
+    comm_bytes: float = 0.0
+    collectives: float = 0.0
+    flops: float = 0.0
+
+    @property
+    def time_s(self) -> float:
+        return max(self.compute_s + self.exposed_comm_s, self.link_s)
+
+    def __add__(self, o: Cost) -> Cost:
+        return Cost(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(o))))
+
+    def __mul__(self, k: float) -> Cost:
+        return Cost(*(a * k for a in dataclasses.astuple(self)))
+
+
+@dataclass(frozen=True)
+class _Gemm:
+    name: str
+    flops: float
+    """Forward flops; the backward does twice as many."""
+    fused: bool = False
+    """Fused with an all-gather (forward) / reduce-scatter (its dgrad) or the reverse, in one overlap op."""
+
+
+def _gemms(case: Case) -> list[_Gemm]:
+    c, B, L, s = case.config, case.batch, case.seq, case.shape
+    d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
+    if heads_split(case):  # this rank's heads, every token
+        fused = case.spec.attention_comm == _FUSED
+        qkv, out = 2 * B * L * d * (s.q_heads + 2 * s.kv_heads) * hd, 2 * B * L * s.q_heads * hd * d
+    else:  # every head, this rank's tokens
+        fused = False
+        qkv = 2 * B * s.tokens * d * (c.num_heads + 2 * c.num_kv_heads) * hd
+        out = 2 * B * s.tokens * c.num_heads * hd * d
+    gemms = [_Gemm("attn.qkv", qkv, fused), _Gemm("attn.out", out, fused)]
+    if ffn_split(case):  # this rank's columns, every token
+        tokens, cols, fused = L, s.ffn_cols, case.spec.ffn_comm == _FUSED
+    else:  # every column, this rank's tokens
+        tokens, cols, fused = s.tokens, i, False
+    return gemms + [
+        _Gemm("ffn.up", 2 * B * tokens * d * 2 * cols, fused),
+        _Gemm("ffn.down", 2 * B * tokens * cols * d, fused),
+    ]
+
+
+def attention_flops(case: Case) -> float:
+    """Forward flops of causal attention over this rank's query heads: QK^T and PV over half the L x L scores."""
+    per_head = 4 * case.seq * case.seq * case.config.head_dim
+    return case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
+
+
+def comm_time(nbytes: float, op: str, world: int, hw: Hardware, a: Assumptions) -> float:
+    """Seconds for one rank to receive ``nbytes`` in collective ``op``, plus its fixed latency.
+
+    Within a node every byte crosses the intra-node link. Across nodes a ring (all-gather, reduce-scatter,
+    all-reduce) is as slow as its slowest hop, the NIC; an all-to-all sends each peer its own share, so
+    only the share bound for other nodes crosses the NIC while the rest moves on the node's fabric.
+    """
+    eff = a.link_efficiency * a.collective_efficiency.get(op, 1.0)
+    if world <= hw.gpus_per_node or hw.inter_node_bw is None:
+        t = nbytes / hw.intra_node_bw
+    elif op == "all_to_all":
+        remote = (world - hw.gpus_per_node) / (world - 1)
+        t = max(nbytes * remote / hw.inter_node_bw, nbytes * (1 - remote) / hw.intra_node_bw)
+    else:
+        t = nbytes / min(hw.inter_node_bw, hw.intra_node_bw)
+    # An all-reduce is a reduce-scatter then an all-gather (as the ledger counts it): two latencies.
+    return t / eff + a.collective_latency_s * (2 if op == "all_reduce" else 1)
+
+
+# Which fused GEMMs a collective can hide behind: all-gathers feed QKV/up forward and out/down backward
+# (the dgrad of the GEMM, same flops), reduce-scatters the reverse.
+_PARTNERS = {
+    ("forward", "all_gather"): ("attn.qkv", "ffn.up"),
+    ("forward", "reduce_scatter"): ("attn.out", "ffn.down"),
+    ("backward", "all_gather"): ("attn.out", "ffn.down"),
+    ("backward", "reduce_scatter"): ("attn.qkv", "ffn.up"),
+}
+
+
+def block_cost(
+    case: Case, hw: Hardware, assumptions: Assumptions, backend: str = "naive", recompute: bool = False
+) -> Cost:
+    """One block's forward+backward (+ gradient sync) on ``case.rank``; see the module docstring for the terms.
+
+    ``backend``: the ``odysseus.overlap`` backend, whose ``assumptions.overlap`` fraction of a fused
+    collective hides; ``recompute``: the forward runs twice (full activation recomputation).
+    """
+    a = assumptions
+    if backend not in a.overlap:
+        raise ValueError(f"no overlap fraction for backend {backend!r}; assumptions know {sorted(a.overlap)}")
+    gemm_rate = hw.peak_flops * a.gemm_efficiency
+    attn_rate = hw.peak_flops * a.attention_efficiency
+    gemms = _gemms(case)
+    attn_f = attention_flops(case)
+    gemm_f = sum(g.flops for g in gemms)
+    fwd = gemm_f / gemm_rate + attn_f / attn_rate
+    bwd = 2 * gemm_f / gemm_rate + 2.5 * attn_f / attn_rate
+    passes = 2 if recompute else 1  # recomputation reruns the forward, collectives included
+    cost = Cost(compute_s=passes * fwd + bwd, flops=(passes + 2) * gemm_f + (passes + 2.5) * attn_f)
+
+    gemm_s = {g.name: g.flops / gemm_rate for g in gemms if g.fused}
+    partners = {k: [gemm_s[n] for n in v if n in gemm_s] for k, v in _PARTNERS.items()}
+    f = a.overlap[backend]
+    budget = {"forward": passes * fwd, "backward": bwd}
+    for phase, op, category, nbytes in strategy_records(case):
+        t = comm_time(nbytes, op, case.world, hw, a)
+        reps = passes if category == "activation" and phase == "forward" else 1
+        cost.link_s += reps * t
+        cost.comm_bytes += reps * nbytes
+        cost.collectives += reps
+        if category == "activation":
+            # Unfused all-reduces and all-to-alls have no partner: they sit between dependent computations.
+            hide = partners[(phase, op)].pop(0) if partners.get((phase, op)) else 0.0
+            exposed = t - f * min(t, hide)
+        else:
+            # Weight gathers and gradient syncs run in the background of the compute of their phase (FSDP2
+            # prefetches the next block's gather under this one's forward and reduce-scatters during
+            # backward; a bucketed all-reduce would too): they share that compute time between them.
+            fraction = a.zero3_overlap if category == "weight" or op == "reduce_scatter" else a.grad_overlap
+            hidden = min(fraction * t, budget[phase])
+            budget[phase] -= hidden
+            exposed = t - hidden
+        cost.exposed_comm_s += reps * exposed
+    # Lengths travel on the CPU side group: latency only, and not on the GPU link.
+    exchanges = case.spec.length_exchanges
+    cost.exposed_comm_s += passes * exchanges * a.host_exchange_latency_s if case.world > 1 else 0.0
+    return cost
+
+
+def whole_vocab(case: Case) -> bool:
+    """Every rank holds the embedding and LM head whole: an assumption, for the strategies that hold whole
+    block weights (the others split them by vocabulary; ZeRO-3 shards them)."""
+    return bool(case.spec.replicated)
+
+
+def model_step(model: Model, case: Case, hw: Hardware, a: Assumptions, backend: str, recompute: bool) -> Cost:
+    """The slowest rank's step: every block, plus the LM head's flops and the gradient sync of non-block
+    weights. ``case.config`` is one block of ``model``; ``case.rank`` is ignored (every rank is evaluated)."""
+    c, N, B, L = case.config, case.world, case.batch, case.seq
+    per_rank = [block_cost(case.at(r), hw, a, backend, recompute) for r in range(N)]
+    cost = max(per_rank, key=lambda x: x.time_s) * model.num_layers
+    head_flops = 6 * B * L * c.hidden_size * model.vocab_size / N
+    head = Cost(compute_s=head_flops / (hw.peak_flops * a.gemm_efficiency), flops=head_flops)
+    if N > 1 and whole_vocab(case):
+        # Replicated embedding and LM head: their gradients are summed like the FFN's (or by FSDP2).
+        n = (1 if model.tied_embeddings else 2) * model.vocab_size * c.hidden_size
+        # Even chunks assumed: all-reduce 2(N-1)/N of them; FSDP2 all-gathers in forward and backward and
+        # reduce-scatters, 3(N-1)/N.
+        zero3 = case.variant.zero3
+        nbytes = (3 if zero3 else 2) * (N - 1) / N * n * case.dtype_bytes
+        t = comm_time(nbytes, "all_reduce", N, hw, a)
+        overlap = a.zero3_overlap if zero3 else a.grad_overlap
+        head += Cost(exposed_comm_s=t - overlap * min(t, cost.compute_s), link_s=t, comm_bytes=nbytes, collectives=1)
+    return cost + head

@@ -1,0 +1,180 @@
+"""Peak memory per rank of a whole model step, and the ranking of the strategies (:func:`predict`).
+
+Memory counts parameters, gradients and optimizer states of this rank, the activations saved for
+backward (:func:`~odysseus.plan.forms.saved_activation_bytes`), the logits and FSDP2's gathered buffers.
+Where activations do not fit, full activation recomputation (one more forward) is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..layout import shard_sizes
+from ..strategies.registry import VARIANTS, Variant
+from .case import Case, heads_feasible
+from .cost import Cost, model_step, whole_vocab
+from .forms import fsdp_gathered_numel, parameter_bytes, saved_activation_bytes
+from .presets import Assumptions, Hardware, Model, get_hardware, get_model
+
+_PARTS = ("params", "grads", "optimizer", "activations", "transient", "total")
+
+
+@dataclass
+class Prediction:
+    """The planner's verdict on one strategy for one (model, sequence, GPUs, hardware)."""
+
+    strategy: str
+    """The variant's name, e.g. ``"odysseus+zero3"``."""
+    feasible: bool
+    """The strategy can run at all (heads, GPUs in the preset)."""
+    fits: bool
+    """Its peak memory fits the usable device memory."""
+    recompute: bool
+    """Full activation recomputation was needed to fit (or was forced)."""
+    step_s: float
+    cost: Cost
+    memory: dict[str, float]
+    """Peak bytes per rank by part: params, grads, optimizer, activations, transient, total."""
+    note: str = ""
+    rank: int = 0
+    """1-based place in the ranking (0: not ranked)."""
+    reason: str = ""
+    """For the winner: why it wins."""
+
+    @property
+    def bound(self) -> str:
+        """``compute`` or ``comm``: which part is the larger share of this strategy's step."""
+        return "comm" if self.cost.time_s - self.cost.compute_s > self.cost.compute_s else "compute"
+
+
+def memory_bytes(model: Model, case: Case, assumptions: Assumptions, recompute: bool) -> dict[str, float]:
+    """Peak bytes on ``case.rank`` for a whole model step, by part (see :class:`Prediction`);
+    ``case.config`` is one block of ``model``."""
+    a, c, N, e = assumptions, case.config, case.world, case.dtype_bytes
+    zero3 = case.variant.zero3
+    per_layer = parameter_bytes(dataclasses.replace(case, dtype_bytes=1))["params"]  # element counts
+    d, V = c.hidden_size, model.vocab_size
+    vocab_mats = 1 if model.tied_embeddings else 2
+    nonblock = vocab_mats * V * d + d  # embedding (+ LM head) + final norm
+    if not whole_vocab(case) or zero3:
+        nonblock = vocab_mats * -(-V // N) * d + (-(-d // N) if zero3 else d)  # vocab-parallel or sharded
+    params = model.num_layers * per_layer + nonblock
+    out = {"params": params * a.param_bytes, "grads": params * a.grad_bytes, "optimizer": params * a.optimizer_bytes}
+    saved = saved_activation_bytes(case)
+    if recompute:
+        tokens = shard_sizes(case.seq, N)[case.rank] if case.spec.sequence_split else case.seq
+        out["activations"] = model.num_layers * case.batch * tokens * d * e + saved
+    else:
+        out["activations"] = model.num_layers * saved
+    transient = case.batch * case.seq * -(-V // N) * a.logits_bytes  # logits, vocab- or sequence-split: L*V/N each
+    if zero3:  # one block's gathered weights + the prefetched next block's, and its gathered gradients
+        transient += fsdp_gathered_numel(case) * (2 * a.param_bytes + a.grad_bytes)
+    out["transient"] = transient
+    out["total"] = sum(out.values())
+    return out
+
+
+def predict(
+    model: str | Model,
+    seq: int,
+    gpus: int,
+    hardware: str | Hardware,
+    *,
+    batch: int = 1,
+    strategies: Sequence[Variant | str] = VARIANTS,
+    backend: str = "symm",
+    recompute: str = "auto",
+    assumptions: Assumptions | None = None,
+    dtype_bytes: int = 2,
+) -> list[Prediction]:
+    """Predict step time and peak memory per rank of each strategy and rank them (fastest that fits first).
+
+    ``model``/``hardware``: a preset name (``MODELS``, ``HARDWARE``) or an object. ``seq`` tokens
+    of ``batch`` sequences are split over ``gpus`` ranks. ``strategies``: variants or their names.
+    ``backend``: the ``odysseus.overlap`` backend whose overlap fraction applies to fused collectives.
+    ``recompute``: ``"auto"`` recomputes activations only where they do not fit otherwise,
+    ``"never"``/``"always"`` force it. The first entry of the list carries the reason it won in ``reason``.
+    """
+    model = get_model(model) if isinstance(model, str) else model
+    hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
+    a = assumptions or Assumptions()
+    for name, value in (("seq", seq), ("gpus", gpus), ("batch", batch)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
+    if recompute not in ("auto", "never", "always"):
+        raise ValueError(f"recompute={recompute!r}; expected 'auto', 'never' or 'always'")
+    if seq < gpus:
+        raise ValueError(f"seq={seq} tokens cannot be split over gpus={gpus}")
+    capacity = hw.memory_bytes * a.usable_memory_fraction
+    options = {"auto": (False, True), "never": (False,), "always": (True,)}[recompute]
+    out = []
+    for variant in strategies:
+        case = Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes)
+        why = heads_feasible(case.config, gpus)
+        if why is None and gpus > hw.max_gpus:
+            why = f"N={gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
+        if why is not None:
+            out.append((Prediction(case.variant.name, False, False, False, math.inf, Cost(), {}, note=why), case))
+            continue
+        for rc in options:
+            mem = _peak_memory(model, case, a, rc)
+            fits = mem["total"] <= capacity
+            if fits or rc == options[-1]:
+                break
+        cost = model_step(model, case, hw, a, backend, rc)
+        note = "" if fits else f"needs {mem['total'] / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
+        out.append((Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note), case))
+    ranked = sorted(out, key=lambda pc: (not pc[0].feasible, not pc[0].fits, pc[0].step_s))
+    for k, (p, _) in enumerate(ranked, 1):
+        p.rank = k if p.feasible and p.fits else 0
+    if ranked and ranked[0][0].rank == 1:
+        ranked[0][0].reason = _reason(ranked, model, hw, a, backend)
+    return [p for p, _ in ranked]
+
+
+def _peak_memory(model: Model, case: Case, a: Assumptions, recompute: bool) -> dict[str, float]:
+    """Each part's largest value over the ranks: rank 0 holds the largest shards, the last the smallest."""
+    per_rank = [memory_bytes(model, case.at(r), a, recompute) for r in (0, case.world - 1)]
+    return {k: max(m[k] for m in per_rank) for k in _PARTS}
+
+
+def _reason(ranked: list[tuple[Prediction, Case]], model: Model, hw: Hardware, a: Assumptions, backend: str) -> str:
+    """Why the winner wins: ``memory`` if a strategy that would be faster without the memory limit (no
+    recomputation, whatever the footprint) does not fit or must recompute, or if the runner-up must
+    recompute and the winner need not; else the larger of the compute and communication differences to
+    the runner-up."""
+    win = ranked[0][0]
+    unconstrained = {
+        k: model_step(model, case, hw, a, backend, False).time_s for k, (p, case) in enumerate(ranked) if p.feasible
+    }
+    faster = [k for k, t in unconstrained.items() if t < win.step_s * 0.98 and k != 0]
+    capacity_gb = hw.memory_bytes * a.usable_memory_fraction / 1e9
+    if faster:
+        best = min(faster, key=unconstrained.get)
+        loser, case = ranked[best]
+        keep = _peak_memory(model, case, a, False)["total"]
+        how = "does not fit at all" if not loser.fits else "must recompute activations to fit"
+        return (
+            f"memory: {loser.strategy} would take {unconstrained[best] * 1e3:.0f} ms with unlimited memory, but it "
+            f"needs {keep / 1e9:.1f} GB without recomputation (> {capacity_gb:.0f} GB usable) and {how}; "
+            f"{win.strategy} fits" + (" with recomputation" if win.recompute else "")
+        )
+    runner = next((p for p, _ in ranked[1:] if p.rank), None)
+    if runner is None:
+        return f"only feasible strategy that fits; {win.bound}-bound"
+    gap = runner.step_s - win.step_s
+    if gap < 0.02 * win.step_s:
+        return f"tie with {runner.strategy} within 2%; {win.bound}-bound"
+    if runner.recompute and not win.recompute:
+        return (
+            f"memory: {runner.strategy} (next, {gap / runner.step_s:.0%} slower) must recompute activations to fit "
+            f"in {capacity_gb:.0f} GB; {win.strategy} keeps them"
+        )
+    d_compute = runner.cost.compute_s - win.cost.compute_s
+    d_comm = (runner.step_s - runner.cost.compute_s) - (win.step_s - win.cost.compute_s)
+    kind = "comm-bound" if d_comm >= d_compute else "compute-bound"
+    what = "less exposed communication" if kind == "comm-bound" else "less compute"
+    return f"{kind}: {gap / runner.step_s:.0%} faster than {runner.strategy} through {what}"
