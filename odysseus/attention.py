@@ -10,18 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layout import uniform_gqa
 from .profiling import ody_range
 
 try:  # optional extra: pip install odysseus[flash]
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
-
-
-def uniform_gqa(kv_of_q: list[int], num_kv: int) -> bool:
-    """True when query head i reads kv head ``i // (len(kv_of_q) // num_kv)`` for every i."""
-    n = len(kv_of_q)
-    return n % num_kv == 0 and all(kv == i // (n // num_kv) for i, kv in enumerate(kv_of_q))
 
 
 def local_attention(

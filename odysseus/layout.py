@@ -55,6 +55,13 @@ def rows(ranges, width: int) -> list[tuple[int, int]]:
     return [(s * width, e * width) for s, e in ranges]
 
 
+def uniform_gqa(kv_of_q: list[int], num_kv: int) -> bool:
+    """True when query head i reads kv head ``i // (len(kv_of_q) // num_kv)`` for every i (attention kernels
+    then take GQA natively; otherwise kv heads are expanded to one per query head)."""
+    n = len(kv_of_q)
+    return n % num_kv == 0 and all(kv == i // (n // num_kv) for i, kv in enumerate(kv_of_q))
+
+
 @dataclass(frozen=True)
 class HeadSplit:
     """Query and kv heads of every rank when heads are split over ``world`` ranks."""

@@ -64,7 +64,7 @@ CPU_OVERLAP_BACKENDS = ("naive", "pipelined")
 STRATEGY_BACKENDS = [
     (s.name, b)
     for s in SPECS
-    for b in (CPU_OVERLAP_BACKENDS if "gather_scatter" in (s.attention_comm, s.ffn_comm) else ("auto",))
+    for b in (CPU_OVERLAP_BACKENDS if s.overlapped else ("auto",))
 ]
 
 __all__ = ["Run", "relative_errors", "run_parallel", "run_reference", "STRATEGY_BACKENDS"]

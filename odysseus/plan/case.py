@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..config import TransformerConfig
-from ..layout import HeadSplit, shard_sizes
+from ..layout import HeadSplit, shard_sizes, uniform_gqa
 from ..strategies.registry import StrategySpec, Variant
 
 
@@ -59,9 +59,7 @@ class Case:
         heads = HeadSplit.build(c, self.world, self.rank)
         (qs, qe), (ks, ke) = heads.q[self.rank], heads.kv[self.rank]
         q, kv = qe - qs, ke - ks
-        group = q // kv if q % kv == 0 else 0
-        # Query head j reads kv head j // group for every j: what SDPA and flash-attn take without expanding kv.
-        uniform = group > 0 and all(k == j // group for j, k in enumerate(heads.kv_of_q))
+        uniform = uniform_gqa(list(heads.kv_of_q), kv)
         return RankShape(
             tokens=shard_sizes(self.seq, self.world)[self.rank],
             q_heads=q,

@@ -15,13 +15,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .forms import ffn_split, heads_split, strategy_records
 from .presets import Assumptions, Hardware, Model
 
-_FUSED = "gather_scatter"
-"""The comm kind (a spec field) of the parts whose collectives run inside an all-gather⊗GEMM or a
-GEMM⊗reduce-scatter op, so they can hide behind that GEMM."""
+# The parts whose collectives run inside an all-gather⊗GEMM or a GEMM⊗reduce-scatter op can hide behind it.
+_FUSED = GATHER_SCATTER
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from ..config import TransformerConfig
 from ..layout import HeadSplit, all_reduce_bytes, dense_shapes, gather_bytes, scatter_bytes, shard_sizes
-from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
+from ..strategies.registry import ALL_REDUCE, ALL_TO_ALL, ATTENTION_WEIGHTS, FFN_WEIGHTS, GATHER_SCATTER, NO_TRAFFIC
 from .case import Case
 
 Record = tuple[str, str, str, int]
@@ -60,23 +60,23 @@ def _part_collectives(case: Case, kind: str, part: str) -> list[Collective]:
     """The activation collectives of one part (``attention`` or ``ffn``) moved as ``kind`` (a spec field)."""
     B, d, e, N, r = case.batch, case.config.hidden_size, case.dtype_bytes, case.world, case.rank
     first, last = _GEMMS[part]
-    if kind == "all_reduce":
+    if kind == ALL_REDUCE:
         # copy_to_tp is an identity forward whose gradient is all-reduced; reduce_from_tp the reverse.
         numel = B * case.seq * d
         return [
             _all_reduce(case, phase, "activation", label, numel)
             for phase, label in (("forward", last), ("backward", first))
         ]
-    if kind == "gather_scatter":
+    if kind == GATHER_SCATTER:
         sizes = shard_sizes(case.seq, N)
         ag = ("all_gather", *gather_bytes(sizes, r, B * d * e))
         rs = ("reduce_scatter", *scatter_bytes(sizes, r, B * d * e))
         # all-gather before the first GEMM, reduce-scatter after the last; backward runs the duals.
         order = (("forward", first, ag), ("backward", first, rs), ("forward", last, rs), ("backward", last, ag))
         return [Collective(phase, op, "activation", label, sent, got) for phase, label, (op, sent, got) in order]
-    if kind == "all_to_all":
+    if kind == ALL_TO_ALL:
         return _all_to_all_collectives(case)
-    if kind == "none":
+    if kind == NO_TRAFFIC:
         return []
     raise ValueError(f"{case.spec.name}: unknown comm kind {kind!r} for the {part}")
 

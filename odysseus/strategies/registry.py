@@ -17,6 +17,16 @@ from dataclasses import dataclass
 ATTENTION_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 
+# How a module moves activations (StrategySpec.attention_comm / ffn_comm).
+ALL_REDUCE = "all_reduce"
+"""TP: all-reduce after the row-split GEMM."""
+GATHER_SCATTER = "gather_scatter"
+"""All-gather before the column-split GEMM, reduce-scatter after the row-split one (the overlap ops)."""
+ALL_TO_ALL = "all_to_all"
+"""Sequence-split to head-split and back (Ulysses)."""
+NO_TRAFFIC = "none"
+"""This rank's tokens through whole weights."""
+
 
 @dataclass(frozen=True)
 class StrategySpec:
@@ -44,6 +54,12 @@ class StrategySpec:
     """Host-side exchanges of the shard lengths per block forward (one per module that checks its layout)."""
 
     @property
+    def overlapped(self) -> bool:
+        """Some module of the strategy runs the overlap ops (all-gather⊗GEMM, GEMM⊗reduce-scatter), so the
+        overlap backend matters."""
+        return GATHER_SCATTER in (self.attention_comm, self.ffn_comm)
+
+    @property
     def zero3(self) -> bool:
         """ZeRO-3 (FSDP2 over the replicated weights) is offered: there are whole weights to shard."""
         return bool(self.replicated)
@@ -59,22 +75,23 @@ def _load(path: str) -> type:
 
 
 SPECS: tuple[StrategySpec, ...] = (
-    StrategySpec("tp", "head_split:TPAttention", "ffn:TPFFN", False, (), "all_reduce", "all_reduce", 0),
-    StrategySpec("tp-sp", "head_split:TPSPAttention", "ffn:TPSPFFN", True, (), "gather_scatter", "gather_scatter", 2),
     StrategySpec(
-        "ulysses",
-        "ulysses:UlyssesAttention",
-        "ffn:SeqParallelFFN",
-        True,
-        ATTENTION_WEIGHTS + FFN_WEIGHTS,
-        "all_to_all",
-        "none",
-        1,
-    ),  # fmt: skip
-    StrategySpec(
-        "odysseus", "head_split:OdysseusAttention", "ffn:SeqParallelFFN", True, FFN_WEIGHTS, "gather_scatter", "none", 1
+        name="tp", attention="head_split:TPAttention", ffn="ffn:TPFFN", sequence_split=False, replicated=(),
+        attention_comm=ALL_REDUCE, ffn_comm=ALL_REDUCE, length_exchanges=0,
     ),
-)
+    StrategySpec(
+        name="tp-sp", attention="head_split:TPSPAttention", ffn="ffn:TPSPFFN", sequence_split=True, replicated=(),
+        attention_comm=GATHER_SCATTER, ffn_comm=GATHER_SCATTER, length_exchanges=2,
+    ),
+    StrategySpec(
+        name="ulysses", attention="ulysses:UlyssesAttention", ffn="ffn:SeqParallelFFN", sequence_split=True,
+        replicated=ATTENTION_WEIGHTS + FFN_WEIGHTS, attention_comm=ALL_TO_ALL, ffn_comm=NO_TRAFFIC, length_exchanges=1,
+    ),
+    StrategySpec(
+        name="odysseus", attention="head_split:OdysseusAttention", ffn="ffn:SeqParallelFFN", sequence_split=True,
+        replicated=FFN_WEIGHTS, attention_comm=GATHER_SCATTER, ffn_comm=NO_TRAFFIC, length_exchanges=1,
+    ),
+)  # fmt: skip
 _BY_NAME = {s.name: s for s in SPECS}
 STRATEGIES: tuple[str, ...] = tuple(_BY_NAME)
 
