@@ -10,10 +10,10 @@ FSDP2 reduce-scatters them, ``odysseus.zero3``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..layout import split_ranges
 from ..profiling import ody_range
+from ..swiglu import swiglu
 from ..validation import check_finite_here, check_input
 from .module import ParallelModule, RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
@@ -39,7 +39,7 @@ class ColumnRowFFN(RegionModule):
         with ody_range("ody/ffn"):
             w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
             gate, up = span.gather_matmul(x, w_gu, "ffn.up").chunk(2, dim=-1)
-            return span.matmul_scatter(F.silu(gate) * up, self.down_proj.weight.t(), "ffn.down")
+            return span.matmul_scatter(swiglu(gate, up), self.down_proj.weight.t(), "ffn.down")
 
 
 class TPFFN(ColumnRowFFN):
@@ -73,4 +73,4 @@ class SeqParallelFFN(ParallelModule):
         if self.check_finite:
             check_finite_here(x, type(self).__name__, self.rank)
         with ody_range("ody/ffn"):
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
