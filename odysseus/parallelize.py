@@ -10,6 +10,7 @@ from torch import nn
 
 from . import reference
 from .comm.groups import resolve_group
+from .overlap import Ring
 from .state import dense_state_dict, finalize_grads, zero3
 from .strategies import registry
 from .strategies.block import ParallelBlock
@@ -21,18 +22,28 @@ __all__ = ["STRATEGIES", "ParallelBlock", "dense_state_dict", "finalize_grads", 
 
 
 def parallelize(
-    module: nn.Module, strategy: str, group=None, *, backend: str = "auto", check_finite: bool = False
+    module: nn.Module,
+    strategy: str,
+    group=None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = False,
+    save_input: str = "gathered",
+    ring: Ring | None = None,
 ) -> nn.Module:
     """This rank's share of a reference ``TransformerBlock``, ``Attention`` or ``FFN`` under ``strategy``.
 
     ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group. ``backend`` picks how
     all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`);
+    ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
+    only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots
+    (``"shard"``: activations at 1/N, one more all-gather per op in backward);
     ``check_finite=True`` rejects inputs holding NaN or Inf.
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     spec = registry.get(strategy)
-    resolve_group(group)  # the modules check the backend (ParallelModule)
-    kwargs = dict(backend=backend, check_finite=check_finite)
+    resolve_group(group)  # the modules check the backend and save_input (ParallelModule)
+    kwargs = dict(backend=backend, check_finite=check_finite, save_input=save_input, ring=ring)
     if isinstance(module, reference.TransformerBlock):
         return ParallelBlock.from_dense(module, strategy, group, **kwargs)
     attn_cls, ffn_cls = spec.modules()

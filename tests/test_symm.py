@@ -21,7 +21,7 @@ import odykernels
 import odysseus
 from odysseus import CommLedger, gather_sequence, shard_sequence
 from odysseus.comm import resolve_group, shard_sizes
-from odysseus.overlap import ag_matmul, matmul_rs, symm
+from odysseus.overlap import Ring, ag_matmul, matmul_rs, symm
 from odysseus.overlap.transport import FLAG_DTYPE, contract, transport_for
 from odysseus.overlap.transport.cpu import CpuTransport
 
@@ -31,9 +31,9 @@ TOL = dict(rtol=1e-5, atol=1e-5, scaled=True)
 CPU = torch.device("cpu")
 
 
-def _block_parity(rank, world, strategy):
+def _block_parity(rank, world, strategy, save_input="gathered"):
     ref = make_block(torch.float32, **SMALL)
-    par = odysseus.parallelize(ref, strategy, backend="symm")
+    par = odysseus.parallelize(ref, strategy, backend="symm", save_input=save_input, ring=Ring(tokens=2, slots=2))
     g = torch.Generator().manual_seed(1)
     x, gy = torch.randn(B, L, 48, generator=g), torch.randn(B, L, 48, generator=g)
     assert_runs_close(run_parallel(par, x, gy), run_reference(ref, x, gy), f"{strategy} symm")
@@ -44,6 +44,13 @@ def _block_parity(rank, world, strategy):
 @pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
 def test_symm_block_parity_numerics(strategy, world):
     assert all(run_ranks(world, _block_parity, strategy))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
+def test_symm_shard_mode_parity_numerics(strategy, world):
+    # Pieces of 2 tokens through 2 slots: every slot is pulled into again while the GEMMs consume the other.
+    assert all(run_ranks(world, _block_parity, strategy, "shard"))
 
 
 def _reuse_and_growth(rank, world):

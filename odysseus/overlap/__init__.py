@@ -22,6 +22,12 @@ import torch
 
 from ..comm.groups import group_size
 from ..profiling import ody_range
+from .stream import Ring
+
+__all__ = ["BACKENDS", "DEFAULT_RING", "Ring", "ag_matmul", "check_backend", "check_overlap", "matmul_rs"]
+
+DEFAULT_RING = Ring()
+"""Two slots of a quarter shard each (used only with ``save_input="shard"``)."""
 
 BACKENDS = ("auto", "symm", "pipelined", "naive")
 AUTO_SYMM_DEVICE_TYPES = ("cuda",)
@@ -73,11 +79,19 @@ def check_overlap() -> None:
 
 
 def ag_matmul(
-    x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, backend: str = "auto", label: str = ""
+    x_local: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    pg,
+    backend: str = "auto",
+    label: str = "",
+    save_input: str = "gathered",
+    ring: Ring = DEFAULT_RING,
 ) -> torch.Tensor:
     """``all_gather_seq(x_local) @ w``: ``x_local: (B, L_r, K)``, ``w: (K, N)`` -> ``(B, L, N)``.
 
     ``sizes`` are every rank's sequence length (``odysseus.comm.exchange_lengths``); ``pg`` the group.
+    ``save_input`` and ``ring``: what is kept for backward and how gathers stream (:mod:`.ops`, :mod:`.stream`).
     """
     with ody_range("ody/ag_matmul"):
         if group_size(pg) == 1:
@@ -85,11 +99,19 @@ def ag_matmul(
         from .ops import ag_matmul_op
 
         backend = resolve_backend(backend, pg, x_local.device, x_local.dtype)
-        return ag_matmul_op(x_local, w, list(sizes), pg.group_name, backend, label)[0]
+        args = (save_input, ring.tokens or 0, ring.slots)
+        return ag_matmul_op(x_local, w, list(sizes), pg.group_name, backend, label, *args)[0]
 
 
 def matmul_rs(
-    x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, backend: str = "auto", label: str = ""
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    pg,
+    backend: str = "auto",
+    label: str = "",
+    save_input: str = "gathered",
+    ring: Ring = DEFAULT_RING,
 ) -> torch.Tensor:
     """``reduce_scatter_seq(x @ w)``: ``x: (B, L, K_r)`` partial sums, ``w: (K_r, N)`` -> ``(B, L_r, N)``."""
     with ody_range("ody/matmul_rs"):
@@ -98,4 +120,4 @@ def matmul_rs(
         from .ops import matmul_rs_op
 
         backend = resolve_backend(backend, pg, x.device, x.dtype)
-        return matmul_rs_op(x, w, list(sizes), pg.group_name, backend, label)
+        return matmul_rs_op(x, w, list(sizes), pg.group_name, backend, label, save_input, ring.tokens or 0, ring.slots)

@@ -11,10 +11,13 @@ peer inside a backend surface as :class:`~odysseus.comm.failures.PeerFailure` na
 Layout: every backend returns ``(B, L, N)`` views of sequence-major ``(L, B, N)`` storage, and the fake
 kernels promise the same strides, so compiled graphs see what eager code gets.
 
-Memory against traffic: ``ag_matmul`` keeps the gathered input ``(B, L, K)`` for the weight gradient
-instead of re-gathering it in backward. Re-gathering would add one all-gather per op to every backward
-(TP-SP would move 6 instead of 4 all-gathers per block); keeping costs ``B*L*K`` elements per op, which
-the naive autograd path keeps as well, so every backend has the same memory and the same ledger.
+Memory against traffic, ``save_input``:
+
+- ``"gathered"``: ``ag_matmul`` keeps the gathered input ``(B, L, K)`` for the weight gradient, and
+  ``matmul_rs``'s backward gathers the whole output gradient. No gather is repeated.
+- ``"shard"``: ``ag_matmul`` keeps only this rank's shard and re-gathers it in backward, and every gather
+  streams the sequence through a small ring of slots (:mod:`.stream`), so nothing of size ``L x K`` exists
+  at any time. Costs one more all-gather per ``ag_matmul`` in backward (recorded in the ledger).
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ from ..comm.failures import named_failures
 from ..comm.groups import group_rank, group_size
 from ..comm.ledger import record
 from ..layout import gather_bytes, scatter_bytes
+from . import stream
+from .stream import Ring
+
+SAVE_INPUT = ("gathered", "shard")
+
+
+def check_save_input(save_input: str) -> str:
+    """Validate a ``save_input`` choice and return it."""
+    if save_input not in SAVE_INPUT:
+        raise ValueError(f"unknown save_input {save_input!r}; expected one of {SAVE_INPUT}")
+    return save_input
 
 
 def _impl(backend: str):
@@ -45,29 +59,56 @@ def _seq_major(B: int, L: int, N: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(L, B, N).transpose(0, 1)
 
 
+def _record(op: str, pg, sizes: list[int], batch: int, width: int, elem: int, label: str) -> None:
+    """The one ledger record of a logical all-gather or reduce-scatter of rows of ``batch x width x elem`` bytes."""
+    rule = gather_bytes if op == "all_gather" else scatter_bytes
+    record(op, *rule(sizes, group_rank(pg), batch * width * elem), group_size(pg), "activation", label)
+
+
+def _ring(tokens: int, slots: int) -> Ring:
+    return Ring(tokens or None, slots)
+
+
+# --- all-gather⊗GEMM ----------------------------------------------------------------------------------
+
+
 @torch.library.custom_op("odysseus::ag_matmul", mutates_args=())
 def ag_matmul_op(
-    x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], group_name: str, backend: str, label: str
+    x_local: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    group_name: str,
+    backend: str,
+    label: str,
+    save_input: str,
+    ring_tokens: int,
+    ring_slots: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(all_gather(x_local) @ w, all_gather(x_local))``: ``(B, L_r, K), (K, N)`` -> ``(B, L, N), (B, L, K)``."""
-    pg = _resolve_process_group(group_name)
+    """``(all_gather(x_local) @ w, kept)``: ``(B, L_r, K), (K, N)`` -> ``(B, L, N)`` and, for ``"gathered"``,
+    the gathered input ``(B, L, K)`` (kept for the weight gradient), for ``"shard"`` an empty tensor."""
+    pg, impl = _resolve_process_group(group_name), _impl(backend)
+    B, _, K = x_local.shape
     with named_failures(f"ag_matmul {label}"):
-        out, full = _impl(backend).ag_matmul(x_local, w, sizes, pg)
-    rank, row_bytes = group_rank(pg), x_local.shape[0] * x_local.shape[2] * x_local.element_size()
-    record("all_gather", *gather_bytes(sizes, rank, row_bytes), group_size(pg), "activation", label)
-    return out, full
+        if save_input == "gathered":
+            out, kept = impl.ag_matmul(x_local, w, sizes, pg)
+        else:
+            pieces = impl.gather_stream(x_local, sizes, pg, _ring(ring_tokens, ring_slots))
+            out, kept = stream.ag_matmul(pieces, w, sum(sizes), B), x_local.new_empty(0)
+    _record("all_gather", pg, sizes, B, K, x_local.element_size(), label)
+    return out, kept
 
 
 @ag_matmul_op.register_fake
-def _(x_local, w, sizes, group_name, backend, label):
+def _(x_local, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots):
     B, _, K = x_local.shape
-    return _seq_major(B, sum(sizes), w.shape[1], x_local), _seq_major(B, sum(sizes), K, x_local)
+    kept = _seq_major(B, sum(sizes), K, x_local) if save_input == "gathered" else x_local.new_empty(0)
+    return _seq_major(B, sum(sizes), w.shape[1], x_local), kept
 
 
 def _ag_setup(ctx, inputs, output):
-    _, w, sizes, group_name, backend, label = inputs
-    ctx.save_for_backward(output[1], w)
-    ctx.args = (sizes, group_name, backend, label)
+    x_local, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = inputs
+    ctx.save_for_backward(output[1] if save_input == "gathered" else x_local, w)
+    ctx.args = (sizes, group_name, backend, label, save_input, ring_tokens, ring_slots)
 
 
 def _weight_grad(x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
@@ -76,49 +117,130 @@ def _weight_grad(x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).reshape(-1, K).t() @ d_out.transpose(0, 1).reshape(-1, N)
 
 
-def _ag_backward(ctx, d_out, _d_full):
-    # The gathered input is an internal output (saved for dW); nothing downstream uses it.
-    full, w = ctx.saved_tensors
-    sizes, group_name, backend, label = ctx.args
-    dx = matmul_rs_op(d_out, w.t(), sizes, group_name, backend, label) if ctx.needs_input_grad[0] else None
-    dw = _weight_grad(full, d_out) if ctx.needs_input_grad[1] else None
-    return dx, dw, None, None, None, None
+def _ag_backward(ctx, d_out, _d_kept):
+    # The kept tensor is an internal output (saved for dW); nothing downstream uses it.
+    kept, w = ctx.saved_tensors
+    sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
+    if save_input == "shard":
+        dx, dw = ag_backward_shard_op(d_out, kept, w, sizes, group_name, backend, label, ring_tokens, ring_slots)
+    else:
+        dx = matmul_rs_op(d_out, w.t(), sizes, group_name, backend, label, save_input, ring_tokens, ring_slots)
+        dw = _weight_grad(kept, d_out)
+    return (
+        dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+        None, None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 ag_matmul_op.register_autograd(_ag_backward, setup_context=_ag_setup)
 
 
+@torch.library.custom_op("odysseus::ag_backward_shard", mutates_args=())
+def ag_backward_shard_op(
+    d_out: torch.Tensor,
+    x_local: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    group_name: str,
+    backend: str,
+    label: str,
+    ring_tokens: int,
+    ring_slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of a ``"shard"`` all-gather⊗GEMM: ``(dx, dw)`` with ``dx = reduce_scatter(d_out @ w^T)``
+    ``(B, L_r, K)`` and ``dw = gather(x)^T d_out`` ``(K, N)``, the input re-gathered piece by piece."""
+    pg, impl = _resolve_process_group(group_name), _impl(backend)
+    B, _, K = x_local.shape
+    pieces = impl.gather_stream(x_local, sizes, pg, _ring(ring_tokens, ring_slots))
+    with named_failures(f"ag_matmul backward {label}"):
+        dx, dw = stream.ag_backward(
+            pieces, d_out, lambda: impl.matmul_rs(d_out, w.t(), sizes, pg), w.dtype, impl.OVERLAPS_DGRAD
+        )
+    _record("reduce_scatter", pg, sizes, B, K, d_out.element_size(), label)
+    _record("all_gather", pg, sizes, B, K, x_local.element_size(), label)
+    return dx, dw
+
+
+@ag_backward_shard_op.register_fake
+def _(d_out, x_local, w, sizes, group_name, backend, label, ring_tokens, ring_slots):
+    B, L_r, K = x_local.shape
+    return _seq_major(B, L_r, K, x_local), w.new_empty(w.shape)
+
+
+# --- GEMM⊗reduce-scatter ------------------------------------------------------------------------------
+
+
 @torch.library.custom_op("odysseus::matmul_rs", mutates_args=())
 def matmul_rs_op(
-    x: torch.Tensor, w: torch.Tensor, sizes: list[int], group_name: str, backend: str, label: str
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    group_name: str,
+    backend: str,
+    label: str,
+    save_input: str,
+    ring_tokens: int,
+    ring_slots: int,
 ) -> torch.Tensor:
     """``reduce_scatter(x @ w)``: ``(B, L, K_r), (K_r, N)`` -> ``(B, L_r, N)``."""
     pg = _resolve_process_group(group_name)
     with named_failures(f"matmul_rs {label}"):
         out = _impl(backend).matmul_rs(x, w, sizes, pg)
-    rank, row_bytes = group_rank(pg), x.shape[0] * w.shape[1] * x.element_size()
-    record("reduce_scatter", *scatter_bytes(sizes, rank, row_bytes), group_size(pg), "activation", label)
+    _record("reduce_scatter", pg, sizes, x.shape[0], w.shape[1], x.element_size(), label)
     return out
 
 
 @matmul_rs_op.register_fake
-def _(x, w, sizes, group_name, backend, label):
+def _(x, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots):
     rank = group_rank(_resolve_process_group(group_name))
     return _seq_major(x.shape[0], sizes[rank], w.shape[1], x)
 
 
 def _rs_setup(ctx, inputs, output):
-    x, w, sizes, group_name, backend, label = inputs
+    x, w, *args = inputs
     ctx.save_for_backward(x, w)
-    ctx.args = (sizes, group_name, backend, label)
+    ctx.args = tuple(args)
 
 
 def _rs_backward(ctx, d_out):
     x, w = ctx.saved_tensors
-    sizes, group_name, backend, label = ctx.args
-    dx, d_full = ag_matmul_op(d_out, w.t(), sizes, group_name, backend, label)
-    dw = _weight_grad(x, d_full) if ctx.needs_input_grad[1] else None
-    return dx if ctx.needs_input_grad[0] else None, dw, None, None, None, None
+    sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
+    if save_input == "shard":
+        dx, dw = rs_backward_shard_op(d_out, x, w, sizes, group_name, backend, label, ring_tokens, ring_slots)
+    else:
+        dx, d_full = ag_matmul_op(d_out, w.t(), sizes, group_name, backend, label, "gathered", 0, ring_slots)
+        dw = _weight_grad(x, d_full) if ctx.needs_input_grad[1] else None
+    return (
+        dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
+        None, None, None, None, None, None, None,
+    )  # fmt: skip
 
 
 matmul_rs_op.register_autograd(_rs_backward, setup_context=_rs_setup)
+
+
+@torch.library.custom_op("odysseus::rs_backward_shard", mutates_args=())
+def rs_backward_shard_op(
+    d_out: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    sizes: list[int],
+    group_name: str,
+    backend: str,
+    label: str,
+    ring_tokens: int,
+    ring_slots: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of a ``"shard"`` GEMM⊗reduce-scatter: ``dx = gather(d_out) @ w^T`` ``(B, L, K_r)`` and
+    ``dw = x^T gather(d_out)`` ``(K_r, N)``, the output gradient gathered piece by piece."""
+    pg, impl = _resolve_process_group(group_name), _impl(backend)
+    pieces = impl.gather_stream(d_out, sizes, pg, _ring(ring_tokens, ring_slots))
+    with named_failures(f"matmul_rs backward {label}"):
+        dx, dw = stream.rs_backward(pieces, x, w)
+    _record("all_gather", pg, sizes, d_out.shape[0], d_out.shape[2], d_out.element_size(), label)
+    return dx, dw
+
+
+@rs_backward_shard_op.register_fake
+def _(d_out, x, w, sizes, group_name, backend, label, ring_tokens, ring_slots):
+    return _seq_major(x.shape[0], x.shape[1], x.shape[2], x), w.new_empty(w.shape)

@@ -13,11 +13,20 @@ results are ``(B, L, ·)`` views of that storage.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 
 from ..comm.groups import group_rank, group_size
-from ..comm.sizes import offsets
+from ..layout import offsets
+from .stream import Piece, Ring, peer_pieces
+
+OVERLAPS_DGRAD = False
+"""The re-gather of a streamed backward overlaps its weight-gradient GEMMs, not the input gradient's
+GEMM⊗reduce-scatter: NCCL matches point-to-point operations between two ranks in the order they are posted,
+whatever their tag, so two interleaved streams on one group could pair the wrong messages."""
 
 
 def _peers(rank: int, world: int) -> list[int]:
@@ -66,3 +75,37 @@ def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.T
     for work, _ in sends:  # the partials stay referenced until their sends complete
         work.wait()
     return acc.to(x.dtype).transpose(0, 1)
+
+
+def gather_stream(x_local: torch.Tensor, sizes: list[int], pg, ring: Ring) -> Iterator[Piece]:
+    """The gathered sequence piece by piece: own chunk first, then the peers' pieces through ``ring.slots``
+    receive buffers, each reposted once its piece has been consumed. This rank's pieces go to every peer
+    up front (they are views of its own chunk: no extra memory)."""
+    world, rank = group_size(pg), group_rank(pg)
+    o = offsets(sizes)
+    B, _, K = x_local.shape
+    tokens = ring.piece_tokens(sizes)
+    mine = x_local.transpose(0, 1).contiguous()  # (L_r, B, K): the send buffer and the first piece
+    sends = [
+        dist.isend(mine[t : t + tokens], dst=dist.get_global_rank(pg, j), group=pg)
+        for j in _peers(rank, world)
+        for t in range(0, sizes[rank], tokens)
+    ]
+    wanted = peer_pieces(sizes, rank, tokens)
+    slots = x_local.new_empty(max(1, min(ring.slots, len(wanted))), tokens, B, K)
+
+    def post(i: int):
+        owner, t0, t1 = wanted[i]
+        buf = slots[i % len(slots)][: t1 - t0]
+        return dist.irecv(buf, src=dist.get_global_rank(pg, owner), group=pg), buf
+
+    pending = deque(post(i) for i in range(min(len(slots), len(wanted))))
+    yield o[rank], o[rank + 1], mine
+    for i, (_, t0, t1) in enumerate(wanted):
+        work, buf = pending.popleft()
+        work.wait()
+        yield t0, t1, buf
+        if i + len(slots) < len(wanted):  # the consumer is done with this slot: refill it
+            pending.append(post(i + len(slots)))
+    for work in sends:
+        work.wait()

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from collections.abc import Iterator
 
 import torch
 
@@ -35,8 +37,12 @@ import odykernels
 from odykernels.signal import check_status, new_status
 
 from ..comm.groups import group_rank, group_size
-from ..comm.sizes import offsets
+from ..layout import offsets
+from .stream import Piece, Ring, peer_pieces
 from .transport import FLAG_DTYPE, SymmetricBuffer, transport_for
+
+OVERLAPS_DGRAD = True
+"""A streamed backward starts the re-gather's pulls (copy engine) before the input gradient's kernels."""
 
 TIMEOUT_S = float(os.environ.get("ODYSSEUS_SYMM_TIMEOUT_S", 60.0))
 """Bound on every wait of the backend: kernel flag waits, barriers, and (CPU) the copy engine's queue."""
@@ -176,3 +182,38 @@ def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.T
     produce.run()
     out = reduce.run()
     return out.view(sizes[rank], B, N).transpose(0, 1)
+
+
+def gather_stream(x_local: torch.Tensor, sizes: list[int], pg, ring: Ring) -> Iterator[Piece]:
+    """The gathered sequence piece by piece: this rank's chunk is staged in its symmetric buffer (the only
+    copy of its size), then the copy engine pulls the peers' pieces into ``ring.slots`` local slots, each
+    pulled again once its piece has been consumed (stream order: the pull waits for the consumer's work)."""
+    rank = group_rank(pg)
+    o = offsets(sizes)
+    B, L_r, K = x_local.shape
+    ws = _workspace(pg, "ag", x_local.dtype, x_local.device)
+    stage = ws.reserve(max(sizes) * B * K)
+    tokens = ring.piece_tokens(sizes)
+    wanted = peer_pieces(sizes, rank, tokens)
+    slots = x_local.new_empty(max(1, min(ring.slots, len(wanted))), tokens, B, K)
+
+    stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents
+    mine = stage.local[: L_r * B * K].view(L_r, B, K)
+    mine.copy_(x_local.transpose(0, 1))
+    stage.barrier(1, TIMEOUT_S)  # every rank's own chunk is in place
+
+    def pull(i: int):
+        owner, t0, t1 = wanted[i]
+        buf = slots[i % len(slots)][: t1 - t0]
+        src = stage.peer(owner, (t1 - t0, B, K), x_local.dtype, offset=(t0 - o[owner]) * B * K)
+        ws.transport.pull(buf, src)
+        return ws.transport.mark(), buf
+
+    pending = deque(pull(i) for i in range(min(len(slots), len(wanted))))
+    yield o[rank], o[rank + 1], mine
+    for i, (_, t0, t1) in enumerate(wanted):
+        token, buf = pending.popleft()
+        ws.transport.wait(token, TIMEOUT_S)
+        yield t0, t1, buf
+        if i + len(slots) < len(wanted):
+            pending.append(pull(i + len(slots)))

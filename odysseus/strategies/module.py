@@ -11,7 +11,8 @@ from torch import nn
 from ..comm import group_rank, group_size, meta_group, resolve_group
 from ..config import TransformerConfig
 from ..layout import dense_shapes
-from ..overlap import check_backend
+from ..overlap import DEFAULT_RING, Ring, check_backend
+from ..overlap.ops import check_save_input
 from ..reference import seeded_normal
 
 
@@ -36,7 +37,8 @@ class ParallelModule(nn.Module):
     it, each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``), so a
     fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world size.
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
-    where the module exchanges lengths anyway).
+    where the module exchanges lengths anyway). ``save_input`` (``"gathered"`` or ``"shard"``) and ``ring``
+    choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
     """
 
     def __init__(
@@ -49,6 +51,8 @@ class ParallelModule(nn.Module):
         seed: int = 0,
         std: float = 0.02,
         check_finite: bool = False,
+        save_input: str = "gathered",
+        ring: Ring | None = None,
         device=None,
         dtype=None,
     ):
@@ -60,6 +64,7 @@ class ParallelModule(nn.Module):
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
         self.check_finite = check_finite
+        self.save_input, self.ring = check_save_input(save_input), ring or DEFAULT_RING
         self.param_specs: dict[str, ParamSpec] = {}
         self._weights, self._seed, self._std = weights, seed, std
         self._device, self._dtype = device, dtype
@@ -104,7 +109,7 @@ class RegionModule(ParallelModule):
 
     def __init__(self, config: TransformerConfig, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
-        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
+        self.region = self.region_type(self, type(self).__name__)
 
     @property
     def sequence_split(self) -> bool:

@@ -53,12 +53,13 @@ class Span:
 
 
 class Region:
-    """Base: the group, this rank, the backend; subclasses define the layout and its collectives."""
+    """Base: the module's group, rank and overlap settings; subclasses define the layout and its collectives."""
 
     sequence_split: bool
 
-    def __init__(self, pg, rank: int, backend: str, who: str, check_finite: bool):
-        self.pg, self.rank, self.backend, self.who, self.check_finite = pg, rank, backend, who, check_finite
+    def __init__(self, module, who: str):
+        self.pg, self.rank, self.backend, self.who = module.pg, module.rank, module.backend, who
+        self.check_finite, self.save_input, self.ring = module.check_finite, module.save_input, module.ring
 
     def open(self, x: torch.Tensor) -> Span:
         raise NotImplementedError
@@ -99,10 +100,10 @@ class SequenceRegion(Region):
     # The backend is resolved by odysseus.overlap once per (group, device, dtype) and cached there ("auto"
     # may probe symm the first time); the region only carries the user's choice, validated at construction.
     def gather_matmul(self, span: Span, x: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
-        return ag_matmul(x, w, span.sizes, self.pg, self.backend, label)
+        return ag_matmul(x, w, span.sizes, self.pg, self.backend, label, self.save_input, self.ring)
 
     def matmul_scatter(self, span: Span, h: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
-        return matmul_rs(h, w, span.sizes, self.pg, self.backend, label)
+        return matmul_rs(h, w, span.sizes, self.pg, self.backend, label, self.save_input, self.ring)
 
     def positions(self, span: Span, position_ids, batch: int, device: torch.device) -> torch.Tensor:
         """The default needs no traffic; given (shard-layout) positions are all-gathered."""

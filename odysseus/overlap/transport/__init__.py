@@ -8,7 +8,8 @@ The symm backend (:mod:`odysseus.overlap.symm`) needs six things from the machin
   store into peers (:meth:`SymmetricBuffer.peer`, :meth:`SymmetricBuffer.peer_offsets`);
 - **a barrier** over the group, bounded by a timeout (:meth:`SymmetricBuffer.barrier`);
 - **an asynchronous pull** of a peer's chunk into a local tensor followed by a flag write, on a copy engine
-  (:meth:`Transport.pull`), and **waiting for the pulls** (:meth:`Transport.wait_pulls`);
+  (:meth:`Transport.pull`), and **waiting for the pulls**: all of them (:meth:`Transport.wait_pulls`) or
+  those issued before a mark (:meth:`Transport.mark`, :meth:`Transport.wait`);
 - **writing a flag** in stream order (:meth:`Transport.write_flag`).
 
 Two implementations: :mod:`.cuda` (torch symmetric memory, copy-engine copies on a side stream) and
@@ -65,16 +66,27 @@ class Transport(abc.ABC):
         """A zeroed :class:`SymmetricBuffer` on every rank of ``pg`` (collective: every rank calls it)."""
 
     @abc.abstractmethod
-    def pull(self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor, index: int, value: int) -> None:
-        """Copy ``src`` (a peer's view) into ``dst`` on the copy engine, then set ``flags[index] = value``.
+    def pull(
+        self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor | None = None, index: int = 0, value: int = 0
+    ) -> None:
+        """Copy ``src`` (a peer's view) into ``dst`` on the copy engine, then (if given) set ``flags[index] = value``.
 
-        Asynchronous: ordered after the work the current stream holds now, and before the flag write.
-        Issue every pull before launching a kernel that waits on their flags.
+        Asynchronous: ordered after the work the current stream holds now (so ``dst`` may be memory that work
+        still reads), and before the flag write. Issue every pull before launching a kernel that waits on
+        their flags.
         """
 
     @abc.abstractmethod
+    def mark(self) -> object:
+        """A token for the pulls issued so far, for :meth:`wait`."""
+
+    @abc.abstractmethod
+    def wait(self, token: object, timeout_s: float) -> None:
+        """Order the current stream after the pulls issued before ``token`` was taken."""
+
     def wait_pulls(self, timeout_s: float) -> None:
         """Order the current stream after every pull issued so far (bounded by ``timeout_s`` where the host waits)."""
+        self.wait(self.mark(), timeout_s)
 
     @abc.abstractmethod
     def write_flag(self, flags: torch.Tensor, index: int, value: int) -> None:

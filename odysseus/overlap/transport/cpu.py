@@ -121,7 +121,7 @@ class CpuTransport(Transport):
         self.bytes_pulled = 0
         self._cv = threading.Condition()
         self._queue: list[tuple] = []
-        self._pending = 0
+        self._issued = self._done = 0  # pulls queued and finished, ever
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
@@ -132,15 +132,18 @@ class CpuTransport(Transport):
     def allocate(self, pg, numel: int, dtype: torch.dtype) -> CpuBuffer:
         return CpuBuffer(pg, numel, dtype)
 
-    def pull(self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor, index: int, value: int) -> None:
+    def pull(
+        self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor | None = None, index: int = 0, value: int = 0
+    ) -> None:
         check_memcpy(dst, src)
-        check_write_value32(flags, index, value)
+        if flags is not None:
+            check_write_value32(flags, index, value)
         with self._cv:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="odysseus-copy-engine", daemon=True)
                 self._thread.start()
             self._queue.append((dst, src, flags, index, value))
-            self._pending += 1
+            self._issued += 1
             self._cv.notify_all()
 
     def _run(self) -> None:
@@ -154,18 +157,25 @@ class CpuTransport(Transport):
                     time.sleep(self.delay_s)
                 dst.copy_(src)
                 # Stores stay in order on x86 (TSO), and the interpreter reads the flag before the rows.
-                flags[index].fill_(value)
+                if flags is not None:
+                    flags[index].fill_(value)
                 self.bytes_pulled += dst.nbytes
             except BaseException as err:  # noqa: BLE001 - handed to the thread that waits for the pulls
                 self._error = self._error or err
             with self._cv:
-                self._pending -= 1
+                self._done += 1
                 self._cv.notify_all()
 
-    def wait_pulls(self, timeout_s: float) -> None:
+    def mark(self) -> int:
         with self._cv:
-            if not self._cv.wait_for(lambda: self._pending == 0, timeout=timeout_s):
-                raise TimeoutError(f"copy engine: {self._pending} pull(s) still running after {timeout_s:g} s")
+            return self._issued
+
+    def wait(self, token: int, timeout_s: float) -> None:
+        # The CPU "stream" is this thread: ordering after the pulls means waiting for them here.
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._done >= token, timeout=timeout_s):
+                late = token - self._done
+                raise TimeoutError(f"copy engine: {late} pull(s) still running after {timeout_s:g} s")
         if self._error is not None:
             err, self._error = self._error, None
             raise RuntimeError(f"copy engine: a pull failed: {err}") from err

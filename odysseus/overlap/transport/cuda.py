@@ -68,20 +68,25 @@ class CudaTransport(Transport):
     def allocate(self, pg, numel: int, dtype: torch.dtype) -> CudaBuffer:
         return CudaBuffer(pg, numel, dtype, self.device)
 
-    def pull(self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor, index: int, value: int) -> None:
+    def pull(
+        self, dst: torch.Tensor, src: torch.Tensor, flags: torch.Tensor | None = None, index: int = 0, value: int = 0
+    ) -> None:
         check_memcpy(dst, src)
-        check_write_value32(flags, index, value)
 
         self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.copy_stream):
             if self.delay_s:
                 torch.cuda._sleep(int(self.delay_s * 2e9))  # cycles at about 2 GHz
             dst.copy_(src)  # contiguous and same dtype: cudaMemcpyAsync, on a copy engine
-            self.write_flag(flags, index, value)
+            if flags is not None:
+                self.write_flag(flags, index, value)
 
-    def wait_pulls(self, timeout_s: float) -> None:
+    def mark(self) -> torch.cuda.Event:
+        return self.copy_stream.record_event()
+
+    def wait(self, token: torch.cuda.Event, timeout_s: float) -> None:
         # Stream order, not a host wait: the kernels that consume the pulls bound their own waits.
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        torch.cuda.current_stream(self.device).wait_event(token)
 
     def write_flag(self, flags: torch.Tensor, index: int, value: int) -> None:
         from torch.distributed._symmetric_memory import _SymmetricMemory
