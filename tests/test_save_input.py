@@ -8,7 +8,7 @@ all-gather⊗GEMM.
 
 import pytest
 import torch
-from helpers import ODD, assert_runs_close, make_block, run_parallel, run_reference
+from helpers import ODD, assert_low_precision_within, assert_runs_close, make_block, run_parallel, run_reference
 from multirank import run_ranks
 
 import odysseus
@@ -37,6 +37,27 @@ CASES = [(w, RINGS[0]) for w in (1, 2, 3, 4)] + [(w, r) for w in (3, 4) for r in
 @pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
 def test_shard_mode_matches_reference_numerics(world, ring, strategy, backend):
     assert all(run_ranks(world, _parity, strategy, backend, ring))
+
+
+def _bf16(rank, world, strategy, backend):
+    ref64, ref16 = make_block(torch.float64, **ODD), make_block(torch.bfloat16, **ODD)
+    par = odysseus.parallelize(ref16, strategy, backend=backend, save_input="shard", ring=Ring(tokens=5))
+    g = torch.Generator().manual_seed(1)
+    x, gy = (
+        torch.randn(2, 61, 96, generator=g, dtype=torch.float64),
+        torch.randn(2, 61, 96, generator=g, dtype=torch.float64),
+    )
+    truth, base = run_reference(ref64, x, gy), run_reference(ref16, x.bfloat16(), gy.bfloat16())
+    assert_low_precision_within(
+        run_parallel(par, x.bfloat16(), gy.bfloat16()), base, truth, f"{strategy} bf16", 3, 1e-3
+    )
+    return True
+
+
+@pytest.mark.parametrize("backend", ["naive", "pipelined"])
+@pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
+def test_shard_mode_bf16_within_3x_reference_numerics(strategy, backend):
+    assert all(run_ranks(3, _bf16, strategy, backend))
 
 
 def _saved_and_ledger(rank, world, strategy, save_input):

@@ -22,7 +22,7 @@ def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> t
     return (full @ w).transpose(0, 1), full.transpose(0, 1)
 
 
-def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
+def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, ring: Ring | None = None) -> torch.Tensor:
     """``reduce_scatter(x @ w)`` with ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view."""
     partial = x.transpose(0, 1) @ w
     return primitives.reduce_scatter(partial, sizes, pg, 0, category=None).transpose(0, 1)

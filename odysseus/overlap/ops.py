@@ -149,12 +149,12 @@ def ag_backward_shard_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of a ``"shard"`` all-gather⊗GEMM: ``(dx, dw)`` with ``dx = reduce_scatter(d_out @ w^T)``
     ``(B, L_r, K)`` and ``dw = gather(x)^T d_out`` ``(K, N)``, the input re-gathered piece by piece."""
-    pg, impl = _resolve_process_group(group_name), _impl(backend)
+    pg, impl, ring = _resolve_process_group(group_name), _impl(backend), _ring(ring_tokens, ring_slots)
     B, _, K = x_local.shape
-    pieces = impl.gather_stream(x_local, sizes, pg, _ring(ring_tokens, ring_slots))
+    pieces = impl.gather_stream(x_local, sizes, pg, ring)
     with named_failures(f"ag_matmul backward {label}"):
         dx, dw = stream.ag_backward(
-            pieces, d_out, lambda: impl.matmul_rs(d_out, w.t(), sizes, pg), w.dtype, impl.OVERLAPS_DGRAD
+            pieces, d_out, lambda: impl.matmul_rs(d_out, w.t(), sizes, pg, ring), w.dtype, impl.OVERLAPS_DGRAD
         )
     _record("reduce_scatter", pg, sizes, B, K, d_out.element_size(), label)
     _record("all_gather", pg, sizes, B, K, x_local.element_size(), label)
@@ -184,8 +184,9 @@ def matmul_rs_op(
 ) -> torch.Tensor:
     """``reduce_scatter(x @ w)``: ``(B, L, K_r), (K_r, N)`` -> ``(B, L_r, N)``."""
     pg = _resolve_process_group(group_name)
+    ring = _ring(ring_tokens, ring_slots) if save_input == "shard" else None
     with named_failures(f"matmul_rs {label}"):
-        out = _impl(backend).matmul_rs(x, w, sizes, pg)
+        out = _impl(backend).matmul_rs(x, w, sizes, pg, ring)
     _record("reduce_scatter", pg, sizes, x.shape[0], w.shape[1], x.element_size(), label)
     return out
 

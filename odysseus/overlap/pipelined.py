@@ -55,8 +55,14 @@ def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> t
     return out.transpose(0, 1), full.transpose(0, 1)
 
 
-def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
-    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view."""
+def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, ring: Ring | None = None) -> torch.Tensor:
+    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view.
+
+    With a ``ring`` (``save_input="shard"``) the partial sums travel around the ring instead
+    (:func:`_ring_matmul_rs`), so no rank holds more than three chunks of partials.
+    """
+    if ring is not None:
+        return _ring_matmul_rs(x, w, sizes, pg)
     world, rank = group_size(pg), group_rank(pg)
     o = offsets(sizes)
     xs = x.transpose(0, 1)
@@ -75,6 +81,33 @@ def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.T
     for work, _ in sends:  # the partials stay referenced until their sends complete
         work.wait()
     return acc.to(x.dtype).transpose(0, 1)
+
+
+def _ring_matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
+    """Ring reduce-scatter fused with the GEMM: at step k rank r sends the running sum of chunk ``r-k-1`` to
+    rank r+1, receives that of chunk ``r-k-2`` from rank r-1 and adds its own partial of it, computed while
+    the message travels; after ``world-1`` steps it holds the sum of chunk r. Sums are rounded to the input
+    dtype on the wire (as a collective's ring does) after an fp32 add; the order is fixed: deterministic."""
+    world, rank = group_size(pg), group_rank(pg)
+    o = offsets(sizes)
+    xs = x.transpose(0, 1)
+    right, left = dist.get_global_rank(pg, (rank + 1) % world), dist.get_global_rank(pg, (rank - 1) % world)
+    acc = torch.promote_types(x.dtype, torch.float32)
+
+    def partial(c: int) -> torch.Tensor:
+        return torch.matmul(xs[o[c] : o[c + 1]], w)
+
+    running = partial((rank - 1) % world)
+    for k in range(world - 1):
+        c = (rank - k - 2) % world
+        incoming = x.new_empty(sizes[c], x.shape[0], w.shape[1])
+        recv = dist.irecv(incoming, src=left, group=pg)
+        send = dist.isend(running, dst=right, group=pg)
+        mine = partial(c)
+        recv.wait()
+        send.wait()
+        running = (incoming.to(acc) + mine.to(acc)).to(x.dtype)
+    return running.transpose(0, 1)
 
 
 def gather_stream(x_local: torch.Tensor, sizes: list[int], pg, ring: Ring) -> Iterator[Piece]:

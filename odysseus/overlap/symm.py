@@ -158,8 +158,13 @@ def _aligned(n: int, dtype: torch.dtype) -> int:
     return -(-n // step) * step
 
 
-def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> torch.Tensor:
-    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view."""
+def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, ring: Ring | None = None) -> torch.Tensor:
+    """``reduce_scatter(x @ w)``; ``x: (B, L, K_r)``, ``w: (K_r, N)`` -> ``(B, L_r, N)``, a sequence-major view.
+
+    ``ring`` changes nothing here: the producer writes each tile straight into its destination's slot, so no
+    rank holds partial sums of its own; the receive slots (``world x L_r x N``) are what the one-shot
+    reduction needs, allocated once per workspace and reused by every call.
+    """
     world, rank = group_size(pg), group_rank(pg)
     B, L, K_r = x.shape
     N = w.shape[1]
