@@ -179,6 +179,38 @@ MUTANTS = [
         "is_causal=False",
         ("tests/test_strategies_numerics.py", "-k", "block and odd"),
     ),
+    Mutant(
+        "row-bias-per-rank",
+        "biases: o_proj's bias is added to every rank's partial product, so the sum holds it world times",
+        "odysseus/strategies/head_split.py",
+        "return out + self.o_proj.bias if c.o_bias else out",
+        "return out + self.o_proj.bias * self.world if c.o_bias else out",
+        ("tests/test_model_features.py", "-k", "block_parity and odysseus-naive-3"),
+    ),
+    Mutant(
+        "packing-ignored",
+        "packed sequences: head-split attention attends across document boundaries",
+        "odysseus/strategies/head_split.py",
+        "documents = None if position_ids is None else document_ids(pos)",
+        "documents = None",
+        ("tests/test_packed_sequences.py", "-k", "every_strategy_matches_reference and 3"),
+    ),
+    Mutant(
+        "longrope-shard-max",
+        "RoPE scaling: Ulysses picks longrope's factors from its own shard's largest position",
+        "odysseus/strategies/ulysses.py",
+        "longest = every.max() if self.rope.long_inv_freq",
+        "longest = pos.max() if self.rope.long_inv_freq",
+        ("tests/test_model_features.py", "-k", "longrope_uses_the_whole"),
+    ),
+    Mutant(
+        "rope-scaling-ignored",
+        "RoPE scaling: transformers' scaled frequencies are dropped for plain RoPE",
+        "odysseus/rope.py",
+        "if self.inv_freq is None:",
+        "if True:",
+        ("tests/test_hf_models.py", "-k", "family_parity and llama-3"),
+    ),
 ]
 
 
