@@ -33,7 +33,7 @@ class ParallelBlock(nn.Module):
         weights = weights or {}
 
         def sub(prefix: str) -> dict | None:
-            got = {k[len(prefix) : -len(".weight")]: v for k, v in weights.items() if k.startswith(prefix)}
+            got = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             return got or None
 
         self.input_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)

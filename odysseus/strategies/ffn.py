@@ -1,7 +1,8 @@
 """The FFNs: SwiGLU split by columns and rows inside a region (TP, TP-SP), or whole on this rank's tokens.
 
 :class:`ColumnRowFFN` splits gate/up by columns and down by rows over the intermediate dim; its region
-supplies the entry and exit collectives, as for the head-split attention. :class:`SeqParallelFFN` runs
+supplies the entry and exit collectives, as for the head-split attention (gate/up biases split with their
+columns, down's added once after the sum). :class:`SeqParallelFFN` runs
 this rank's tokens through whole weights (Odysseus, Ulysses): it moves no activations, and its weight
 gradients are partial sums over this rank's tokens until :func:`odysseus.finalize_grads` sums them (or
 FSDP2 reduce-scatters them, ``odysseus.zero3``).
@@ -29,7 +30,8 @@ class ColumnRowFFN(RegionModule):
         cols = split_ranges(config.intermediate_size, self.world, "intermediate_size")
         self.add_linear("gate_proj", 0, cols)
         self.add_linear("up_proj", 0, cols)
-        self.add_linear("down_proj", 1, cols)
+        down_bias_sync = "sum" if self.region.sequence_split and self.world > 1 else "none"
+        self.add_linear("down_proj", 1, cols, row_bias_sync=down_bias_sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
@@ -38,8 +40,13 @@ class ColumnRowFFN(RegionModule):
         span = self.region.open(x)
         with ody_range("ody/ffn"):
             w_gu = torch.cat([self.gate_proj.weight, self.up_proj.weight]).t()
-            gate, up = span.gather_matmul(x, w_gu, "ffn.up").chunk(2, dim=-1)
-            return span.matmul_scatter(swiglu(gate, up), self.down_proj.weight.t(), "ffn.down")
+            gate_up = span.gather_matmul(x, w_gu, "ffn.up")
+            if self.config.mlp_bias:
+                gate_up = gate_up + torch.cat([self.gate_proj.bias, self.up_proj.bias])
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = span.matmul_scatter(swiglu(gate, up), self.down_proj.weight.t(), "ffn.down")
+            # down_proj's bias is added once, to the sum over ranks.
+            return out + self.down_proj.bias if self.config.mlp_bias else out
 
 
 class TPFFN(ColumnRowFFN):

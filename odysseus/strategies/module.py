@@ -10,7 +10,7 @@ from torch import nn
 
 from ..comm import group_rank, group_size, meta_group, resolve_group
 from ..config import TransformerConfig
-from ..layout import dense_shapes
+from ..layout import dense_shapes, has_bias
 from ..overlap import DEFAULT_RING, Ring, check_backend
 from ..overlap.ops import check_save_input
 from ..reference import seeded_normal
@@ -33,9 +33,11 @@ class ParamSpec:
 class ParallelModule(nn.Module):
     """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
 
-    ``weights`` maps linear-layer names (``q_proj``...) to dense ``(out, in)`` tensors to slice; without
-    it, each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``), so a
-    fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world size.
+    ``weights`` maps the dense parameter names (``q_proj.weight``, ``q_proj.bias``...) to the dense
+    tensors to take this rank's share of; it must hold a bias exactly where the config has one. Without it,
+    each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``) and biases
+    are zero, so a fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world
+    size.
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
     where the module exchanges lengths anyway). ``save_input`` (``"gathered"`` or ``"shard"``) and ``ring``
     choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
@@ -70,24 +72,55 @@ class ParallelModule(nn.Module):
         self._device, self._dtype = device, dtype
         meta_group(self.pg)  # collective on first use: every rank builds its modules, so do it here
 
-    def add_linear(self, name: str, dim: int | None = None, ranges=(), sync: str = "none") -> None:
-        """Create ``self.<name>`` holding this rank's slice of the dense linear weight ``name``."""
+    def add_linear(
+        self, name: str, dim: int | None = None, ranges=(), sync: str = "none", row_bias_sync: str = "none"
+    ) -> None:
+        """Create ``self.<name>`` holding this rank's slice of the dense linear layer ``name`` (and its bias).
+
+        ``dim=0`` (split by output rows): the bias is split with the rows. ``dim=1`` (split by input columns, a
+        partial product summed over ranks): the whole bias sits on every rank and the caller adds it once,
+        after the sum; ``row_bias_sync="sum"`` where each rank adds it to its own tokens only (its gradient is
+        then partial). ``dim=None``: weight and bias whole, both with ``sync``.
+        """
         shape = dense_shapes(self.config)[name]
-        if self._weights is not None:
-            dense = self._weights[name].detach()
-            if tuple(dense.shape) != shape:
-                raise ValueError(f"{name}: dense weight has shape {tuple(dense.shape)}, expected {shape}")
-        else:
-            dense = seeded_normal(name, shape, self._seed, self._std)
+        biased = has_bias(self.config, name)
+        weight, bias = self._dense(name, shape, biased)
         if dim is not None:
             s, e = ranges[self.rank]
-            dense = dense.narrow(dim, s, e - s)
+            weight = weight.narrow(dim, s, e - s)
+            if dim == 0 and bias is not None:
+                bias = bias.narrow(0, s, e - s)
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=biased, device="meta")
+        lin.weight = self._param(weight)
+        self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+        if bias is not None:
+            lin.bias = self._param(bias)
+            self.param_specs[f"{name}.bias"] = _bias_spec(dim, ranges, sync, row_bias_sync, shape[0], self.world)
+        setattr(self, name, lin)
+
+    def _dense(self, name: str, shape: tuple[int, int], biased: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense weight and bias of ``name``: from ``weights``, or freshly drawn (bias zero)."""
+        if self._weights is None:
+            weight = seeded_normal(name, shape, self._seed, self._std)
+            return weight, weight.new_zeros(shape[0]) if biased else None
+        weight = self._weights.get(f"{name}.weight")
+        if weight is None:
+            raise ValueError(f"{name}.weight is missing from the weights (keys: {sorted(self._weights)})")
+        bias = self._weights.get(f"{name}.bias")
+        if biased != (bias is not None):
+            flag = {"o_proj": "o_bias"}.get(name, "qkv_bias" if name[0] in "qkv" else "mlp_bias")
+            raise ValueError(
+                f"{name}.bias is {'missing from' if biased else 'in'} the weights but the config has {flag}={biased}"
+            )
+        for what, t, want in (("weight", weight, shape), ("bias", bias, shape[:1])):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"{name}: dense {what} has shape {tuple(t.shape)}, expected {want}")
+        return weight.detach(), None if bias is None else bias.detach()
+
+    def _param(self, dense: torch.Tensor) -> nn.Parameter:
         device = self._device if self._device is not None else dense.device
         dtype = self._dtype if self._dtype is not None else dense.dtype
-        lin = nn.Linear(dense.shape[1], dense.shape[0], bias=False, device="meta")
-        lin.weight = nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
-        setattr(self, name, lin)
-        self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+        return nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world={self.world}, backend={self.backend!r}"
@@ -95,8 +128,7 @@ class ParallelModule(nn.Module):
     @classmethod
     def from_dense(cls, ref: nn.Module, group=None, **kwargs) -> ParallelModule:
         """This rank's share of the reference module ``ref`` (same device and dtype as ``ref``)."""
-        weights = {n: m.weight for n, m in ref.named_children() if isinstance(m, nn.Linear)}
-        return cls(ref.config, group, weights=weights, **kwargs)
+        return cls(ref.config, group, weights=dict(ref.state_dict()), **kwargs)
 
 
 class RegionModule(ParallelModule):
@@ -118,3 +150,17 @@ class RegionModule(ParallelModule):
 
     def extra_repr(self) -> str:
         return f"{self.region!r}, {super().extra_repr()}"
+
+
+def _bias_spec(dim, ranges, sync: str, row_bias_sync: str, rows: int, world: int) -> ParamSpec:
+    if dim == 0:
+        return ParamSpec(0, tuple(ranges), sync)
+    if dim is None:
+        return ParamSpec(None, (), sync)
+    if row_bias_sync == "none":
+        return ParamSpec()
+    # A row-split layer's bias, whole on every rank, each adding it to its own tokens. Described as every rank
+    # holding all rows of a split dim rather than as replicated (dim=None): finalize_grads sums it all the same,
+    # and zero3, which shards whole submodules holding replicated weights, then leaves the split weight beside
+    # it alone.
+    return ParamSpec(0, ((0, rows),) * world, row_bias_sync)
