@@ -22,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from odykernels._chunks import CHUNK, ROW_END, ROW_START, TABLE_COLS, check_chunks, mtile_table
+from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
 from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
+from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
 from odykernels.matmul import (
     check_operands,
     check_out,
@@ -31,14 +32,8 @@ from odykernels.matmul import (
     config_for,
     descriptors,
     gemm_launch_metadata,
-    grouped_tile,
     input_precision,
-    load_a,
-    load_b,
     out_vec,
-    store_tile,
-    tile_dot,
-    wrapped_cols,
 )
 from odykernels.signal import (
     DEFAULT_TIMEOUT_S,
@@ -57,48 +52,22 @@ from odykernels.signal import (
     do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "pointer")
 )
 def _ag_matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    flags_ptr,
-    status_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    rank,
-    expected,
-    budget,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
-):
+    a_ptr, b_ptr, c_ptr, flags_ptr, status_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    rank, expected, budget,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr, USE_CLOCK: tl.constexpr,
+):  # fmt: skip
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
-        mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-        row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-        row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-        chunk = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+        row_start, row_end, chunk, _, _, pid_n = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
         if chunk != rank:
             wait_flag(flags_ptr + chunk, expected, budget, status_ptr, chunk, tile, USE_CLOCK)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # The tail of a chunk's last M-tile wraps onto the chunk's own rows: never the next chunk's.
-        in_chunk = row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
+        rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
-            a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+            a_ptr, b_ptr, chunk_rows(row_start, row_end, BLOCK_M), wrapped_cols(pid_n, N, BLOCK_N), K,
+            stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
         store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
 
@@ -113,8 +82,7 @@ def acquire_tile_chunk(
     ``ready`` is an int64 bitmask of the chunks this program has acquired; chunks 63 and up are never
     recorded (and so waited on per tile, still correctly). Returns the updated mask.
     """
-    mtile, _ = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-    chunk = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+    _, _, chunk, _, _, _ = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
     bit = tl.where(chunk < 63, tl.full([], 1, tl.int64) << tl.minimum(chunk, 62).to(tl.int64), 0)
     if (chunk != rank) & ((ready & bit) == 0):
         wait_flag_for_tma(flags_ptr + chunk, expected, budget, status_ptr, chunk, tile, USE_CLOCK)
@@ -124,37 +92,18 @@ def acquire_tile_chunk(
 
 @triton.jit(do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "tma"))
 def _ag_matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    c_ptr,
-    flags_ptr,
-    status_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_cm,
-    stride_cn,
-    rank,
-    expected,
-    budget,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-    LOOKAHEAD: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
-):
+    a_desc, b_desc, c_ptr, flags_ptr, status_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_cm, stride_cn,
+    rank, expected, budget,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+    LOOKAHEAD: tl.constexpr, USE_CLOCK: tl.constexpr,
+):  # fmt: skip
     # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table, plus the flag waits.
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_mtiles, N, K, BLOCK_N, BLOCK_K)
     total = my_tiles * k_tiles
     # Iterations [0, LOOKAHEAD) are this program's first tiles; the pipeline prologue may load them before
     # the loop body runs, so their chunks are acquired first. Iteration `it` acquires the tile that starts
@@ -165,19 +114,13 @@ def _ag_matmul_tma_kernel(
             pid + t * progs, ready, num_mtiles, num_pid_n, mtiles_ptr, flags_ptr, status_ptr, rank, expected, budget,
             GROUP_M, USE_CLOCK,
         )  # fmt: skip
-    tile = pid - progs
-    ki = -1
-    row_start = 0
-    row_end = 0
-    pid_n = 0
+    tile, ki, row_start, row_end, pid_n = pid - progs, -1, 0, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, total):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
-            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
+            row_start, row_end, _, _, _, pid_n = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
         ahead = it + LOOKAHEAD
         if (ahead < total) & (ahead % k_tiles == 0):
             ready = acquire_tile_chunk(
@@ -186,12 +129,11 @@ def _ag_matmul_tma_kernel(
             )  # fmt: skip
         # A chunk's partial last tile reads up to BLOCK_M - 1 rows past the chunk (the next chunk's rows,
         # maybe still landing, or zeros past M); those rows only reach output rows the store drops.
-        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS, INPUT_PRECISION
+        )
         if ki == k_tiles - 1:
-            rows = row_start + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
             store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

@@ -1,4 +1,5 @@
-"""Persistent tiled GEMM ``C = A @ B``, the tile helpers and configs the fused kernels share.
+"""Persistent tiled GEMM ``C = A @ B`` and the configs the fused kernels share (the kernels share the tile
+helpers of :mod:`odykernels._tiles`).
 
 Two code paths, chosen on the host per call (:func:`choose_path`), each compiled for its target:
 
@@ -7,7 +8,7 @@ Two code paths, chosen on the host per call (:func:`choose_path`), each compiled
   the software pipeline keeps loading the next tile's first K blocks while the current tile's epilogue
   stores, instead of draining and refilling per tile.
 * ``"pointer"`` (sm_80, unaligned or K == 0 operands, and the default under the interpreter): pointer
-  loads the compiler turns into ``cp.async``, one K loop per tile (:func:`tile_dot`).
+  loads the compiler turns into ``cp.async``, one K loop per tile (``_tiles.tile_dot``).
 
 Programs walk output tiles ``pid, pid + P, pid + 2P, ...`` in grouped order (``GROUP_M`` M-tiles side
 by side sweep N together, so their A rows and B columns stay in L2).
@@ -31,119 +32,17 @@ from odykernels._runtime import (
     normalize_device,
     num_programs,
 )
+from odykernels._tiles import (
+    flat_loop_bounds,
+    grouped_tile,
+    store_tile,
+    tile_dot,
+    tile_offsets,
+    tma_dot_step,
+    wrapped_cols,
+)
 
 PATHS = ("tma", "pointer")
-
-# ----------------------------------------------------------------------------------------- tile helpers
-
-
-@triton.jit
-def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of linear ``tile`` when ``GROUP_M`` M-tiles at a time sweep all N-tiles."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_m
-    pid_n = (tile % in_group) // group_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def tile_dot(
-    a_ptr,
-    b_ptr,
-    rows,
-    cols,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Pointer path: fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A[rows, :K] @ B[:K, cols]``.
-
-    ``rows`` (``[BLOCK_M]``) and ``cols`` (``[BLOCK_N]``) must all be valid indices: callers wrap the tail
-    of a partial tile back onto valid rows/columns (and drop those results on store), so only the K tail
-    needs a mask and the loads stay unmasked, vectorized and pipelined.
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
-    # int64 steps: a column-major operand has a K stride of M rows, times BLOCK_K may pass 2**31.
-    a_step = tl.full([], BLOCK_K, tl.int64) * stride_ak
-    b_step = tl.full([], BLOCK_K, tl.int64) * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += a_step
-        b_ptrs += b_step
-    return acc
-
-
-@triton.jit
-def load_a(a_desc, row, k, A_COL_MAJOR: tl.constexpr):
-    """TMA path: the ``[BLOCK_M, BLOCK_K]`` block of A at (row, k); rows or columns past A's end read zero.
-
-    ``A_COL_MAJOR``: the descriptor is over Aᵀ (``[K, M]``, M contiguous) and the block is transposed back;
-    wgmma reads 16-bit operands from shared memory in either major order.
-    """
-    if A_COL_MAJOR:
-        return a_desc.load([k, row]).T
-    else:
-        return a_desc.load([row, k])
-
-
-@triton.jit
-def load_b(b_desc, k, col, B_K_CONTIGUOUS: tl.constexpr):
-    """TMA path: the ``[BLOCK_K, BLOCK_N]`` block of B at (k, col), zero past B's end.
-
-    ``B_K_CONTIGUOUS``: B is a transposed row-major matrix (``weight.t()`` of an ``nn.Linear``, the usual
-    case); the descriptor is over Bᵀ (``[N, K]``) and the block is transposed back.
-    """
-    if B_K_CONTIGUOUS:
-        return b_desc.load([col, k]).T
-    else:
-        return b_desc.load([k, col])
-
-
-@triton.jit
-def wrapped_cols(pid_n, N, BLOCK_N: tl.constexpr):
-    """Columns of N-tile ``pid_n`` (``[BLOCK_N]``), those past ``N`` wrapped onto valid ones for loading.
-
-    ``% N`` rather than a clamp: the compiler derives contiguity from N's divisibility through a
-    remainder (not through a minimum), which keeps B's loads vectorized and asynchronous.
-    """
-    return (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-
-
-@triton.jit
-def store_tile(c_ptr, acc, rows, cols, row_end, col_end, stride_cm, stride_cn, VEC: tl.constexpr = 1):
-    """Store ``acc`` to ``C[rows, cols]`` in C's dtype, skipping rows ``>= row_end`` and cols ``>= col_end``.
-
-    ``VEC > 1`` promises (the host checked it) that ``stride_cm`` and ``col_end`` are multiples of ``VEC``
-    elements, ``VEC`` elements are 16 bytes, C's address is 16-byte aligned and ``stride_cn == 1``: the
-    compiler then emits 128-bit stores even when the JIT could not prove it (a stride that is a multiple of
-    8 but not 16 elements, a loaded peer offset).
-    """
-    if VEC > 1:
-        stride_cm = tl.multiple_of(stride_cm, VEC)
-        col_end = tl.multiple_of(col_end, VEC)
-    mask = (rows[:, None] < row_end) & (cols[None, :] < col_end)
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
 
 # ----------------------------------------------------------------------------------------- metadata
 
@@ -182,32 +81,17 @@ def gemm_launch_metadata(op: str, path: str):
 
 @triton.jit(launch_metadata=gemm_launch_metadata("matmul", "pointer"))
 def _matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-):
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+):  # fmt: skip
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = tile_offsets(pid_m * BLOCK_M, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
             a_ptr, b_ptr, rows % M, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
@@ -217,23 +101,12 @@ def _matmul_kernel(
 
 @triton.jit(launch_metadata=gemm_launch_metadata("matmul", "tma"))
 def _matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    c_ptr,
-    M,
-    N,
-    K,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-):
+    a_desc, b_desc, c_ptr,
+    M, N, K,
+    stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+):  # fmt: skip
     # One loop over this program's (tile, K step) pairs. The tile advance sits in its own `if` at the top
     # and the epilogue in another at the bottom: Triton's pipeliner puts the first (with the loads that
     # depend on it) in its first stage and the second (with the dot) in its last. Both in one `if` at the
@@ -241,25 +114,20 @@ def _matmul_tma_kernel(
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_pid_m * num_pid_n - pid, progs)
-    tile = pid - progs
-    ki = -1
-    pid_m = 0
-    pid_n = 0
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_pid_m, N, K, BLOCK_N, BLOCK_K)
+    tile, ki, pid_m, pid_n = pid - progs, -1, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, my_tiles * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
             pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        a = load_a(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, pid_m * BLOCK_M, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS,
+            INPUT_PRECISION,
+        )  # fmt: skip
         if ki == k_tiles - 1:
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(pid_m * BLOCK_M, pid_n, BLOCK_M, BLOCK_N)
             store_tile(c_ptr, acc, rows, cols, M, N, stride_cm, stride_cn, OUT_VEC)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 

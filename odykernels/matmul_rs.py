@@ -42,17 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from odykernels._chunks import (
-    CHUNK,
-    CHUNK_MTILES,
-    CHUNK_START,
-    ROW_END,
-    ROW_START,
-    TABLE_COLS,
-    check_chunks,
-    mtile_table,
-)
+from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
 from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
+from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
 from odykernels.matmul import (
     check_dtype,
     check_operands,
@@ -61,13 +53,7 @@ from odykernels.matmul import (
     config_for,
     descriptors,
     gemm_launch_metadata,
-    grouped_tile,
     input_precision,
-    load_a,
-    load_b,
-    store_tile,
-    tile_dot,
-    wrapped_cols,
 )
 from odykernels.signal import (
     DEFAULT_TIMEOUT_S,
@@ -120,49 +106,22 @@ def count_tile(counters_ptr, flags_ptr, flag_offsets_ptr, dest, rank, epoch, des
 
 @triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "pointer"))
 def _matmul_rs_kernel(
-    a_ptr,
-    b_ptr,
-    recv_ptr,
-    recv_offsets_ptr,
-    flags_ptr,
-    flag_offsets_ptr,
-    counters_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_rs,
-    stride_rm,
-    stride_rn,
-    rank,
-    epoch,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    RECV_VEC: tl.constexpr,
-):
+    a_ptr, b_ptr, recv_ptr, recv_offsets_ptr, flags_ptr, flag_offsets_ptr, counters_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rs, stride_rm, stride_rn,
+    rank, epoch,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, RECV_VEC: tl.constexpr,
+):  # fmt: skip
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
-        mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-        row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-        row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-        dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
-        dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
-        dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # The tail of a chunk's last M-tile wraps onto the chunk's own rows: never the next chunk's.
-        in_chunk = row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
+        row_start, row_end, dest, dest_start, dest_mtiles, pid_n = chunk_tile(
+            tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M
+        )
+        rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
-            a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+            a_ptr, b_ptr, chunk_rows(row_start, row_end, BLOCK_M), wrapped_cols(pid_n, N, BLOCK_N), K,
+            stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
         store_slot(
             recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
@@ -173,67 +132,36 @@ def _matmul_rs_kernel(
 
 @triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "tma"))
 def _matmul_rs_tma_kernel(
-    a_desc,
-    b_desc,
-    recv_ptr,
-    recv_offsets_ptr,
-    flags_ptr,
-    flag_offsets_ptr,
-    counters_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_rs,
-    stride_rm,
-    stride_rn,
-    rank,
-    epoch,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    RECV_VEC: tl.constexpr,
-    USE_ASM: tl.constexpr,
-):
+    a_desc, b_desc, recv_ptr, recv_offsets_ptr, flags_ptr, flag_offsets_ptr, counters_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_rs, stride_rm, stride_rn,
+    rank, epoch,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RECV_VEC: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
     # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table; A and B are local, so
     # nothing waits. USE_ASM (compiled for a GPU): the epilogue's barriers are inline PTX, which the
     # pipeliner accepts (a tl.debug_barrier in the loop body leaves it unpipelined).
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
-    tile = pid - progs
-    ki = -1
-    row_start = 0
-    row_end = 0
-    dest = 0
-    dest_start = 0
-    dest_mtiles = 0
-    pid_n = 0
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_mtiles, N, K, BLOCK_N, BLOCK_K)
+    tile, ki, row_start, row_end, dest, dest_start, dest_mtiles, pid_n = pid - progs, -1, 0, 0, 0, 0, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, my_tiles * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
-            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-            dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
-            dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
-            dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
+            row_start, row_end, dest, dest_start, dest_mtiles, pid_n = chunk_tile(
+                tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M
+            )
         # A partial last tile of a chunk reads the next chunk's rows of A (local, complete) or zeros past M;
         # those rows reach only output rows the store drops.
-        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS, INPUT_PRECISION
+        )
         if ki == k_tiles - 1:
-            rows = row_start + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
             store_slot(
                 recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
                 stride_rs, stride_rm, stride_rn, RECV_VEC,
