@@ -23,29 +23,10 @@ import triton
 import triton.language as tl
 
 from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
-from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
+from odykernels._runtime import Launch, is_interpreted, normalize_device
 from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
-from odykernels.matmul import (
-    check_operands,
-    check_out,
-    choose_path,
-    config_for,
-    descriptors,
-    gemm_launch_metadata,
-    input_precision,
-    out_vec,
-)
-from odykernels.signal import (
-    DEFAULT_TIMEOUT_S,
-    check_epoch,
-    check_flags_tensor,
-    check_status,
-    check_status_tensor,
-    new_status,
-    wait_budget,
-    wait_flag,
-    wait_flag_for_tma,
-)
+from odykernels.matmul import check_operands, gemm_launch_metadata, out_tensor, out_vec, plan_gemm
+from odykernels.signal import DEFAULT_TIMEOUT_S, check_status, check_waits, status_for, wait_flag, wait_flag_for_tma
 
 
 @triton.jit(
@@ -158,54 +139,28 @@ def prepare_ag_matmul(
     tensor, already zero-filled when ``K == 0``. ``path``: see :func:`ag_matmul`.
     """
     what = "ag_matmul"
-    check_operands(a_full, b, what)
-    M, K = a_full.shape
-    N = b.shape[1]
+    M, N, K = check_operands(a_full, b, what)
     device = a_full.device
     check_chunks(chunk_sizes, rank, M, what)
-    check_flags_tensor(flags, len(chunk_sizes), device, what)
-    check_epoch(expected, what, "expected")
     interpreted = is_interpreted(_ag_matmul_kernel, device)
-    budget = wait_budget(timeout_s, interpreted, what)
-    if status is None:
-        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
-    check_status_tensor(status, device, what)
-    if out is None:
-        out = torch.empty((M, N), dtype=a_full.dtype, device=device)
-    else:
-        check_out(out, (M, N), device, what)
+    budget = check_waits(flags, len(chunk_sizes), expected, timeout_s, status, device, interpreted, what, "expected")
+    out = out_tensor(out, (M, N), a_full.dtype, device, what)
     if M == 0 or N == 0:
         return Launch(None, device, out=out)
     if K == 0:
         return Launch(None, device, out=out.zero_())
 
-    path = choose_path(a_full, b, _ag_matmul_tma_kernel, path, what)
-    kernel = _ag_matmul_tma_kernel if path == "tma" else _ag_matmul_kernel
-    cfg = config_for(M, N, K, a_full, b, out.dtype, kernel, path)
-    table = mtile_table(chunk_sizes, rank, cfg.block_m, normalize_device(device))
+    plan = plan_gemm(a_full, b, out.dtype, (_ag_matmul_kernel, _ag_matmul_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, rank, plan.cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
-    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a_full.dtype), OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a_full, b, cfg)
-        args = (
-            a_desc, b_desc, out, flags, status, table, num_mtiles, N, K, out.stride(0), out.stride(1),
-            rank, expected, budget,
-        )  # fmt: skip
-        kwargs.update(layout, LOOKAHEAD=cfg.num_stages)
-        return Launch(kernel, device, (progs,), args, kwargs, out)
     args = (
-        a_full, b, out, flags, status, table, num_mtiles, N, K,
-        a_full.stride(0), a_full.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        *plan.operands, out, flags, status, table, num_mtiles, N, K, *plan.strides, out.stride(0), out.stride(1),
         rank, expected, budget,
     )  # fmt: skip
-    kwargs.update(EVEN_K=K % cfg.block_k == 0)
-    return Launch(kernel, device, (progs,), args, kwargs, out)
+    lookahead = {"LOOKAHEAD": plan.cfg.num_stages} if plan.path == "tma" else {}
+    return plan.launch(
+        num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **lookahead
+    )
 
 
 def ag_matmul(
@@ -254,10 +209,7 @@ def ag_matmul(
     Returns:
         (M, N) tensor ``out``. After a timeout its tiles of the late chunk hold garbage.
     """
-    if status is None:
-        if not check:
-            raise ValueError("ag_matmul: check=False needs a status tensor to record timeouts in")
-        status = new_status(a_full.device)
+    status = status_for(status, check, a_full.device, "ag_matmul")
     launch = prepare_ag_matmul(
         a_full, b, chunk_sizes, rank, flags, expected, out, timeout_s, status, max_programs, path=path
     )

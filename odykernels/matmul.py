@@ -1,5 +1,5 @@
-"""Persistent tiled GEMM ``C = A @ B`` and the configs the fused kernels share (the kernels share the tile
-helpers of :mod:`odykernels._tiles`).
+"""Persistent tiled GEMM ``C = A @ B``, and what the three GEMM launchers share: configs, checks, path
+choice, :func:`plan_gemm` (their kernels share the tile helpers of :mod:`odykernels._tiles`).
 
 Two code paths, chosen on the host per call (:func:`choose_path`), each compiled for its target:
 
@@ -22,6 +22,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from odykernels._runtime import (
@@ -381,8 +382,9 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` unless ``a`` [M, K] and ``b`` [K, N] can be multiplied by the GEMM kernels."""
+def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[int, int, int]:
+    """Raise ``ValueError`` unless ``a`` [M, K] and ``b`` [K, N] can be multiplied by the GEMM kernels;
+    returns ``(M, N, K)``."""
     for name, t in (("a", a), ("b", b)):
         if t.dim() != 2:
             raise ValueError(f"{what}: {name} must be 2-D, got shape {list(t.shape)}")
@@ -398,6 +400,7 @@ def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     check_dtype(a.dtype, a.device, f"{what}: a")
     if max(a.shape[0], a.shape[1], b.shape[1]) >= 2**31:
         raise ValueError(f"{what}: a dimension of {list(a.shape)} x {list(b.shape)} reaches 2**31")
+    return a.shape[0], b.shape[1], a.shape[1]
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device, what: str) -> None:
@@ -417,6 +420,16 @@ def check_out(out: torch.Tensor, shape: tuple[int, int], device: torch.device, w
     if out.device != device:
         raise ValueError(f"{what}: out is on {out.device}, expected {device}")
     check_dtype(out.dtype, device, f"{what}: out")
+
+
+def out_tensor(
+    out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, what: str
+) -> torch.Tensor:
+    """``out`` once :func:`check_out` accepts it, or a new (uninitialized) tensor of ``shape`` and ``dtype``."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_out(out, shape, device, what)
+    return out
 
 
 def _major(t: torch.Tensor, name: str) -> tuple[bool | None, str]:
@@ -496,6 +509,65 @@ def out_vec(out: torch.Tensor, cols: int) -> int:
 # ----------------------------------------------------------------------------------------- launcher
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """What the GEMM launchers (matmul, ag_matmul, matmul_rs) share once the code path and config are chosen.
+
+    The kernels' arguments start with the two operands (:attr:`operands`: A and B, or their TMA
+    descriptors) and, after the sizes, A's and B's strides (:attr:`strides`: empty on the TMA path, whose
+    descriptors carry them); :attr:`constexprs` holds the tile constexprs and launch options of both paths
+    (``BLOCK_*``, ``GROUP_M``, ``INPUT_PRECISION``, ``num_warps``, ``num_stages``) and the path's own
+    (``EVEN_K``, or ``A_COL_MAJOR`` and ``B_K_CONTIGUOUS``).
+    """
+
+    kernel: JITFunction
+    path: str
+    cfg: TileConfig
+    device: torch.device
+    N: int
+    interpreted: bool
+    operands: tuple
+    strides: tuple
+    constexprs: dict
+
+    def launch(
+        self, m_tiles: int, args: tuple, out: torch.Tensor | None = None, max_programs: int | None = None, **constexprs
+    ) -> Launch:
+        """The persistent launch over ``m_tiles`` x N-tiles with ``args``, the plan's constexprs and ``constexprs``."""
+        tiles = m_tiles * triton.cdiv(self.N, self.cfg.block_n)
+        progs = num_programs(normalize_device(self.device), tiles, self.interpreted, max_programs)
+        return Launch(self.kernel, self.device, (progs,), args, {**self.constexprs, **constexprs}, out)
+
+
+def plan_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out_dtype: torch.dtype,
+    kernels: tuple[JITFunction, JITFunction],
+    path: str | None,
+    what: str,
+    config: TileConfig | None = None,
+) -> GemmPlan:
+    """The code path (:func:`choose_path`) and config (``config``, else :func:`config_for`) of ``a @ b`` into
+    ``out_dtype``, for checked operands with M, N > 0; ``kernels`` is the (pointer, TMA) pair."""
+    path = choose_path(a, b, kernels[1], path, what)
+    kernel = kernels[1] if path == "tma" else kernels[0]
+    (M, K), N = a.shape, b.shape[1]
+    cfg = config or config_for(M, N, K, a, b, out_dtype, kernel, path)
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=input_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if path == "tma":
+        a_desc, b_desc, layout = descriptors(a, b, cfg)
+        operands, strides, constexprs = (a_desc, b_desc), (), {**constexprs, **layout}
+    else:
+        operands, strides = (a, b), (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+        constexprs["EVEN_K"] = K % cfg.block_k == 0
+    interpreted = is_interpreted(kernel, a.device)
+    return GemmPlan(kernel, path, cfg, a.device, N, interpreted, operands, strides, constexprs)
+
+
 def prepare_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -509,33 +581,15 @@ def prepare_matmul(
     ``config`` overrides the config choice (benchmarks, the autotuner); ``path`` the code path.
     """
     what = "matmul"
-    check_operands(a, b, what)
-    M, K = a.shape
-    N = b.shape[1]
-    if out is None:
-        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    else:
-        check_out(out, (M, N), a.device, what)
+    M, N, K = check_operands(a, b, what)
+    out = out_tensor(out, (M, N), a.dtype, a.device, what)
     if M == 0 or N == 0:
         return Launch(None, a.device, out=out)
     if K == 0:
         return Launch(None, a.device, out=out.zero_())
-    path = choose_path(a, b, _matmul_tma_kernel, path, what)
-    kernel = _matmul_tma_kernel if path == "tma" else _matmul_kernel
-    cfg = config or config_for(M, N, K, a, b, out.dtype, kernel, path)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(a.device), tiles, is_interpreted(kernel, a.device))
-    common = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a.dtype), OUT_VEC=out_vec(out, N),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a, b, cfg)
-        args = (a_desc, b_desc, out, M, N, K, out.stride(0), out.stride(1))
-        return Launch(kernel, a.device, (progs,), args, {**common, **layout}, out)
-    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    return Launch(kernel, a.device, (progs,), args, {**common, "EVEN_K": K % cfg.block_k == 0}, out)
+    plan = plan_gemm(a, b, out.dtype, (_matmul_kernel, _matmul_tma_kernel), path, what, config)
+    args = (*plan.operands, out, M, N, K, *plan.strides, out.stride(0), out.stride(1))
+    return plan.launch(triton.cdiv(M, plan.cfg.block_m), args, out, OUT_VEC=out_vec(out, N))
 
 
 def matmul(

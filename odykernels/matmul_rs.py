@@ -43,28 +43,19 @@ import triton
 import triton.language as tl
 
 from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
-from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
+from odykernels._runtime import Launch, is_interpreted, normalize_device
 from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
-from odykernels.matmul import (
-    check_dtype,
-    check_operands,
-    check_out,
-    choose_path,
-    config_for,
-    descriptors,
-    gemm_launch_metadata,
-    input_precision,
-)
+from odykernels.matmul import check_dtype, check_operands, gemm_launch_metadata, out_tensor, plan_gemm
 from odykernels.signal import (
     DEFAULT_TIMEOUT_S,
     check_epoch,
     check_flags_tensor,
     check_status,
-    check_status_tensor,
+    check_vector,
+    check_waits,
     cta_barrier,
-    new_status,
     notify,
-    wait_budget,
+    status_for,
     wait_flag,
 )
 
@@ -226,14 +217,6 @@ REDUCE_NUM_WARPS = 4
 REDUCE_BLOCK_INTERPRETER = (32, 32)
 
 
-def _check_peer_offsets(offsets: torch.Tensor, world: int, device: torch.device, name: str, what: str) -> None:
-    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (world,) or offsets.device != device:
-        raise ValueError(
-            f"{what}: {name} must be int64 [{world}] on {device}, "
-            f"got {offsets.dtype} {list(offsets.shape)} on {offsets.device}"
-        )
-
-
 def _check_recv(recv: torch.Tensor, world: int, max_rows: int, N: int, device: torch.device, what: str) -> None:
     if recv.dim() != 3 or recv.shape[0] != world or recv.shape[1] < max_rows or recv.shape[2] != N:
         raise ValueError(
@@ -314,56 +297,34 @@ def prepare_matmul_rs(
 ) -> Launch:
     """Check the arguments of :func:`matmul_rs` and configure its launch (run it with ``.run()``)."""
     what = "matmul_rs"
-    check_operands(a, b, what)
-    M, K = a.shape
-    N = b.shape[1]
+    M, N, K = check_operands(a, b, what)
     device = a.device
     check_chunks(chunk_sizes, rank, M, what)
     world = len(chunk_sizes)
     _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
+    check_vector(peer_offsets, torch.int64, world, device, what, "peer_offsets")
     check_recv_alignment(recv, peer_offsets, what)
     check_flags_tensor(flags, world, device, what)
-    _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
+    check_vector(flag_peer_offsets, torch.int64, world, device, what, "flag_peer_offsets")
     check_epoch(epoch, what)
     if counters is None:
         counters = torch.zeros(world, dtype=torch.int32, device=device)
-    elif counters.dtype != torch.int32 or tuple(counters.shape) != (world,) or counters.device != device:
-        raise ValueError(
-            f"{what}: counters must be int32 [{world}] on {device}, "
-            f"got {counters.dtype} {list(counters.shape)} on {counters.device}"
-        )
+    else:
+        check_vector(counters, torch.int32, world, device, what, "counters")
     if M == 0 or N == 0:
         return Launch(None, device)
 
-    path = choose_path(a, b, _matmul_rs_tma_kernel, path, what)
-    kernel = _matmul_rs_tma_kernel if path == "tma" else _matmul_rs_kernel
-    interpreted = is_interpreted(kernel, device)
-    cfg = config_for(M, N, K, a, b, recv.dtype, kernel, path)
-    table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
+    plan = plan_gemm(a, b, recv.dtype, (_matmul_rs_kernel, _matmul_rs_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, (rank + 1) % world, plan.cfg.block_m, normalize_device(device))
     num_mtiles = table.shape[0]
-    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a.dtype), RECV_VEC=ALIGN_BYTES // recv.element_size(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    recv_strides = (recv.stride(0), recv.stride(1), recv.stride(2))
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a, b, cfg)
-        args = (
-            a_desc, b_desc, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-            *recv_strides, rank, epoch,
-        )  # fmt: skip
-        kwargs.update(layout, USE_ASM=not interpreted)
-        return Launch(kernel, device, (progs,), args, kwargs)
     args = (
-        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *recv_strides, rank, epoch,
+        *plan.operands, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        *plan.strides, recv.stride(0), recv.stride(1), recv.stride(2), rank, epoch,
     )  # fmt: skip
-    kwargs.update(EVEN_K=K % cfg.block_k == 0)
-    return Launch(kernel, device, (progs,), args, kwargs)
+    use_asm = {"USE_ASM": not plan.interpreted} if plan.path == "tma" else {}
+    return plan.launch(
+        num_mtiles, args, max_programs=max_programs, RECV_VEC=ALIGN_BYTES // recv.element_size(), **use_asm
+    )
 
 
 def matmul_rs(
@@ -441,18 +402,10 @@ def prepare_reduce_slots(
     N = recv.shape[2]
     check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
     _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    check_flags_tensor(flags, world, device, what)
-    check_epoch(epoch, what)
     interpreted = is_interpreted(_reduce_slots_kernel, device)
-    budget = wait_budget(timeout_s, interpreted, what)
-    if status is None:
-        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
-    check_status_tensor(status, device, what)
+    budget = check_waits(flags, world, epoch, timeout_s, status, device, interpreted, what)
     rows = chunk_sizes[rank]
-    if out is None:
-        out = torch.empty((rows, N), dtype=recv.dtype, device=device)
-    else:
-        check_out(out, (rows, N), device, what)
+    out = out_tensor(out, (rows, N), recv.dtype, device, what)
     if rows == 0 or N == 0:
         return Launch(None, device, out=out)
 
@@ -496,10 +449,7 @@ def reduce_slots(
     Returns:
         (chunk_sizes[rank], N) tensor ``out``.
     """
-    if status is None:
-        if not check:
-            raise ValueError("reduce_slots: check=False needs a status tensor to record timeouts in")
-        status = new_status(recv.device)
+    status = status_for(status, check, recv.device, "reduce_slots")
     out = prepare_reduce_slots(recv, flags, chunk_sizes, rank, epoch, out, timeout_s, status).run()
     if check:
         check_status(status, rank, "reduce_slots", index_name="source")
