@@ -18,15 +18,17 @@ the lookahead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
-from odykernels._runtime import Launch, is_interpreted, normalize_device
+from odykernels._runtime import Launch, is_interpreted, normalize_device, run_checked
 from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
 from odykernels.matmul import check_operands, gemm_launch_metadata, out_tensor, out_vec, plan_gemm
-from odykernels.signal import DEFAULT_TIMEOUT_S, check_status, check_waits, status_for, wait_flag, wait_flag_for_tma
+from odykernels.signal import DEFAULT_TIMEOUT_S, check_status, check_waits, new_status, wait_flag, wait_flag_for_tma
 
 
 @triton.jit(
@@ -126,59 +128,17 @@ def prepare_ag_matmul(
     rank: int,
     flags: torch.Tensor,
     expected: int,
+    *,
     out: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
     max_programs: int | None = None,
-    *,
     path: str | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`ag_matmul` and configure its launch (run it with ``.run()``).
+    """The launch of ``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it landed.
 
-    ``status`` is required here: the caller checks it when it chooses. The launch's ``out`` is the output
-    tensor, already zero-filled when ``K == 0``. ``path``: see :func:`ag_matmul`.
-    """
-    what = "ag_matmul"
-    M, N, K = check_operands(a_full, b, what)
-    device = a_full.device
-    check_chunks(chunk_sizes, rank, M, what)
-    interpreted = is_interpreted(_ag_matmul_kernel, device)
-    budget = check_waits(flags, len(chunk_sizes), expected, timeout_s, status, device, interpreted, what, "expected")
-    out = out_tensor(out, (M, N), a_full.dtype, device, what)
-    if M == 0 or N == 0:
-        return Launch(None, device, out=out)
-    if K == 0:
-        return Launch(None, device, out=out.zero_())
-
-    plan = plan_gemm(a_full, b, out.dtype, (_ag_matmul_kernel, _ag_matmul_tma_kernel), path, what)
-    table = mtile_table(chunk_sizes, rank, plan.cfg.block_m, normalize_device(device))
-    num_mtiles = table.shape[0]
-    args = (
-        *plan.operands, out, flags, status, table, num_mtiles, N, K, *plan.strides, out.stride(0), out.stride(1),
-        rank, expected, budget,
-    )  # fmt: skip
-    lookahead = {"LOOKAHEAD": plan.cfg.num_stages} if plan.path == "tma" else {}
-    return plan.launch(
-        num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **lookahead
-    )
-
-
-def ag_matmul(
-    a_full: torch.Tensor,
-    b: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    flags: torch.Tensor,
-    expected: int,
-    out: torch.Tensor | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    status: torch.Tensor | None = None,
-    check: bool = True,
-    max_programs: int | None = None,
-    *,
-    path: str | None = None,
-) -> torch.Tensor:
-    """``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it has landed.
+    Checks the arguments and configures the launch; ``.run()`` runs it, ``.check()`` raises ``TimeoutError``
+    (naming rank, chunk and flag values) if a wait gave up. :func:`ag_matmul` does both.
 
     Args:
         a_full: (M, K) gathered input, any strides. Rows ``[starts[c], starts[c+1])`` are chunk ``c``,
@@ -196,10 +156,8 @@ def ag_matmul(
         timeout_s: bound on one wait: GPU time on a GPU, a poll budget under the interpreter
             (:func:`odykernels.signal.wait_budget`).
         status: optional int32 (4,) record (see :mod:`odykernels.signal`), zero on entry; a fresh one by
-            default. Pass one to check several launches at once.
-        check: synchronize after the launch and raise ``TimeoutError`` (naming rank, chunk and flag values)
-            if a wait gave up. With ``check=False`` nothing synchronizes; then ``status`` is required, and
-            the caller checks it later with :func:`odykernels.signal.check_status`.
+            default. Pass one to check several launches at once, later, with
+            :func:`odykernels.signal.check_status`.
         max_programs: cap on the persistent grid (default: one program per SM). Each program holds most of
             an SM's registers, so a kernel that must run on this GPU while this one waits (a local copy
             kernel feeding the flags, say) needs SMs left free for it; the waits are bounded either way.
@@ -207,13 +165,43 @@ def ag_matmul(
             ``b`` are 16-byte aligned with a unit stride, see :func:`odykernels.matmul.choose_path`).
 
     Returns:
-        (M, N) tensor ``out``. After a timeout its tiles of the late chunk hold garbage.
+        The launch; its ``out`` is the (M, N) output, already zero-filled when ``K == 0``. After a timeout
+        the output's tiles of the late chunk hold garbage.
     """
-    status = status_for(status, check, a_full.device, "ag_matmul")
-    launch = prepare_ag_matmul(
-        a_full, b, chunk_sizes, rank, flags, expected, out, timeout_s, status, max_programs, path=path
+    what = "ag_matmul"
+    M, N, K = check_operands(a_full, b, what)
+    device = a_full.device
+    check_chunks(chunk_sizes, rank, M, what)
+    interpreted = is_interpreted(_ag_matmul_kernel, device)
+    status = new_status(device) if status is None else status
+    budget = check_waits(flags, len(chunk_sizes), expected, timeout_s, status, device, interpreted, what, "expected")
+    out = out_tensor(out, (M, N), a_full.dtype, device, what)
+    if M == 0 or N == 0:
+        return Launch(None, device, out=out)
+    if K == 0:
+        return Launch(None, device, out=out.zero_())
+    verify = functools.partial(check_status, status, rank, what, "chunk")
+
+    plan = plan_gemm(a_full, b, out.dtype, (_ag_matmul_kernel, _ag_matmul_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, rank, plan.cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    args = (
+        *plan.operands, out, flags, status, table, num_mtiles, N, K, *plan.strides, out.stride(0), out.stride(1),
+        rank, expected, budget,
+    )  # fmt: skip
+    lookahead = {"LOOKAHEAD": plan.cfg.num_stages} if plan.path == "tma" else {}
+    launch = plan.launch(
+        num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **lookahead
     )
-    out = launch.run()
-    if check:
-        check_status(status, rank, "ag_matmul", index_name="chunk")
-    return out
+    launch.verify = verify
+    return launch
+
+
+def ag_matmul(*args, check: bool = True, **kwargs) -> torch.Tensor:
+    """``a_full @ b`` with waits on the chunks' flags: :func:`prepare_ag_matmul`'s launch, run and checked.
+
+    Takes :func:`prepare_ag_matmul`'s arguments, and ``check``: synchronize after the launch and raise
+    ``TimeoutError`` (naming rank, chunk and flag values) if a wait gave up. With ``check=False`` nothing
+    synchronizes; ``status`` is then required, for the caller to check later. Returns the (M, N) output.
+    """
+    return run_checked(prepare_ag_matmul, "ag_matmul", args, kwargs, check)

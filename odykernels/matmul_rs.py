@@ -36,6 +36,7 @@ On the TMA path (sm_90) the K loop is flattened over the program's tiles like ``
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -43,7 +44,7 @@ import triton
 import triton.language as tl
 
 from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
-from odykernels._runtime import Launch, is_interpreted, normalize_device
+from odykernels._runtime import Launch, is_interpreted, normalize_device, run_checked
 from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
 from odykernels.matmul import check_dtype, check_operands, gemm_launch_metadata, out_tensor, plan_gemm
 from odykernels.signal import (
@@ -54,8 +55,8 @@ from odykernels.signal import (
     check_vector,
     check_waits,
     cta_barrier,
+    new_status,
     notify,
-    status_for,
     wait_flag,
 )
 
@@ -290,59 +291,13 @@ def prepare_matmul_rs(
     flags: torch.Tensor,
     flag_peer_offsets: torch.Tensor,
     epoch: int,
+    *,
     counters: torch.Tensor | None = None,
     max_programs: int | None = None,
-    *,
     path: str | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`matmul_rs` and configure its launch (run it with ``.run()``)."""
-    what = "matmul_rs"
-    M, N, K = check_operands(a, b, what)
-    device = a.device
-    check_chunks(chunk_sizes, rank, M, what)
-    world = len(chunk_sizes)
-    _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    check_vector(peer_offsets, torch.int64, world, device, what, "peer_offsets")
-    check_recv_alignment(recv, peer_offsets, what)
-    check_flags_tensor(flags, world, device, what)
-    check_vector(flag_peer_offsets, torch.int64, world, device, what, "flag_peer_offsets")
-    check_epoch(epoch, what)
-    if counters is None:
-        counters = torch.zeros(world, dtype=torch.int32, device=device)
-    else:
-        check_vector(counters, torch.int32, world, device, what, "counters")
-    if M == 0 or N == 0:
-        return Launch(None, device)
-
-    plan = plan_gemm(a, b, recv.dtype, (_matmul_rs_kernel, _matmul_rs_tma_kernel), path, what)
-    table = mtile_table(chunk_sizes, (rank + 1) % world, plan.cfg.block_m, normalize_device(device))
-    num_mtiles = table.shape[0]
-    args = (
-        *plan.operands, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-        *plan.strides, recv.stride(0), recv.stride(1), recv.stride(2), rank, epoch,
-    )  # fmt: skip
-    use_asm = {"USE_ASM": not plan.interpreted} if plan.path == "tma" else {}
-    return plan.launch(
-        num_mtiles, args, max_programs=max_programs, RECV_VEC=ALIGN_BYTES // recv.element_size(), **use_asm
-    )
-
-
-def matmul_rs(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    recv: torch.Tensor,
-    peer_offsets: torch.Tensor,
-    flags: torch.Tensor,
-    flag_peer_offsets: torch.Tensor,
-    epoch: int,
-    counters: torch.Tensor | None = None,
-    max_programs: int | None = None,
-    *,
-    path: str | None = None,
-) -> None:
-    """Compute ``a @ b`` and push each destination chunk's rows into that rank's receive buffer, slot ``rank``.
+    """The launch (``.run()``) that computes ``a @ b`` and pushes each destination chunk's rows into that
+    rank's receive buffer, slot ``rank``.
 
     Layouts (identical on every rank, as symmetric memory requires):
 
@@ -375,12 +330,44 @@ def matmul_rs(
         path: ``"tma"`` or ``"pointer"`` to force a code path for the loads (default: TMA on sm_90+ when
             ``a`` and ``b`` are 16-byte aligned with a unit stride and K_r > 0).
 
-    Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
+    The launch writes the peers' receive buffers and flags and returns nothing. It never waits, so it
+    cannot time out.
     With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
     """
-    prepare_matmul_rs(
-        a, b, chunk_sizes, rank, recv, peer_offsets, flags, flag_peer_offsets, epoch, counters, max_programs, path=path
-    ).run()
+    what = "matmul_rs"
+    M, N, K = check_operands(a, b, what)
+    device = a.device
+    check_chunks(chunk_sizes, rank, M, what)
+    world = len(chunk_sizes)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    check_vector(peer_offsets, torch.int64, world, device, what, "peer_offsets")
+    check_recv_alignment(recv, peer_offsets, what)
+    check_flags_tensor(flags, world, device, what)
+    check_vector(flag_peer_offsets, torch.int64, world, device, what, "flag_peer_offsets")
+    check_epoch(epoch, what)
+    if counters is None:
+        counters = torch.zeros(world, dtype=torch.int32, device=device)
+    else:
+        check_vector(counters, torch.int32, world, device, what, "counters")
+    if M == 0 or N == 0:
+        return Launch(None, device)
+
+    plan = plan_gemm(a, b, recv.dtype, (_matmul_rs_kernel, _matmul_rs_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, (rank + 1) % world, plan.cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    args = (
+        *plan.operands, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        *plan.strides, recv.stride(0), recv.stride(1), recv.stride(2), rank, epoch,
+    )  # fmt: skip
+    use_asm = {"USE_ASM": not plan.interpreted} if plan.path == "tma" else {}
+    return plan.launch(
+        num_mtiles, args, max_programs=max_programs, RECV_VEC=ALIGN_BYTES // recv.element_size(), **use_asm
+    )
+
+
+def matmul_rs(*args, **kwargs) -> None:
+    """Run :func:`prepare_matmul_rs`'s launch (same arguments): ``a @ b`` pushed into the peers' slots."""
+    prepare_matmul_rs(*args, **kwargs).run()
 
 
 def prepare_reduce_slots(
@@ -389,11 +376,30 @@ def prepare_reduce_slots(
     chunk_sizes: list[int],
     rank: int,
     epoch: int,
+    *,
     out: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`reduce_slots` and configure its launch; ``status`` is required here."""
+    """The launch that sums the ``world`` slots of this rank's receive buffer in source order 0..world-1
+    (fp32 accumulate).
+
+    Args:
+        recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
+        flags: contiguous uint32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
+        chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
+            ``chunk_sizes[rank]`` rows.
+        rank: this rank.
+        epoch: the epoch the producers of this call wrote, >= 1.
+        out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
+        timeout_s: bound on one wait (GPU time; a poll budget under the interpreter).
+        status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`); a fresh one by
+            default.
+
+    Returns:
+        The launch (``.run()``, then ``.check()`` raises ``TimeoutError`` naming the rank, the missing
+        source and the flag values); its ``out`` is the (chunk_sizes[rank], N) sum.
+    """
     what = "reduce_slots"
     device = recv.device
     world = len(chunk_sizes)
@@ -403,6 +409,7 @@ def prepare_reduce_slots(
     check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
     _check_recv(recv, world, max(chunk_sizes), N, device, what)
     interpreted = is_interpreted(_reduce_slots_kernel, device)
+    status = new_status(device) if status is None else status
     budget = check_waits(flags, world, epoch, timeout_s, status, device, interpreted, what)
     rows = chunk_sizes[rank]
     out = out_tensor(out, (rows, N), recv.dtype, device, what)
@@ -417,40 +424,15 @@ def prepare_reduce_slots(
         epoch, budget,
     )  # fmt: skip
     kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, USE_CLOCK=not interpreted, num_warps=REDUCE_NUM_WARPS)
-    return Launch(_reduce_slots_kernel, device, grid, args, kwargs, out)
+    verify = functools.partial(check_status, status, rank, what, "source")
+    return Launch(_reduce_slots_kernel, device, grid, args, kwargs, out, verify)
 
 
-def reduce_slots(
-    recv: torch.Tensor,
-    flags: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    epoch: int,
-    out: torch.Tensor | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    status: torch.Tensor | None = None,
-    check: bool = True,
-) -> torch.Tensor:
-    """Sum the ``world`` slots of this rank's receive buffer in source order 0..world-1 (fp32 accumulate).
+def reduce_slots(*args, check: bool = True, **kwargs) -> torch.Tensor:
+    """Sum this rank's receive slots in source order: :func:`prepare_reduce_slots`'s launch, run and checked.
 
-    Args:
-        recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
-        flags: contiguous uint32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
-        chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
-            ``chunk_sizes[rank]`` rows.
-        rank: this rank.
-        epoch: the epoch the producers of this call wrote, >= 1.
-        out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
-        timeout_s: bound on one wait (GPU time; a poll budget under the interpreter).
-        status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`).
-        check: synchronize and raise ``TimeoutError`` naming the rank, the missing source and the flag
-            values; with ``check=False`` a ``status`` is required and nothing synchronizes.
-
-    Returns:
-        (chunk_sizes[rank], N) tensor ``out``.
+    Takes :func:`prepare_reduce_slots`'s arguments, and ``check``: synchronize and raise ``TimeoutError``
+    naming the rank, the missing source and the flag values; with ``check=False`` a ``status`` is required
+    and nothing synchronizes. Returns the (chunk_sizes[rank], N) sum.
     """
-    status = status_for(status, check, recv.device, "reduce_slots")
-    out = prepare_reduce_slots(recv, flags, chunk_sizes, rank, epoch, out, timeout_s, status).run()
-    if check:
-        check_status(status, rank, "reduce_slots", index_name="source")
-    return out
+    return run_checked(prepare_reduce_slots, "reduce_slots", args, kwargs, check)

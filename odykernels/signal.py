@@ -241,16 +241,6 @@ def check_waits(
     return budget
 
 
-def status_for(status: torch.Tensor | None, check: bool, device: torch.device, what: str) -> torch.Tensor:
-    """``status``, or a new record when it is None, which only ``check=True`` allows (the launcher then reads
-    the record itself; without ``check`` the caller must hold one to check later)."""
-    if status is not None:
-        return status
-    if not check:
-        raise ValueError(f"{what}: check=False needs a status tensor to record timeouts in")
-    return new_status(device)
-
-
 def read_status(status: torch.Tensor) -> list[int]:
     """The four words of a status record. The one host read of a record: it waits for the device."""
     return [int(v) for v in status.tolist()]
