@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.groups import group_size
+from ..comm.groups import group_rank, group_size
 from ..profiling import ody_range
 
 BACKENDS = ("auto", "symm", "pipelined", "naive")
@@ -72,6 +72,13 @@ def check_overlap() -> None:
     symm.check()
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op will compute in: the autocast dtype where autocast casts ``x`` (see ``ops``)."""
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def ag_matmul(
     x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, backend: str = "auto", label: str = ""
 ) -> torch.Tensor:
@@ -84,8 +91,8 @@ def ag_matmul(
             return x_local @ w
         from .ops import ag_matmul_op
 
-        backend = resolve_backend(backend, pg, x_local.device, x_local.dtype)
-        return ag_matmul_op(x_local, w, list(sizes), pg.group_name, backend, label)[0]
+        backend = resolve_backend(backend, pg, x_local.device, _compute_dtype(x_local))
+        return ag_matmul_op(x_local, w, list(sizes), group_rank(pg), pg.group_name, backend, label)[0]
 
 
 def matmul_rs(
@@ -97,5 +104,5 @@ def matmul_rs(
             return x @ w
         from .ops import matmul_rs_op
 
-        backend = resolve_backend(backend, pg, x.device, x.dtype)
-        return matmul_rs_op(x, w, list(sizes), pg.group_name, backend, label)
+        backend = resolve_backend(backend, pg, x.device, _compute_dtype(x))
+        return matmul_rs_op(x, w, list(sizes), group_rank(pg), pg.group_name, backend, label)
