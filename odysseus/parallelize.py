@@ -21,18 +21,26 @@ __all__ = ["STRATEGIES", "ParallelBlock", "dense_state_dict", "finalize_grads", 
 
 
 def parallelize(
-    module: nn.Module, strategy: str, group=None, *, backend: str = "auto", check_finite: bool = False
+    module: nn.Module,
+    strategy: str,
+    group=None,
+    *,
+    backend: str = "auto",
+    check_finite: bool = False,
+    check_inputs: bool = False,
 ) -> nn.Module:
     """This rank's share of a reference ``TransformerBlock``, ``Attention`` or ``FFN`` under ``strategy``.
 
     ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group. ``backend`` picks how
     all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`);
-    ``check_finite=True`` rejects inputs holding NaN or Inf.
+    ``check_finite=True`` rejects inputs holding NaN or Inf; ``check_inputs=True`` compares the ranks'
+    inputs on every call, so that the whole sequence fed to every rank of a sequence-split module (which
+    looks like a valid split of a longer one) or shards fed to ``"tp"`` raise on every rank.
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     spec = registry.get(strategy)
     resolve_group(group)  # the modules check the backend (ParallelModule)
-    kwargs = dict(backend=backend, check_finite=check_finite)
+    kwargs = dict(backend=backend, check_finite=check_finite, check_inputs=check_inputs)
     if isinstance(module, reference.TransformerBlock):
         return ParallelBlock.from_dense(module, strategy, group, **kwargs)
     attn_cls, ffn_cls = spec.modules()

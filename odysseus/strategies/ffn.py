@@ -26,7 +26,9 @@ class ColumnRowFFN(ParallelModule):
 
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
-        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
+        self.region = self.region_type(
+            self.pg, self.rank, self.backend, type(self).__name__, self.check_finite, self.check_inputs
+        )
         cols = split_ranges(config.intermediate_size, self.world, "intermediate_size")
         self.add_linear("gate_proj", 0, cols)
         self.add_linear("up_proj", 0, cols)

@@ -31,7 +31,9 @@ class HeadSplitAttention(ParallelModule):
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
         hd = config.head_dim
-        self.region = self.region_type(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
+        self.region = self.region_type(
+            self.pg, self.rank, self.backend, type(self).__name__, self.check_finite, self.check_inputs
+        )
         self.heads = HeadSplit.build(config, self.world, self.rank)
         kv_sync = "sum" if self.heads.shared_kv else "none"
         self.add_linear("q_proj", 0, rows(self.heads.q, hd))
@@ -42,7 +44,7 @@ class HeadSplitAttention(ParallelModule):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
-        span = self.region.open(x)
+        span = self.region.open(x, position_ids)
         w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t()
         qkv = span.gather_matmul(x, w_qkv, "attn.qkv")
         widths = [w.shape[0] for w in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)]

@@ -41,7 +41,8 @@ class StrategySpec:
     """How the FFN moves activations: ``all_reduce``, ``gather_scatter`` or ``none`` (own tokens, whole
     weights)."""
     length_exchanges: int
-    """Host-side exchanges of the shard lengths per block forward (one per module that checks its layout)."""
+    """Host-side exchanges of the sequence lengths per block forward (one per module that checks its layout;
+    TP checks that every rank holds the whole sequence)."""
 
     @property
     def zero3(self) -> bool:
@@ -59,7 +60,7 @@ def _load(path: str) -> type:
 
 
 SPECS: tuple[StrategySpec, ...] = (
-    StrategySpec("tp", "head_split:TPAttention", "ffn:TPFFN", False, (), "all_reduce", "all_reduce", 0),
+    StrategySpec("tp", "head_split:TPAttention", "ffn:TPFFN", False, (), "all_reduce", "all_reduce", 2),
     StrategySpec("tp-sp", "head_split:TPSPAttention", "ffn:TPSPFFN", True, (), "gather_scatter", "gather_scatter", 2),
     StrategySpec(
         "ulysses",

@@ -29,7 +29,9 @@ class UlyssesAttention(ParallelModule):
 
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
-        self.region = SequenceRegion(self.pg, self.rank, self.backend, type(self).__name__, self.check_finite)
+        self.region = SequenceRegion(
+            self.pg, self.rank, self.backend, type(self).__name__, self.check_finite, self.check_inputs
+        )
         self.heads = HeadSplit.build(config, self.world, self.rank)
         sync = "sum" if self.world > 1 else "none"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -39,7 +41,7 @@ class UlyssesAttention(ParallelModule):
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         B, L_r, _ = x.shape
-        span = self.region.open(x)
+        span = self.region.open(x, position_ids)
         pos = normalize_position_ids(position_ids, B, L_r, span.offset, x.device)
         q = self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim))
         k = self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
