@@ -53,6 +53,8 @@ def resolve_backend(backend: str, pg, device: torch.device, dtype: torch.dtype =
 
     ``auto`` probes ``symm`` the first time (:mod:`.probe`): collective, every rank of ``pg`` must call it.
     """
+    if backend != "auto":  # nothing to decide: no call into the compiler-disabled _resolve (a graph break)
+        return check_backend(backend)
     key = (backend, pg.group_name, device, dtype)
     found = _RESOLVED.get(key)
     if found is None:
@@ -86,12 +88,15 @@ def ag_matmul(
 
     ``sizes`` are every rank's sequence length (``odysseus.comm.exchange_lengths``); ``pg`` the group.
     """
-    with ody_range("ody/ag_matmul"):
-        if group_size(pg) == 1:
+    if group_size(pg) == 1:
+        with ody_range("ody/ag_matmul"):
             return x_local @ w
-        from .ops import ag_matmul_op
+    from .ops import ag_matmul_op
 
-        backend = resolve_backend(backend, pg, x_local.device, _compute_dtype(x_local))
+    # Resolved outside the profiler range: the first resolution is a graph break under torch.compile, and
+    # dynamo cannot resume a frame that breaks inside a context manager (it would run the frame eagerly).
+    backend = resolve_backend(backend, pg, x_local.device, _compute_dtype(x_local))
+    with ody_range("ody/ag_matmul"):
         return ag_matmul_op(x_local, w, list(sizes), group_rank(pg), pg.group_name, backend, label)[0]
 
 
@@ -99,10 +104,11 @@ def matmul_rs(
     x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, backend: str = "auto", label: str = ""
 ) -> torch.Tensor:
     """``reduce_scatter_seq(x @ w)``: ``x: (B, L, K_r)`` partial sums, ``w: (K_r, N)`` -> ``(B, L_r, N)``."""
-    with ody_range("ody/matmul_rs"):
-        if group_size(pg) == 1:
+    if group_size(pg) == 1:
+        with ody_range("ody/matmul_rs"):
             return x @ w
-        from .ops import matmul_rs_op
+    from .ops import matmul_rs_op
 
-        backend = resolve_backend(backend, pg, x.device, _compute_dtype(x))
+    backend = resolve_backend(backend, pg, x.device, _compute_dtype(x))  # outside the range: see ag_matmul
+    with ody_range("ody/matmul_rs"):
         return matmul_rs_op(x, w, list(sizes), group_rank(pg), pg.group_name, backend, label)
