@@ -283,3 +283,38 @@ def test_hf_save_pretrained_writes_dense_tensors_and_generate_says_why(world, tm
     loaded = LlamaForCausalLM.from_pretrained(tmp_path)
     for name, t in tiny_llama().state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), f"{name} was not written dense"
+
+
+# --- examples/train_llama.py: --clip, --autocast and the progress bar --------------------------------------
+
+
+def _train_example(rank, world, flags):
+    import io
+    import re
+    import sys
+
+    from test_train_example import _example
+
+    example = _example()
+    err, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        losses = example.train(example.parse_args(flags))
+        shown = sys.stderr.getvalue()
+    finally:
+        sys.stderr = err
+    # Every frame of the bar that shows a loss must show the step that loss belongs to.
+    frames = re.findall(r"(\d+)/\d+ \[[^\]]*\]?[^\r\n]*?loss (\d+\.\d+)  grad norm (\d+\.\d+)", shown)
+    return losses, [(int(n), float(loss), float(norm)) for n, loss, norm in frames]
+
+
+def test_train_example_bar_shows_each_step_with_its_loss():
+    from test_train_example import SIZES
+
+    flags = [*SIZES, "--steps", "4", "--save-every", "0", "--log-every", "1"]
+    flags += ["--strategy", "tp-sp", "--zero3", "--clip", "0.5", "--autocast"]
+    (losses, frames), _ = run_ranks(2, _train_example, flags, timeout=300)
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses), losses
+    assert sorted({n for n, _, _ in frames}) == [1, 2, 3, 4], frames
+    for n, loss, norm in frames:
+        assert loss == round(losses[n - 1], 4), f"the bar shows step {n} beside loss {loss}; losses {losses}"
+        assert norm > 0.5, f"step {n}: grad norm {norm} would not be clipped at 0.5"
