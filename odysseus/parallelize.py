@@ -28,6 +28,7 @@ def parallelize(
     *,
     backend: str = "auto",
     check_finite: bool = False,
+    check_inputs: bool = False,
     save_input: str = "gathered",
     ring: Ring | None = None,
 ) -> nn.Module:
@@ -38,12 +39,16 @@ def parallelize(
     ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
     only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots
     (``"shard"``: activations at 1/N, one more all-gather per op in backward);
-    ``check_finite=True`` rejects inputs holding NaN or Inf.
+    ``check_finite=True`` rejects inputs holding NaN or Inf; ``check_inputs=True`` compares the ranks'
+    inputs on every call, so that the whole sequence fed to every rank of a sequence-split module (which
+    looks like a valid split of a longer one) or shards fed to ``"tp"`` raise on every rank.
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     spec = registry.get(strategy)
     resolve_group(group)  # the modules check the backend and save_input (ParallelModule)
-    kwargs = dict(backend=backend, check_finite=check_finite, save_input=save_input, ring=ring)
+    kwargs = dict(
+        backend=backend, check_finite=check_finite, check_inputs=check_inputs, save_input=save_input, ring=ring
+    )
     if isinstance(module, reference.TransformerBlock):
         return ParallelBlock.from_dense(module, strategy, group, **kwargs)
     attn_cls, ffn_cls = spec.modules()

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..comm.groups import group_size, resolve_group
+from ..comm.verdict import agree, attempt
 from ..config import TransformerConfig
 from ..layout import dense_shapes, has_bias
 from ..strategies import registry
@@ -73,6 +75,13 @@ _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _NO_CACHE = (
     "parallelize_llama models have no KV cache: they run causal attention over the whole (global) sequence "
     "in one call; use them for training and full-sequence scoring, not generate()"
+)
+_NO_GENERATE = (
+    "generate() is not supported on a parallelize_llama model: its layers keep no KV cache, and generate() "
+    "feeds the whole growing sequence to every rank at every step, while a sequence-split model takes each "
+    "rank's shard and holds the next-token logits on the last rank only. Generate with the unsplit model: "
+    "odysseus.integrations.hf.save_pretrained(model, path) on every rank, then "
+    "LlamaForCausalLM.from_pretrained(path) on one device"
 )
 
 
@@ -177,27 +186,44 @@ def _check_attention_mask(mask) -> None:
         )
 
 
-def _model_call_hook(module: nn.Module, config):
-    """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore."""
+def _check_call(mod: nn.Module, given: dict, config) -> None:
+    """Raise ``ValueError`` for a call of the layers' owner (``LlamaModel``) that the layers would ignore."""
+    for key in _CACHE_ARGS:
+        if given.get(key) is not None:
+            raise ValueError(f"{key} was passed; {_NO_CACHE}")
+    if given.get("use_cache"):
+        raise ValueError(f"use_cache={given['use_cache']!r}; expected False or None: {_NO_CACHE}")
+    for key in _VARLEN_ARGS:
+        if given.get(key) is not None:
+            raise ValueError(
+                f"{key} was passed; parallelize_llama models find packed documents from position_ids alone "
+                "(a position 0 starts one), so pass position_ids (this rank's shard of them) and no varlen "
+                "arguments (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=False))"
+            )
+    _check_attention_mask(given.get("attention_mask"))
+    for flag in ("output_attentions", "output_hidden_states"):
+        if given.get(flag) or (given.get(flag) is None and getattr(config, flag, False)):
+            raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
+    if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
+        raise ValueError(
+            "activation (gradient) checkpointing is enabled on the model but the odysseus layers do not "
+            "checkpoint; disable it (model.activation_checkpointing_disable())"
+        )
+
+
+def _model_call_hook(module: nn.Module, config, pg):
+    """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore,
+    on every rank at once (a padding mask on one rank must not leave the others waiting in the layers)."""
     names = _positional_names(module)
 
+    @torch.compiler.disable  # a host-side exchange of the verdict
     def hook(mod, args, kwargs):
         given = {**dict(zip(names, args)), **kwargs}
-        for key in _CACHE_ARGS:
-            if given.get(key) is not None:
-                raise ValueError(f"{key} was passed; {_NO_CACHE}")
-        if given.get("use_cache"):
-            raise ValueError(f"use_cache={given['use_cache']!r}; expected False or None: {_NO_CACHE}")
+        _, error = attempt(lambda: _check_call(mod, given, config))
+        agree(error, pg, type(mod).__name__)
         if "use_cache" in names and names.index("use_cache") >= len(args):
             # The config's default (use_cache=True for Llama) would make LlamaModel build a cache for nothing.
             kwargs = {**kwargs, "use_cache": False}
-        for key in _VARLEN_ARGS:
-            if given.get(key) is not None:
-                raise ValueError(
-                    f"{key} was passed; parallelize_llama models find packed documents from position_ids alone "
-                    "(a position 0 starts one), so pass position_ids (this rank's shard of them) and no varlen "
-                    "arguments (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=False))"
-                )
         if given.get("position_ids") is not None:
             # The layers take the positions in the input's layout and gather the whole sequence's themselves.
             # The HF model gets none, so it builds no rotary table or packed-sequence mask for the shard.
@@ -207,18 +233,13 @@ def _model_call_hook(module: nn.Module, config):
                 args = (*args[:at], None, *args[at + 1 :])
             else:
                 kwargs["position_ids"] = None
-        _check_attention_mask(given.get("attention_mask"))
-        for flag in ("output_attentions", "output_hidden_states"):
-            if given.get(flag) or (given.get(flag) is None and getattr(config, flag, False)):
-                raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
-        if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
-            raise ValueError(
-                "activation (gradient) checkpointing is enabled on the model but the odysseus layers do not "
-                "checkpoint; disable it (model.activation_checkpointing_disable())"
-            )
         return args, kwargs
 
     return hook
+
+
+def _no_generate(self, *args, **kwargs):
+    raise ValueError(_NO_GENERATE)
 
 
 def _labels_hook(module: nn.Module, strategy: str, world: int):
@@ -245,14 +266,24 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, ""
 
 
-def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str = "auto") -> nn.Module:
+def parallelize_llama(
+    model: nn.Module,
+    strategy: str,
+    group=None,
+    backend: str = "auto",
+    *,
+    check_inputs: bool = False,
+    save_input: str = "gathered",
+) -> nn.Module:
     """Split every decoder layer of ``model`` over ``group`` with ``strategy``, in place; returns ``model``.
 
     ``model``: a ``transformers`` ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, their base
     models, or any module built from their decoder layers (:data:`DECODER_LAYERS`), with its weights
     (pretrained or fresh) on any device and dtype; the layers keep them. ``strategy``: one of
     :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
-    ``backend``: see :func:`odysseus.parallelize`. Collective: call on every rank with the same weights.
+    ``backend`` and ``save_input``: see :func:`odysseus.parallelize`. ``check_inputs=True`` makes every layer
+    compare the ranks' inputs (see :func:`odysseus.parallelize`): the full ``input_ids`` fed to every rank of a
+    sequence-split model then raises on every rank. Collective: call on every rank with the same weights.
 
     Afterwards feed ``input_ids: (batch, seq)`` for ``"tp"`` and their :func:`odysseus.shard_sequence` shard
     ``(batch, seq_local)`` otherwise, and ``position_ids`` (packed sequences) in the same layout; outputs
@@ -260,6 +291,9 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
     mask, flash-attention varlen arguments, ``output_attentions`` or ``output_hidden_states`` raise
     ``ValueError``, as does ``labels`` for a sequence-split strategy on more than one rank (use
     :func:`causal_lm_loss`), and a forward whose sequence is longer than a layer's sliding window.
+    ``model.generate`` raises ``ValueError`` with the reason; HF's ``model.save_pretrained`` raises unless
+    given ``state_dict=hf_state_dict(model)`` (use :func:`save_pretrained`), as it would write this rank's
+    shards. ``copy.deepcopy(model)`` shares the group.
     """
     spec = registry.get(strategy)
     pg = resolve_group(group)
@@ -298,18 +332,23 @@ def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str 
                 f"{sorted(_layer_keys(config))}"
             )
         parent_name, _, child = name.rpartition(".")
-        new = ParallelLlamaDecoderLayer(config, strategy, pg, weights=weights, backend=backend)
+        new = ParallelLlamaDecoderLayer(
+            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input
+        )
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)
         owners[owner_name] = owner
     for owner in owners.values():
-        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config), with_kwargs=True)
+        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config, pg), with_kwargs=True)
     world = group_size(pg)
     if spec.sequence_split and world > 1 and "labels" in inspect.signature(model.forward).parameters:
         model.register_forward_pre_hook(_labels_hook(model, strategy, world), with_kwargs=True)
+    if callable(getattr(model, "generate", None)):
+        model.generate = types.MethodType(_no_generate, model)  # an instance attribute: copies rebind it
+    guard_save_pretrained(model)
     return model
 
 
 # The loss and the checkpoint helpers live beside this module; they are part of this module's interface.
-from .hf_state import finalize_model_grads, hf_state_dict, save_pretrained  # noqa: E402
+from .hf_state import finalize_model_grads, guard_save_pretrained, hf_state_dict, save_pretrained  # noqa: E402
 from .loss import causal_lm_loss, global_loss, shift_labels_for_shard  # noqa: E402

@@ -8,7 +8,7 @@ from torch import nn
 from .. import reference
 from ..validation import check_input
 from . import registry
-from .module import ParamSpec
+from .module import ParamSpec, deepcopy_sharing_group, track
 
 
 class ParallelBlock(nn.Module):
@@ -50,6 +50,11 @@ class ParallelBlock(nn.Module):
                     norm.weight.copy_(weights[f"{name}.weight"])
             self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
         self.pg = self.self_attn.pg
+        track(self)
+
+    def __deepcopy__(self, memo: dict) -> ParallelBlock:
+        """A copy with its own weights on the same process group (an EMA model, say)."""
+        return deepcopy_sharing_group(self, memo)
 
     @classmethod
     def from_dense(cls, block: reference.TransformerBlock, strategy: str, group=None, **kwargs) -> ParallelBlock:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,33 @@ class ParamSpec:
     sync: str = "none"
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every parallel module and block alive in this process
+
+
+def track(module: nn.Module) -> None:
+    """Remember a module holding ``param_specs`` and ``pg``, so a bare list of parameters can be classified."""
+    _LIVE.add(module)
+
+
+def live_specs() -> Iterator[tuple[nn.Module, str, ParamSpec]]:
+    """(module, parameter name, spec) of every live parallel module (see :func:`track`)."""
+    for m in list(_LIVE):
+        for name, spec in getattr(m, "param_specs", {}).items():
+            yield m, name, spec
+
+
+def deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a module that holds a process group: everything is copied but the group, which the
+    copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks)."""
+    if module.pg is not None:
+        memo.setdefault(id(module.pg), module.pg)
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__dict__, memo))
+    track(new)
+    return new
+
+
 class ParallelModule(nn.Module):
     """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
 
@@ -41,6 +70,9 @@ class ParallelModule(nn.Module):
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
     where the module exchanges lengths anyway). ``save_input`` (``"gathered"`` or ``"shard"``) and ``ring``
     choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
+    ``check_inputs=True`` makes every forward compare a fingerprint of the ranks' inputs, so that the whole
+    sequence fed to every rank of a sequence-split module (or shards fed to a TP one) raises on every rank
+    (it synchronises the host with the device).
     """
 
     def __init__(
@@ -55,6 +87,7 @@ class ParallelModule(nn.Module):
         check_finite: bool = False,
         save_input: str = "gathered",
         ring: Ring | None = None,
+        check_inputs: bool = False,
         device=None,
         dtype=None,
     ):
@@ -65,12 +98,18 @@ class ParallelModule(nn.Module):
         self.pg = resolve_group(group)
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
-        self.check_finite = check_finite
+        self.check_finite, self.check_inputs = check_finite, check_inputs
         self.save_input, self.ring = check_save_input(save_input), ring or DEFAULT_RING
         self.param_specs: dict[str, ParamSpec] = {}
-        self._weights, self._seed, self._std = weights, seed, std
+        # A private copy of the mapping: add_linear takes each dense weight out once it is sliced, so no
+        # reference to the dense tensors outlives construction.
+        self._weights, self._seed, self._std = None if weights is None else dict(weights), seed, std
         self._device, self._dtype = device, dtype
         meta_group(self.pg)  # collective on first use: every rank builds its modules, so do it here
+        track(self)
+
+    def __deepcopy__(self, memo: dict) -> ParallelModule:
+        return deepcopy_sharing_group(self, memo)
 
     def add_linear(
         self, name: str, dim: int | None = None, ranges=(), sync: str = "none", row_bias_sync: str = "none"
@@ -103,10 +142,11 @@ class ParallelModule(nn.Module):
         if self._weights is None:
             weight = seeded_normal(name, shape, self._seed, self._std)
             return weight, weight.new_zeros(shape[0]) if biased else None
-        weight = self._weights.get(f"{name}.weight")
+        # Taken out of the private copy: no reference to the dense tensors outlives construction.
+        weight = self._weights.pop(f"{name}.weight", None)
         if weight is None:
-            raise ValueError(f"{name}.weight is missing from the weights (keys: {sorted(self._weights)})")
-        bias = self._weights.get(f"{name}.bias")
+            raise ValueError(f"{name}.weight is missing from the weights (keys left: {sorted(self._weights)})")
+        bias = self._weights.pop(f"{name}.bias", None)
         if biased != (bias is not None):
             flag = {"o_proj": "o_bias"}.get(name, "qkv_bias" if name[0] in "qkv" else "mlp_bias")
             raise ValueError(
