@@ -225,11 +225,11 @@ def _rs_setup(ctx, inputs, output):
 
 def _rs_backward(ctx, d_out):
     x, w = ctx.saved_tensors
-    sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
+    sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
     if save_input == "shard":
-        dx, dw = rs_backward_shard_op(d_out, x, w, sizes, group_name, backend, label, ring_tokens, ring_slots)
+        dx, dw = rs_backward_shard_op(d_out, x, w, sizes, rank, group_name, backend, label, ring_tokens, ring_slots)
     else:
-        dx, d_full = ag_matmul_op(d_out, w.t(), sizes, group_name, backend, label, "gathered", 0, ring_slots)
+        dx, d_full = ag_matmul_op(d_out, w.t(), *ctx.args)
         dw = _weight_grad(x, d_full) if ctx.needs_input_grad[1] else None
     return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, *[None] * 8)
 
