@@ -72,7 +72,8 @@ class ParallelModule(nn.Module):
     choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
     ``check_inputs=True`` makes every forward compare a fingerprint of the ranks' inputs, so that the whole
     sequence fed to every rank of a sequence-split module (or shards fed to a TP one) raises on every rank
-    (it synchronises the host with the device).
+    (it synchronises the host with the device). ``ffn_tile``: the FFNs run that many tokens per rank at a
+    time, recomputing each tile in backward (:mod:`odysseus.strategies.ffn`); attention modules ignore it.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class ParallelModule(nn.Module):
         save_input: str = "gathered",
         ring: Ring | None = None,
         check_inputs: bool = False,
+        ffn_tile: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -100,6 +102,9 @@ class ParallelModule(nn.Module):
         self.backend = check_backend(backend)
         self.check_finite, self.check_inputs = check_finite, check_inputs
         self.save_input, self.ring = check_save_input(save_input), ring or DEFAULT_RING
+        if ffn_tile is not None and ffn_tile < 1:
+            raise ValueError(f"ffn_tile={ffn_tile} must be a positive number of tokens (or None: no tiling)")
+        self.ffn_tile = ffn_tile
         self.param_specs: dict[str, ParamSpec] = {}
         # A private copy of the mapping: add_linear takes each dense weight out once it is sliced, so no
         # reference to the dense tensors outlives construction.

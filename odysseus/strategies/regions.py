@@ -26,7 +26,7 @@ from .. import comm
 from ..comm import exchange_lengths
 from ..comm.groups import fingerprint
 from ..comm.verdict import attempt
-from ..layout import offsets
+from ..layout import offsets, shard_sizes
 from ..overlap import ag_matmul, matmul_rs
 from ..validation import check_not_in_ddp, normalize_position_ids
 
@@ -58,6 +58,18 @@ class Span:
     def positions(self, position_ids: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Positions ``(batch or 1, L)`` of the whole sequence; given ones follow the input's layout."""
         return self.region.positions(self, position_ids, batch, device)
+
+    def tiles(self, tokens: int) -> list[tuple[Span, int, int]]:
+        """This call cut into tiles of about ``tokens`` tokens per rank, for token-wise work (an FFN):
+        ``(span of the tile, first, end)`` with ``[first, end)`` this rank's rows of the tile.
+
+        Every rank's rows are cut into the same number of pieces (:func:`odysseus.layout.shard_sizes`), so
+        the ranks run the tiles' collectives in step; a tile holds the pieces of the same index.
+        """
+        count = max(1, min(-(-max(self.sizes) // tokens), min(self.sizes)))  # no rank gets an empty piece
+        pieces = [shard_sizes(n, count) for n in self.sizes]
+        mine = offsets(pieces[self.region.rank])
+        return [(Span(self.region, [p[t] for p in pieces]), mine[t], mine[t + 1]) for t in range(count)]
 
 
 class Region:
