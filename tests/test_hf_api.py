@@ -72,7 +72,7 @@ def test_bad_models_and_arguments_are_refused():
         parallelize_llama(model, "tp")
     checkpointed = tiny_llama()
     checkpointed.activation_checkpointing_enable()
-    with pytest.raises(ValueError, match="activation_checkpointing_disable"):
+    with pytest.raises(ValueError, match=r"activation_checkpointing_disable\(\)\) and pass checkpoint=True"):
         parallelize_llama(checkpointed, "tp")
 
 

@@ -117,3 +117,22 @@ def test_bad_options_name_what_they_need():
         odysseus.parallelize(make_block().mlp, "odysseus", checkpoint=True)
     with pytest.raises(ValueError, match="ffn_tile=0 must be a positive number of tokens"):
         odysseus.parallelize(make_block(), "odysseus", ffn_tile=0)
+
+
+def _ffn_saved(rank, world, strategy, tile):
+    par = odysseus.parallelize(make_block(torch.float32, **ODD).mlp, strategy, backend="pipelined", ffn_tile=tile)
+    x = shard_sequence(torch.randn(2, 61, 96, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    with SavedActivations(par) as saved:
+        y = par(x)
+    y.sum().backward()
+    return saved.peak_bytes, x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("strategy", ["tp-sp", "odysseus"])
+def test_tiled_ffn_keeps_only_its_input(strategy):
+    """Tiled, the FFN keeps its input for backward and recomputes each tile; untiled it keeps the
+    (tokens, intermediate) activations, several times the input."""
+    for saved, input_bytes in run_ranks(3, _ffn_saved, strategy, 4):
+        assert saved == input_bytes, (saved, input_bytes)
+    for saved, input_bytes in run_ranks(3, _ffn_saved, strategy, None):
+        assert saved > 2 * input_bytes, (saved, input_bytes)

@@ -51,6 +51,8 @@ __all__ = [
     "finalize_model_grads",
     "global_loss",
     "hf_state_dict",
+    "lm_head_loss",
+    "model_loss",
     "parallelize_llama",
     "save_pretrained",
     "shift_labels_for_shard",
@@ -206,8 +208,9 @@ def _check_call(mod: nn.Module, given: dict, config) -> None:
             raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
     if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
         raise ValueError(
-            "activation (gradient) checkpointing is enabled on the model but the odysseus layers do not "
-            "checkpoint; disable it (model.activation_checkpointing_disable())"
+            "Hugging Face gradient checkpointing is enabled on the model, but it does not reach the odysseus "
+            "layers; disable it (model.activation_checkpointing_disable()) and pass checkpoint=True to "
+            "parallelize_llama"
         )
 
 
@@ -274,6 +277,9 @@ def parallelize_llama(
     *,
     check_inputs: bool = False,
     save_input: str = "gathered",
+    checkpoint: bool = False,
+    offload: bool = False,
+    ffn_tile: int | None = None,
 ) -> nn.Module:
     """Split every decoder layer of ``model`` over ``group`` with ``strategy``, in place; returns ``model``.
 
@@ -281,9 +287,11 @@ def parallelize_llama(
     models, or any module built from their decoder layers (:data:`DECODER_LAYERS`), with its weights
     (pretrained or fresh) on any device and dtype; the layers keep them. ``strategy``: one of
     :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
-    ``backend`` and ``save_input``: see :func:`odysseus.parallelize`. ``check_inputs=True`` makes every layer
-    compare the ranks' inputs (see :func:`odysseus.parallelize`): the full ``input_ids`` fed to every rank of a
-    sequence-split model then raises on every rank. Collective: call on every rank with the same weights.
+    ``backend``, ``save_input``, ``checkpoint`` (each layer keeps only its input and recomputes the rest in
+    backward), ``offload`` (those inputs wait in host memory) and ``ffn_tile``: see :func:`odysseus.parallelize`.
+    ``check_inputs=True`` makes every layer compare the ranks' inputs (see :func:`odysseus.parallelize`): the
+    full ``input_ids`` fed to every rank of a sequence-split model then raises on every rank. Collective: call
+    on every rank with the same weights.
 
     Afterwards feed ``input_ids: (batch, seq)`` for ``"tp"`` and their :func:`odysseus.shard_sequence` shard
     ``(batch, seq_local)`` otherwise, and ``position_ids`` (packed sequences) in the same layout; outputs
@@ -318,8 +326,8 @@ def parallelize_llama(
     check_llama_config(hf_config)
     if any(m.gradient_checkpointing for _, m in found):
         raise ValueError(
-            "activation (gradient) checkpointing is enabled but the odysseus layers do not checkpoint; disable it "
-            "first (model.activation_checkpointing_disable())"
+            "Hugging Face gradient checkpointing is enabled, but it does not reach the odysseus layers; disable it "
+            "(model.activation_checkpointing_disable()) and pass checkpoint=True to parallelize_llama"
         )
 
     owners = {}
@@ -333,8 +341,9 @@ def parallelize_llama(
             )
         parent_name, _, child = name.rpartition(".")
         new = ParallelLlamaDecoderLayer(
-            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input
-        )
+            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input,
+            checkpoint=checkpoint, offload=offload, ffn_tile=ffn_tile,
+        )  # fmt: skip
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)
         owners[owner_name] = owner
@@ -351,4 +360,4 @@ def parallelize_llama(
 
 # The loss and the checkpoint helpers live beside this module; they are part of this module's interface.
 from .hf_state import finalize_model_grads, guard_save_pretrained, hf_state_dict, save_pretrained  # noqa: E402
-from .loss import causal_lm_loss, global_loss, shift_labels_for_shard  # noqa: E402
+from .loss import causal_lm_loss, global_loss, lm_head_loss, model_loss, shift_labels_for_shard  # noqa: E402
