@@ -85,3 +85,19 @@ def assert_low_precision_within(ours: Run, base: Run, truth: Run, what: str, fac
             f"{what} {k}: error {e_ours[k]:.2e} vs reference {e_base[k]:.2e}"
         )
     return {k: (e_ours[k], e_base[k]) for k in e_base}
+
+
+def local_input(strategy: str, x: torch.Tensor, group=None) -> torch.Tensor:
+    """What a rank feeds a ``strategy`` model: its shard of ``x`` where the sequence is split, else ``x``."""
+    from odysseus import shard_sequence
+    from odysseus.strategies import registry
+
+    return shard_sequence(x, group) if registry.get(strategy).sequence_split else x
+
+
+def whole_output(strategy: str, y: torch.Tensor, group=None) -> torch.Tensor:
+    """The whole sequence of a ``strategy`` model's output ``y``: gathered where the sequence is split."""
+    from odysseus import gather_sequence
+    from odysseus.strategies import registry
+
+    return gather_sequence(y, group) if registry.get(strategy).sequence_split else y

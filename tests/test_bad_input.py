@@ -5,7 +5,7 @@ Each row runs on ranks (gloo, forked) at a world size from 1 to 4 and checks the
 
 import pytest
 import torch
-from helpers import ODD, STRATEGY_BACKENDS, assert_close, make_block
+from helpers import ODD, STRATEGY_BACKENDS, assert_close, local_input, make_block
 from multirank import run_ranks
 
 import odysseus
@@ -16,7 +16,7 @@ CFG = TransformerConfig(**ODD)
 
 def _seq_input(strategy, world_input=None, L=61, dtype=torch.float32):
     x = torch.randn(2, L, 96, dtype=dtype)
-    return x if strategy == "tp" else shard_sequence(x)
+    return local_input(strategy, x)
 
 
 def wrong_rank(strategy):
@@ -156,7 +156,7 @@ def _non_contiguous(rank, world, strategy, backend):
     """A non-contiguous input gives what its contiguous copy gives, up to fp32 rounding of other GEMM paths."""
     par = odysseus.parallelize(make_block(), strategy, backend=backend)
     base = torch.randn(96, 61, 2).permute(2, 1, 0)  # (2, 61, 96), not contiguous
-    x = base if strategy == "tp" else shard_sequence(base)
+    x = local_input(strategy, base)
     x = x if x.is_contiguous() is False else x.transpose(0, 1).contiguous().transpose(0, 1)
     assert not x.is_contiguous()
     assert_close(par(x), par(x.contiguous()), 1e-6, 1e-6, f"{strategy} non-contiguous", scaled=True)

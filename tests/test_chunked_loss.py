@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, local_input
 from multirank import run_ranks
 from test_hf_numerics import TOL, batch, tiny_llama
 
@@ -148,7 +148,7 @@ def _model_loss(rank, world, strategy, chunk, tie):
     ids, labels = batch()
     out = ref(ids, labels=labels)
     out.loss.backward()
-    x = ids if strategy == "tp" else shard_sequence(ids)
+    x = local_input(strategy, ids)
     loss = model_loss(model, x, labels, chunk=chunk, impl="chunked")
     loss.backward()
     finalize_model_grads(model)

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, local_input
 from multirank import RankError, run_ranks
 from test_hf_numerics import TOL, batch, tiny_llama
 from torch import nn
@@ -182,7 +182,7 @@ def test_sequence_split_labels_and_misaligned_logits_are_refused():
 def _ledger(rank, world, strategy):
     model = parallelize_llama(tiny_llama(), strategy)
     ids, labels = batch()
-    causal_lm_loss(model(ids if strategy == "tp" else shard_sequence(ids)).logits, labels).backward()
+    causal_lm_loss(model(local_input(strategy, ids)).logits, labels).backward()
     with CommLedger() as ledger:
         finalize_model_grads(model)
     return [(r.op, r.phase, r.category, r.bytes_received) for r in ledger.select(label="model grads")]

@@ -9,14 +9,15 @@ at worlds 1-4 for every strategy, and the checkpoint it writes back.
 """
 
 import copy
+import functools
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, local_input, whole_output
 from multirank import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from odysseus import STRATEGIES, gather_sequence, shard_sequence
+from odysseus import STRATEGIES
 from odysseus.integrations.hf import (
     causal_lm_loss,
     check_llama_config,
@@ -98,13 +99,13 @@ def check_parity(ref, model, strategy, ids, labels, position_ids=None, truth=Non
         out = ref(ids, labels=labels, position_ids=position_ids, use_cache=False)
         out.loss.backward()
         truth = out.logits.detach(), out.loss.detach()
-    split = (lambda t: t) if strategy == "tp" else shard_sequence
+    split = functools.partial(local_input, strategy)
     kwargs = {} if position_ids is None else {"position_ids": split(position_ids)}
     logits = model(split(ids), **kwargs).logits
     loss = causal_lm_loss(logits, labels)
     loss.backward()
     finalize_model_grads(model)
-    full = logits.detach() if strategy == "tp" else gather_sequence(logits.detach())
+    full = whole_output(strategy, logits.detach())
     assert_close(full, truth[0], **TOL, what=f"{strategy} logits")
     assert_close(global_loss(loss, model), truth[1], **TOL, what=f"{strategy} loss")
     grads = hf_state_dict(model, grad=True)
@@ -157,7 +158,7 @@ def _window(rank, world, strategy, family, window):
     model = parallelize_llama(build(family_config(family, **overrides)), strategy)
     ids, _ = batch()
     try:
-        model(ids if strategy == "tp" else shard_sequence(ids))
+        model(local_input(strategy, ids))
     except ValueError as e:
         return str(e)
     return "ran"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, assert_close, local_input, make_block, whole_output
 from multirank import run_ranks
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -70,12 +70,12 @@ def _parity(rank, world, strategy, tie, group_kind):
     out_ref = ref(ids, labels=labels)
     out_ref.loss.backward()
 
-    logits = model(ids if strategy == "tp" else shard_sequence(ids)).logits
+    logits = model(local_input(strategy, ids)).logits
     loss = causal_lm_loss(logits, labels)
     loss.backward()
     finalize_model_grads(model)
 
-    full = logits.detach() if strategy == "tp" else gather_sequence(logits.detach())
+    full = whole_output(strategy, logits.detach())
     assert_close(full, out_ref.logits, **TOL, what=f"{strategy} logits")
     assert_close(global_loss(loss, model), out_ref.loss, **TOL, what=f"{strategy} loss")
     grads = hf_state_dict(model, grad=True)
@@ -198,11 +198,11 @@ def _bf16(rank, world, strategy):
         out.loss.backward()
         runs[dtype] = {"logits": out.logits.detach(), **{n: p.grad for n, p in hf.named_parameters()}}
     model = parallelize_llama(tiny_llama().to(torch.bfloat16), strategy)
-    logits = model(ids if strategy == "tp" else shard_sequence(ids)).logits
+    logits = model(local_input(strategy, ids)).logits
     loss = causal_lm_loss(logits, labels)
     loss.backward()
     finalize_model_grads(model)
-    ours = {"logits": logits.detach() if strategy == "tp" else gather_sequence(logits.detach())}
+    ours = {"logits": whole_output(strategy, logits.detach())}
     ours.update(hf_state_dict(model, grad=True))
     assert set(ours) == set(runs[torch.float64])
     # The loss is computed in fp32 from the logits (as transformers does): given our logits, the global

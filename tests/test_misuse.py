@@ -6,7 +6,7 @@ timeout is short, so a rank left waiting fails the test in seconds instead of ha
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import EVEN, ODD, assert_close, make_block
+from helpers import EVEN, ODD, assert_close, local_input, make_block
 from multirank import run_ranks
 from test_hf_numerics import batch, tiny_llama
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -40,7 +40,7 @@ def _ddp_same_group(rank, world, strategy):
     par = odysseus.parallelize(make_block(**EVEN), strategy)
     model = DDP(par)
     x = _x(64, 64)
-    return _expect(ValueError, "2-D DeviceMesh", lambda: model(x if strategy == "tp" else shard_sequence(x)))
+    return _expect(ValueError, "2-D DeviceMesh", lambda: model(local_input(strategy, x)))
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -70,7 +70,7 @@ def _ddp_on_a_2d_mesh(rank, world, strategy):
     model = DDP(par, process_group=mesh["dp"].get_group())
     sp = mesh["sp"].get_group()
     x, gy = _x(61), _x(61, seed=1)  # both data-parallel replicas see the same batch: DDP's mean is the sum
-    split = strategy != "tp"
+    split = registry.get(strategy).sequence_split
     y = model(shard_sequence(x, sp) if split else x)
     (y * (shard_sequence(gy, sp) if split else gy)).sum().backward()
     odysseus.finalize_grads(par)
@@ -154,7 +154,7 @@ def test_uneven_shards_fed_to_tp_raise_on_every_rank(world):
 def _mask_on_one_rank(rank, world, strategy):
     model = parallelize_llama(tiny_llama(), strategy)
     ids, _ = batch()
-    local = ids if strategy == "tp" else shard_sequence(ids)
+    local = local_input(strategy, ids)
     mask = torch.ones_like(local)
     if rank == world - 1:
         mask[0, -3:] = 0  # right padding on the last rank only
@@ -185,7 +185,7 @@ def test_position_ids_wrong_on_some_ranks_raise_on_every_rank(strategy, world):
 
 def _nan_on_one_rank(rank, world, strategy):
     par = odysseus.parallelize(make_block(), strategy, check_finite=True)
-    x = _x() if strategy == "tp" else shard_sequence(_x())
+    x = local_input(strategy, _x())
     if rank == 1:
         x[0, 0, 0] = float("nan")
     return _expect(ValueError, "holds NaN or Inf on rank 1", lambda: par(x))
@@ -203,7 +203,7 @@ def _exchanges(rank, world):
     counts = {}
     for strategy in STRATEGIES:
         par = odysseus.parallelize(make_block(), strategy)
-        x = _x() if strategy == "tp" else shard_sequence(_x())
+        x = local_input(strategy, _x())
         with odysseus.CommLedger() as ledger:
             par(x)
         counts[strategy] = len(ledger.select(category="metadata", label="lengths"))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, assert_close, local_input, make_block
 from multirank import run_ranks
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
@@ -292,7 +292,7 @@ def _window(rank, world, strategy, window):
     par = odysseus.parallelize(ref, strategy)
     x = torch.randn(2, 61, 96)
     try:  # the parallel module alone first: every rank must refuse, none may hang
-        par(x if strategy == "tp" else shard_sequence(x))
+        par(local_input(strategy, x))
     except ValueError as e:
         return str(e)
     check_same(*run_both(ref, par, strategy), f"{strategy} window {window}")

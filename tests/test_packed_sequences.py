@@ -8,11 +8,12 @@ against transformers' own packed forward; FlexAttention's document mask against 
 """
 
 import copy
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, assert_close, local_input, make_block, whole_output
 from multirank import run_ranks
 from test_hf_models import build, family_config
 from transformers import LlamaConfig, LlamaModel
@@ -165,12 +166,12 @@ def _hf(rank, world, family):
     assert_close(hf_packed, truth[0], **TOL, what="transformers' packed forward vs per document")
     for strategy in STRATEGIES:
         model = parallelize_llama(copy.deepcopy(ref), strategy)
-        split = (lambda t: t) if strategy == "tp" else shard_sequence
+        split = functools.partial(local_input, strategy)
         logits = model(split(ids), position_ids=split(pos)).logits
         loss = causal_lm_loss(logits, labels)
         loss.backward()
         finalize_model_grads(model)
-        full = logits.detach() if strategy == "tp" else gather_sequence(logits.detach())
+        full = whole_output(strategy, logits.detach())
         what = f"{family} {strategy} at world {world}"
         assert_close(full, truth[0], **TOL, what=f"{what}: logits")
         assert_close(global_loss(loss, model), truth[1], **TOL, what=f"{what}: loss")

@@ -24,7 +24,7 @@ def snippets(section: str = SECTION) -> list[str]:
 
 def test_section_has_the_three_ways_in_packing_and_a_training_step():
     blocks = snippets()
-    assert len(blocks) == 5, f"expected 5 python snippets, found {len(blocks)}"
+    assert len(blocks) == 6, f"expected 6 python snippets, found {len(blocks)}"
     assert "from_dense" in blocks[0] and "odysseus.parallelize(" in blocks[1] and "parallelize_llama" in blocks[2]
     assert any("position_ids=" in b for b in blocks[3:]), "no packed-sequence snippet"
     assert any("clip_grad_norm_" in b and "torch.autocast" in b for b in blocks[3:]), "no training-step snippet"

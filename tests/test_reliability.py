@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from helpers import STRATEGY_BACKENDS, assert_runs_close, make_block, run_parallel, run_reference
+from helpers import STRATEGY_BACKENDS, assert_runs_close, local_input, make_block, run_parallel, run_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from multirank import run_ranks
@@ -54,7 +54,7 @@ def _one_step(strategy, backend):
     par = odysseus.parallelize(make_block(), strategy, backend=backend)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 61, 96, generator=g).requires_grad_()
-    xin = x if strategy == "tp" else shard_sequence(x)
+    xin = local_input(strategy, x)
     y = par(xin)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     finalize_grads(par)

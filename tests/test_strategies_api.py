@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, assert_close, local_input, make_block
 from multirank import run_ranks
 from torch import nn
 
 import odysseus
-from odysseus import STRATEGIES, ParallelBlock, TransformerConfig, dense_state_dict, shard_sequence
+from odysseus import STRATEGIES, ParallelBlock, TransformerConfig, dense_state_dict
 from odysseus.reference import FFN, Attention, TransformerBlock, init_weights
 
 CFG = TransformerConfig(**ODD)
@@ -47,7 +47,7 @@ def _mesh(rank, world, strategy):
     x = torch.randn(2, 61, 96, generator=torch.Generator().manual_seed(0))
     a = odysseus.parallelize(ref, strategy, group=mesh)
     b = odysseus.parallelize(ref, strategy)
-    xin = x if strategy == "tp" else shard_sequence(x, mesh)
+    xin = local_input(strategy, x, mesh)
     assert_close(a(xin), b(xin), 0, 0, f"{strategy}: DeviceMesh vs default group")
     with pytest.raises(ValueError, match="expected a 1-D DeviceMesh, got one with 2 dims"):
         odysseus.parallelize(ref, strategy, group=init_device_mesh("cpu", (1, world)))

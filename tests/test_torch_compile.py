@@ -10,17 +10,18 @@ import os
 
 import pytest
 import torch
-from helpers import ODD, assert_close, make_block
+from helpers import ODD, assert_close, local_input, make_block
 from multirank import run_ranks
 
 import odysseus
 from odysseus import STRATEGIES, finalize_grads, shard_sequence
+from odysseus.strategies import registry
 
 BACKEND = os.environ.get("ODYSSEUS_COMPILE_BACKEND", "aot_eager")
 
 
 def _step(block, strategy, x, gy):
-    split = strategy != "tp"
+    split = registry.get(strategy).sequence_split
     xi = (shard_sequence(x) if split else x).detach().requires_grad_()
     y = block(xi)
     (y * (shard_sequence(gy) if split else gy)).sum().backward()
@@ -74,7 +75,7 @@ def _compiled_llama_layers(rank, world, strategy, backend):
     ids, labels = batch()
     out = {}
     for name, model in (("eager", eager), ("compiled", compiled)):
-        logits = model(ids if strategy == "tp" else shard_sequence(ids)).logits
+        logits = model(local_input(strategy, ids)).logits
         causal_lm_loss(logits, labels).backward()
         finalize_model_grads(model)
         out[name] = logits.detach(), hf_state_dict(model, grad=True)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, make_block
+from helpers import assert_close, local_input, make_block, whole_output
 from multirank import run_ranks
 from test_hf_numerics import batch, tiny_llama
 
@@ -77,7 +77,7 @@ def _clip_llama(rank, world, strategy, zero3):
         ref(ids, labels=labels).loss.backward()
         expected = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
         opt.zero_grad()
-        causal_lm_loss(model(ids if strategy == "tp" else shard_sequence(ids)).logits, labels).backward()
+        causal_lm_loss(model(local_input(strategy, ids)).logits, labels).backward()
         finalize_model_grads(model)
         got = odysseus.clip_grad_norm_(model, 1.0)
         assert expected > 1.0, f"the norm {expected} would not be clipped"
@@ -165,12 +165,12 @@ def _autocast_llama(rank, world, strategy):
     ids, labels = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_ref = ref(ids, labels=labels)
-        logits = model(ids if strategy == "tp" else shard_sequence(ids)).logits
+        logits = model(local_input(strategy, ids)).logits
         loss = causal_lm_loss(logits, labels)
     out_ref.loss.backward()
     loss.backward()
     finalize_model_grads(model)
-    full = logits.detach() if strategy == "tp" else odysseus.gather_sequence(logits.detach())
+    full = whole_output(strategy, logits.detach())
     tol = dict(rtol=0.0, atol=AUTOCAST_TOL[torch.bfloat16], scaled=True)
     assert_close(full, out_ref.logits, **tol, what=f"{strategy} bf16 logits")
     grads = hf_state_dict(model, grad=True)
@@ -205,7 +205,7 @@ def _frozen(rank, world, strategy):
             o.zero_grad()
         ref(ids, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        causal_lm_loss(model(ids if strategy == "tp" else shard_sequence(ids)).logits, labels).backward()
+        causal_lm_loss(model(local_input(strategy, ids)).logits, labels).backward()
         finalize_model_grads(model)
         assert all(model.get_parameter(n).grad is None for n in FROZEN), "a frozen weight was given a gradient"
         odysseus.clip_grad_norm_(model, 1.0)

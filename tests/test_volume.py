@@ -5,11 +5,11 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers import EVEN, ODD, make_block
+from helpers import EVEN, ODD, local_input, make_block
 from multirank import run_ranks
 
 import odysseus
-from odysseus import STRATEGIES, CommLedger, finalize_grads, shard_sequence
+from odysseus import STRATEGIES, CommLedger, finalize_grads
 from odysseus.plan import Case, Collective, bytes_per_rank, expected_collectives
 
 # The overlap backends whose ledger is checked (symm through the CPU transport).
@@ -35,7 +35,7 @@ def _ledger(rank, world, strategy, shape, B, L, backend):
     ref = make_block(torch.float32, **shape)
     par = odysseus.parallelize(ref, strategy, backend=backend)
     x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    x = x if strategy == "tp" else shard_sequence(x)
+    x = local_input(strategy, x)
     x.requires_grad_()
     with CommLedger() as led:
         par(x).square().sum().backward()
