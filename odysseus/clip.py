@@ -105,7 +105,7 @@ def _norm(classified: list, p_norm: float) -> torch.Tensor:
                 with named_failures("clip_grad_norm_"):
                     dist.all_reduce(acc, op=op, group=pg)
                 moved = 2 * (world - 1) * acc.element_size()
-                record("all_reduce", moved, moved, world, "metadata", "grad norm")
+                record("all_reduce", moved, moved, world, "metadata", "grad norm", pg)
         total = torch.maximum(total, acc) if math.isinf(p_norm) else total + acc
     return total if math.isinf(p_norm) else total ** (1.0 / p_norm)
 

@@ -74,7 +74,7 @@ def check_not_in_ddp(pg, who: str) -> None:
             f"own sequence/tensor-parallel group {sorted(ours)}. DDP broadcast rank 0's weight shards to those "
             "ranks when it was built (their weights are now wrong) and would average gradients of different "
             "shards. For data parallelism across copies of the split model use a 2-D DeviceMesh: "
-            "mesh = init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp')); parallelize over mesh['sp'] "
-            "and wrap in DDP(model, process_group=mesh['dp'].get_group()). Without data parallelism drop DDP: "
-            "odysseus.finalize_grads (finalize_model_grads) syncs the gradients"
+            "mesh = init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp')), passed to parallelize "
+            "(parallelize_llama) instead of a group, and no DDP: odysseus.finalize_grads (finalize_model_grads) "
+            "then sums the gradients over 'sp' where needed and over 'dp'. Without data parallelism drop DDP too"
         )

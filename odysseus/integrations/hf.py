@@ -280,8 +280,8 @@ def parallelize_llama(
     ``model``: a ``transformers`` ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, their base
     models, or any module built from their decoder layers (:data:`DECODER_LAYERS`), with its weights
     (pretrained or fresh) on any device and dtype; the layers keep them. ``strategy``: one of
-    :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
-    ``backend`` and ``save_input``: see :func:`odysseus.parallelize`. ``check_inputs=True`` makes every layer
+    :data:`odysseus.STRATEGIES`. ``group``, ``backend``, ``save_input``: see :func:`odysseus.parallelize` (on a 2-D
+    (dp, sp) mesh :func:`finalize_model_grads` sums over dp). ``check_inputs=True`` makes every layer
     compare the ranks' inputs (see :func:`odysseus.parallelize`): the full ``input_ids`` fed to every rank of a
     sequence-split model then raises on every rank. Collective: call on every rank with the same weights.
 
@@ -333,7 +333,7 @@ def parallelize_llama(
             )
         parent_name, _, child = name.rpartition(".")
         new = ParallelLlamaDecoderLayer(
-            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input
+            config, strategy, group, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input
         )
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)

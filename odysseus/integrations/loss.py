@@ -1,4 +1,5 @@
-"""The next-token loss of a sequence-split model: labels shifted across shard boundaries, one global mean."""
+"""The next-token loss of a sequence-split model: labels shifted across shard boundaries, one global mean (over
+every data-parallel replica's batch on a 2-D mesh)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from torch import nn
 
 from ..comm import primitives
 from ..comm.groups import group_rank, group_size, resolve_group
+from ..comm.mesh import resolve_mesh
 from ..layout import offsets, shard_sizes
-from .hf import model_setup
+from .hf import layers, model_setup
 
 __all__ = ["causal_lm_loss", "global_loss", "shift_labels_for_shard"]
 
@@ -43,14 +45,20 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
 
     ``logits``: ``(batch, seq_local, vocab)`` from a sequence-split model, or ``(batch, seq, vocab)`` from a
     ``"tp"`` model (told apart by their length). ``labels: (batch, seq)``: the full labels (or ``input_ids``),
-    the same on every rank, ``ignore_index`` where no loss is wanted.
+    the same on every rank of the group, ``ignore_index`` where no loss is wanted. ``group``: the model's group
+    or 2-D mesh.
 
     Sequence-split: returns ``sum of this rank's token losses / number of target tokens in the whole batch``,
     so the sum over ranks is the mean loss of the unsplit model (what ``LlamaForCausalLM(labels=...)`` gives);
     call ``backward()`` on it on every rank. Full logits: returns that mean loss itself, identical on every
     rank. The count needs no communication, as every rank holds the full labels.
+
+    On a 2-D mesh each data-parallel replica brings its own batch and the count covers all of them (one
+    all-reduce of an int over ``dp``, so call it on every rank): the sum of the returned terms over every rank
+    of the mesh is the mean loss of the unsplit model on the replicas' batches concatenated.
     """
-    pg = resolve_group(group)
+    mesh = resolve_mesh(group)
+    pg = mesh.sp
     labels = labels.to(logits.device)
     world, L = group_size(pg), labels.shape[-1]
     if logits.dim() != 3 or logits.shape[0] != labels.shape[0]:
@@ -67,7 +75,10 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
                 f"logits hold {logits.shape[1]} tokens; with labels of {L} tokens over {world} ranks rank "
                 f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
             )
-    count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
+    count = (labels[:, 1:] != ignore_index).sum()
+    if mesh.data_parallel:
+        count = primitives.all_reduce(count, mesh.dp, category="metadata", label="token count")
+    count = count.clamp_min(1)
     # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
     return total / count
@@ -75,9 +86,13 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
 
 def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The global loss value for logging (detached): the sum of the ranks' ``loss`` for sequence-split
-    strategies, ``loss`` itself for ``"tp"``. Collective for sequence-split strategies."""
+    strategies, ``loss`` itself for ``"tp"``; on a 2-D mesh, summed over the data-parallel replicas too.
+    Collective for sequence-split strategies and on a 2-D mesh."""
     spec, pg = model_setup(model)
     value = loss.detach().clone()
-    if not spec.sequence_split:
-        return value
-    return primitives.all_reduce(value, pg, category="metadata", label="loss")
+    if spec.sequence_split:
+        value = primitives.all_reduce(value, pg, category="metadata", label="loss")
+    mesh = layers(model)[0].mesh
+    if mesh.data_parallel:
+        value = primitives.all_reduce(value, mesh.dp, category="metadata", label="loss")
+    return value
