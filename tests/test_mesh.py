@@ -213,6 +213,45 @@ def test_bad_meshes_are_refused_with_what_was_expected():
         assert len(errors) == 6, errors
 
 
+# --- auto: symm within a host, pipelined across hosts -------------------------------------------------------
+
+
+def _hosts(rank, world):
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from odysseus import overlap
+    from odysseus.overlap import symm
+
+    os.environ["ODYSSEUS_HOST"] = "node-a" if rank < 2 else "node-b"  # two "nodes" of two ranks
+    overlap.AUTO_SYMM_DEVICE_TYPES = ("cuda", "cpu")  # let auto consider symm on CPU (its stand-in)
+    calls = []
+    real = symm.transport_for
+    symm.transport_for = lambda device: calls.append(device) or real(device)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    cpu = torch.device("cpu")
+    chosen = {}
+    for dim in ("sp", "dp"):  # sp: {0, 1} and {2, 3}, one host each; dp: {0, 2} and {1, 3}, two hosts
+        before = len(calls)
+        chosen[dim] = [overlap.resolve_backend("auto", mesh.get_group(dim), cpu) for _ in range(2)]
+        chosen[dim + " probes"] = len(calls) - before
+    # A TP-SP block over the group that spans hosts runs (pipelined) and matches the dense block.
+    ref = make_block(**ODD)
+    par = odysseus.parallelize(ref, "tp-sp", mesh.get_group("dp"), backend="auto")
+    x = torch.randn(1, L, 96, generator=torch.Generator().manual_seed(0))
+    y = gather_sequence(par(shard_sequence(x, par.pg)).detach(), par.pg)
+    assert_close(y, ref(x).detach(), **TOL, what="tp-sp across hosts")
+    return chosen
+
+
+def test_auto_takes_symm_within_a_host_and_pipelined_across_hosts():
+    for rank, chosen in enumerate(run_ranks(4, _hosts, timeout=180)):
+        assert chosen["sp"] == ["symm", "symm"] and chosen["sp probes"] >= 1, (rank, chosen)
+        # Across hosts: decided from the host names alone, once; symmetric memory is never tried.
+        assert chosen["dp"] == ["pipelined", "pipelined"] and chosen["dp probes"] == 0, (rank, chosen)
+
+
 # --- a rank failing in one replica ---------------------------------------------------------------------------
 
 
