@@ -283,3 +283,27 @@ def test_a_failing_rank_in_one_replica_fails_every_rank_and_is_named(linger):
         assert kind == "peer" and failed == 3, (kind, failed, msg)
         assert "rank 3 failed first (RuntimeError: simulated failure on rank 3 mid-step)" in msg
         assert elapsed < 3 + 8, elapsed
+
+
+# --- examples/train_llama.py --dp --sp ----------------------------------------------------------------------
+
+
+def _train(rank, world, flags):
+    from test_train_example import _example
+
+    example = _example()
+    return example.train(example.parse_args(flags))
+
+
+def test_train_example_two_replicas_match_one_replica_on_their_rows():
+    """--dp 2 --batch 1 (each replica its row, ZeRO-3 hybrid) trains exactly as --dp 1 --batch 2 (both rows on
+    one replica, ZeRO-3 over sp): the same loss at every step, so the replicas' gradients were summed (a
+    replica training alone would drift from the second step on)."""
+    from test_train_example import SIZES
+
+    flags = [*SIZES, "--steps", "4", "--save-every", "0", "--strategy", "odysseus", "--zero3", "--seq", "61"]
+    two = run_ranks(4, _train, [*flags, "--dp", "2", "--sp", "2", "--batch", "1"], timeout=300)
+    one = run_ranks(2, _train, [*flags, "--dp", "1", "--sp", "2", "--batch", "2"], timeout=300)
+    assert all(losses == two[0] for losses in two) and all(losses == one[0] for losses in one)
+    assert_close(torch.tensor(two[0]), torch.tensor(one[0]), 1e-5, 0, what="losses of --dp 2 vs --dp 1")
+    assert two[0][-1] < two[0][0], two[0]
