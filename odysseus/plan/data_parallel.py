@@ -71,3 +71,32 @@ def fsdp_dp_records(case: Case, dp: int, dp_rank: int) -> list[Record]:
         numel = sum(_fsdp_local(dim0, rest, case.world, case.rank)[0] for dim0, rest in unit)
         out.append(("backward", "all_reduce", "gradient", all_reduce_bytes(numel, dp, dp_rank, case.dtype_bytes)))
     return out
+
+
+def nonblock_numel(case: Case, vocab_size: int, tied: bool, sharded: bool) -> int:
+    """Elements of the embedding (and LM head) and final norm on ``case.rank``, as the planner's memory model
+    holds them: whole where the strategy holds whole block weights, split by vocabulary otherwise, and
+    FSDP2-sharded (``sharded``) under ZeRO-3."""
+    N, d, mats = case.world, case.config.hidden_size, 1 if tied else 2
+    if sharded:
+        return mats * -(-vocab_size // N) * d + -(-d // N)
+    return mats * (vocab_size if case.spec.replicated else -(-vocab_size // N)) * d + d
+
+
+def dp_step_records(case: Case, dp: int, num_layers: int, vocab_size: int, tied: bool) -> list[tuple[str, int, int]]:
+    """What one training step moves over ``dp`` on ``case.rank`` (data-parallel rank 0), as ``(who, bytes
+    received, collectives)``: ``"finalize_grads"`` (one all-reduce of every gradient the library sums) and, for
+    a ZeRO-3 variant (planned as hybrid sharding), ``"fsdp"`` (FSDP2's all-reduce of each sharded module's
+    shard, the embeddings' included)."""
+    if dp == 1:
+        return []
+    e, zero3 = case.dtype_bytes, case.variant.zero3
+    shard = "hybrid" if zero3 else None
+    numel = num_layers * dp_grad_numel(case, shard) + (0 if zero3 else nonblock_numel(case, vocab_size, tied, False))
+    out = [("finalize_grads", all_reduce_bytes(numel, dp, 0, e), 1)]
+    if zero3:
+        per_block = fsdp_dp_records(case, dp, 0)
+        nonblock = all_reduce_bytes(nonblock_numel(case, vocab_size, tied, True), dp, 0, e)
+        total = num_layers * sum(b for *_, b in per_block) + nonblock
+        out.append(("fsdp", total, num_layers * len(per_block) + 1))
+    return out
