@@ -205,12 +205,18 @@ def _refusals(rank, world):
     expect(ValueError, "unknown shard='dp'", lambda: odysseus.zero3(two_d, shard="dp"))
     expect(ValueError, "differs from the one", lambda: odysseus.zero3(two_d, sp))
     assert dist.get_process_group_ranks(two_d.pg) == sp_of[rank]
+    # DDP over the mesh's dp group (the recipe before the mesh was supported) would reduce the gradients twice.
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    wrapped = DDP(two_d, process_group=mesh.get_group("dp"))
+    x = shard_sequence(torch.randn(1, L, 96), mesh)
+    expect(ValueError, "would reduce them twice", lambda: wrapped(x))
     return errors
 
 
 def test_bad_meshes_are_refused_with_what_was_expected():
     for errors in run_ranks(4, _refusals, timeout=120):
-        assert len(errors) == 6, errors
+        assert len(errors) == 7, errors
 
 
 # --- auto: symm within a host, pipelined across hosts -------------------------------------------------------

@@ -121,6 +121,9 @@ def _layout(mesh: Mesh) -> torch.Tensor:
 def hsdp_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
     """A 2-D ``DeviceMesh`` in (dp, sp) order, built on the mesh's own groups: what FSDP2 ``fully_shard`` takes
     for hybrid sharding (replicate over dim 0, shard over dim 1). Collective over dp the first time."""
+    given = mesh.device_mesh
+    if given is not None and mesh.sp_dim == 1 and given.device_type == device_type:
+        return given  # already (dp, sp)
     key = (mesh.dp.group_name, mesh.sp.group_name, device_type)
     if key not in _HSDP:
         _HSDP[key] = DeviceMesh.from_group(
