@@ -2,12 +2,21 @@
 
     torchrun --nproc-per-node 4 examples/train_llama.py --strategy odysseus --seq 8192
     torchrun --nproc-per-node 2 examples/train_llama.py --strategy ulysses --zero3 --data corpus.txt --save-every 100
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \
+        examples/train_llama.py --dp 2 --sp 8 --strategy odysseus --zero3 --seq 65536
 
 The model is a ``transformers`` ``LlamaForCausalLM`` built from the size flags (random init, the same seed
 on every rank), parallelized in place by ``odysseus.integrations.hf.parallelize_llama``. Data: without
 ``--data``, synthetic tokens from a fixed random Markov chain (mostly one likely successor per token, so
 the loss has something to learn); with ``--data PATH``, random windows of the file's bytes (vocabulary 256).
-Every rank draws the same batch and feeds its sequence shard (``tp``: the whole sequence).
+The ranks form a 2-D mesh ``(dp, sp)`` (``--dp``, ``--sp``; their product is the world size, ``--sp``
+defaults to all ranks): each layer is split over the ``sp`` ranks of its replica, each of the ``dp``
+replicas draws its own ``--batch`` sequences (the rows of one global batch of ``dp * batch``, so a run with
+``--dp 2 --batch 1`` sees what ``--dp 1 --batch 2`` does), and every rank feeds its sequence shard (``tp``:
+the whole sequence). Ranks are laid out dp-major, so under ``torchrun --nnodes D --nproc-per-node S`` each
+replica's ``sp`` group is one node and only the data-parallel gradient sum crosses nodes. ``--zero3`` shards
+with ``odysseus.zero3``: ``--shard hybrid`` (the default with ``--dp`` above 1: shard within a replica,
+replicate across), ``full`` (over every rank) or ``sp``.
 
 ``--clip MAX`` clips the gradient to norm MAX with ``odysseus.clip_grad_norm_`` (the unsplit model's norm,
 the same on every rank); the bar then shows that norm before clipping. ``--autocast`` runs the forward
@@ -19,7 +28,7 @@ computes the LM head and the loss C tokens at a time without the full logits (Li
 on CUDA when installed), ``--save-input shard`` keeps each rank's shard rather than the gathered sequence for
 the weight gradients. ``python -m odysseus.plan ... --max-seq`` says which of them a length needs.
 
-The progress bar (rank 0) shows the step, the global loss, tokens per second over all ranks and the peak
+The progress bar (rank 0) shows the step, the global loss, tokens per second over all ranks (and per GPU) and the peak
 memory of each rank: ``torch.cuda.max_memory_allocated`` on GPU, the peak resident set size
 (``getrusage`` ``ru_maxrss``) of the process on CPU. ``--save-every K`` writes a checkpoint every K steps
 (``DIR/step-K``: ``config.json`` + ``model.safetensors``, by rank 0) that
@@ -55,7 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategy", choices=odysseus.STRATEGIES, default="odysseus")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (global, before splitting)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step and data-parallel replica")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (each its own batch)")
+    p.add_argument("--sp", type=int, help="ranks each layer is split over (default: world size / dp)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -69,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
     p.add_argument("--data", help="a text file to train on (byte-level tokens); synthetic tokens without it")
     p.add_argument("--zero3", action="store_true", help="shard the layers' replicated weights with FSDP2")
+    p.add_argument("--shard", choices=("sp", "hybrid", "full"), help="--zero3 on a mesh: see odysseus.zero3")
     p.add_argument("--backend", default="auto", help="overlap backend of tp-sp/odysseus (odysseus.parallelize)")
     p.add_argument("--checkpoint", action="store_true", help="recompute each layer in backward (keep its input)")
     p.add_argument("--offload", action="store_true", help="with --checkpoint: keep the layer inputs in host memory")
@@ -84,7 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Batches:
-    """The same ``(batch, seq)`` int64 batch on every rank at every step, from ``--data`` or a Markov chain."""
+    """A ``(batch, seq)`` int64 batch per step and data-parallel replica, from ``--data`` or a Markov chain: the
+    rows of one global batch of ``replicas * batch`` rows drawn from the step's seed."""
 
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -99,19 +112,20 @@ class Batches:
             g = torch.Generator().manual_seed(args.seed)
             self.successor = torch.randperm(self.vocab, generator=g)
 
-    def get(self, step: int) -> torch.Tensor:
-        a = self.args
+    def get(self, step: int, replica: int = 0, replicas: int = 1) -> torch.Tensor:
+        a, rows = self.args, self.args.batch * replicas
         g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
         if a.data:
-            starts = torch.randint(0, len(self.corpus) - a.seq, (a.batch,), generator=g)
-            return torch.stack([self.corpus[s : s + a.seq] for s in starts.tolist()])
-        ids = torch.empty(a.batch, a.seq, dtype=torch.long)
-        ids[:, 0] = torch.randint(0, self.vocab, (a.batch,), generator=g)
-        noise = torch.randint(0, self.vocab, (a.batch, a.seq), generator=g)
-        follow = torch.rand(a.batch, a.seq, generator=g) < 0.9
-        for t in range(1, a.seq):
-            ids[:, t] = torch.where(follow[:, t], self.successor[ids[:, t - 1]], noise[:, t])
-        return ids
+            starts = torch.randint(0, len(self.corpus) - a.seq, (rows,), generator=g)
+            ids = torch.stack([self.corpus[s : s + a.seq] for s in starts.tolist()])
+        else:
+            ids = torch.empty(rows, a.seq, dtype=torch.long)
+            ids[:, 0] = torch.randint(0, self.vocab, (rows,), generator=g)
+            noise = torch.randint(0, self.vocab, (rows, a.seq), generator=g)
+            follow = torch.rand(rows, a.seq, generator=g) < 0.9
+            for t in range(1, a.seq):
+                ids[:, t] = torch.where(follow[:, t], self.successor[ids[:, t - 1]], noise[:, t])
+        return ids[replica * a.batch : (replica + 1) * a.batch]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -121,7 +135,18 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> LlamaForCausalLM:
+def build_mesh(args: argparse.Namespace, device: torch.device):
+    """The ``(dp, sp)`` DeviceMesh of the job (dp-major: the ``sp`` ranks of a replica are consecutive)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    sp = args.sp or world // args.dp
+    if args.dp < 1 or args.dp * sp != world:
+        raise ValueError(f"--dp {args.dp} x --sp {sp} must equal the world size {world}")
+    return init_device_mesh(device.type, (args.dp, sp), mesh_dim_names=("dp", "sp"))
+
+
+def build_model(args: argparse.Namespace, vocab: int, device: torch.device, mesh) -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
@@ -135,11 +160,11 @@ def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> L
     torch.manual_seed(args.seed)  # every rank builds the same weights; each then keeps its share
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
     parallelize_llama(
-        model, args.strategy, backend=args.backend, save_input=args.save_input,
+        model, args.strategy, mesh, backend=args.backend, save_input=args.save_input,
         checkpoint=args.checkpoint, offload=args.offload, ffn_tile=args.ffn_tile,
     )  # fmt: skip
     if args.zero3:
-        odysseus.zero3(model)
+        odysseus.zero3(model, shard=args.shard)
     return model
 
 
@@ -147,21 +172,24 @@ def train(args: argparse.Namespace) -> list[float]:
     """Run the training loop on this rank (torch.distributed must be initialised); returns the global losses."""
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mesh = build_mesh(args, device)
+    replica = mesh.get_local_rank("dp")
     data = Batches(args)
-    model = build_model(args, data.vocab, device)
+    model = build_model(args, data.vocab, device, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     split = args.strategy != "tp"
     losses: list[float] = []
-    bar = tqdm(total=args.steps, disable=rank != 0, desc=f"{args.strategy} x{world}", dynamic_ncols=True)
+    desc = f"{args.strategy} {args.dp}x{world // args.dp}"
+    bar = tqdm(total=args.steps, disable=rank != 0, desc=desc, dynamic_ncols=True)
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
-        ids = data.get(step).to(device)
-        x = odysseus.shard_sequence(ids) if split else ids
+        ids = data.get(step, replica, args.dp).to(device)
+        x = odysseus.shard_sequence(ids, mesh) if split else ids
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
             if args.loss_chunk:
                 loss = model_loss(model, x, ids, chunk=args.loss_chunk)
-            else:
-                loss = causal_lm_loss(model(x).logits, ids)
+            else:  # this rank's term of the mean over every replica's batch
+                loss = causal_lm_loss(model(x).logits, ids, mesh)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         finalize_model_grads(model)
@@ -175,7 +203,8 @@ def train(args: argparse.Namespace) -> list[float]:
             peaks = [None] * world
             dist.all_gather_object(peaks, round(peak_memory_mib(device)))
             shown = f"loss {losses[-1]:.4f}" + (f"  grad norm {norm.item():.3f}" if norm is not None else "")
-            postfix = f"{shown}  tok/s {args.batch * args.seq / elapsed:,.0f}  peak MiB/rank {peaks}"
+            tokens = args.dp * args.batch * args.seq / elapsed
+            postfix = f"{shown}  tok/s {tokens:,.0f} ({tokens / world:,.0f}/GPU)  peak MiB/rank {peaks}"
             bar.set_postfix_str(postfix, refresh=False)
             bar.update(1)
             bar.refresh()  # update() skips drawing within tqdm's mininterval of the last draw

@@ -11,7 +11,11 @@ once:
   this rank's copy: call it after ``finalize_grads`` / ``finalize_model_grads``, when those copies are whole
   and equal on every rank;
 - a DTensor gradient (ZeRO-3) is summed over the mesh dimensions that shard it and counted once over those
-  that replicate it, so a 2-D (replicate, shard) mesh needs nothing new here.
+  that replicate it: ZeRO-3 over ``sp``, hybrid (replicate over ``dp``, shard over ``sp``) or over all ranks.
+
+On a 2-D (dp, sp) mesh nothing crosses ``dp``: after ``finalize_grads`` every replica holds the same, whole
+gradients, so each computes the norm of the dense model over the whole mesh within its own ``sp`` group
+(``tests/test_mesh.py`` checks it for every strategy and ZeRO-3 mode).
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ def _norm(classified: list, p_norm: float) -> torch.Tensor:
                 with named_failures("clip_grad_norm_"):
                     dist.all_reduce(acc, op=op, group=pg)
                 moved = 2 * (world - 1) * acc.element_size()
-                record("all_reduce", moved, moved, world, "metadata", "grad norm")
+                record("all_reduce", moved, moved, world, "metadata", "grad norm", pg)
         total = torch.maximum(total, acc) if math.isinf(p_norm) else total + acc
     return total if math.isinf(p_norm) else total ** (1.0 / p_norm)
 

@@ -37,7 +37,10 @@ def parallelize(
 ) -> nn.Module:
     """This rank's share of a reference ``TransformerBlock``, ``Attention`` or ``FFN`` under ``strategy``.
 
-    ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group. ``backend`` picks how
+    ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group; or a 2-D mesh, data-parallel x
+    sequence-parallel: a ``DeviceMesh`` with dims named e.g. ``("dp", "sp")`` or a ``(dp_group, sp_group)`` pair
+    (:mod:`odysseus.comm.mesh`). The strategy then runs over ``sp``; each ``dp`` replica is fed its own batch,
+    and :func:`finalize_grads` sums every gradient over ``dp`` too. ``backend`` picks how
     all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`);
     ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
     only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots

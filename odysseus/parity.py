@@ -39,20 +39,21 @@ def run_parallel(par: nn.Module, x: torch.Tensor, gy: torch.Tensor, position_ids
     """``par`` on its share of ``x``, backward with the sum of the ranks' local losses ``<y, gy>``.
 
     TP: every rank computes the replicated loss whole. Sequence-split: each rank's loss covers its tokens
-    and the global loss is their sum. Gradients are finalized (:func:`odysseus.finalize_grads`) and
-    returned dense.
+    and the global loss is their sum. Gradients are finalized (:func:`odysseus.finalize_grads`) and returned
+    dense. On a 2-D mesh ``x`` is this replica's batch (split over the module's ``sp`` group), and the
+    gradients are summed over the replicas.
     """
     xp = x.detach().clone().requires_grad_()
-    split = par.sequence_split
+    split, pg = par.sequence_split, par.pg  # the module's own group (a 2-D mesh's sp group)
 
     def mine(t):
-        return shard_sequence(t) if split else t
+        return shard_sequence(t, pg) if split else t
 
     args = () if position_ids is None else (mine(position_ids),)
     y = par(mine(xp), *args)
     (y * mine(gy)).sum().backward()
     finalize_grads(par)
-    full = gather_sequence(y.detach()) if split else y.detach()
+    full = gather_sequence(y.detach(), pg) if split else y.detach()
     return Run(full, xp.grad, dense_state_dict(par, grad=True))
 
 

@@ -2,18 +2,21 @@
 
 ``dense_state_dict`` reassembles the dense tensors (or gradients) from every rank's share;
 ``finalize_grads`` sums the partial gradients of replicated weights (and of kv heads held by several
-ranks); ``zero3`` shards the replicated weights with FSDP2 instead. ``sum_over_group`` is the bucketed
+ranks), then, on a 2-D mesh, every gradient over the data-parallel replicas; ``zero3`` shards the replicated
+weights with FSDP2 instead (over ``sp``, over ``dp x sp``, or hybrid). ``sum_over_group`` is the bucketed
 gradient all-reduce they share with the Hugging Face integration.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .comm import primitives
 from .comm.groups import group_rank, group_size
 from .comm.ledger import phase
+from .comm.mesh import Mesh, flat_group, hsdp_mesh, resolve_mesh
 from .overlap import check_overlap
 from .strategies.module import ParamSpec
 
@@ -92,14 +95,34 @@ def sum_over_group(tensors: list[torch.Tensor], pg, label: str) -> list[torch.Te
     return out
 
 
+def _mesh_of(module: nn.Module) -> Mesh | None:
+    """The :class:`~odysseus.comm.mesh.Mesh` of the parallel modules inside ``module`` (None if there are none);
+    ``ValueError`` if they were built on different data-parallel groups."""
+    meshes = {id(m.mesh.dp): m.mesh for m in module.modules() if hasattr(m, "param_specs") and hasattr(m, "mesh")}
+    if len(meshes) > 1:
+        raise ValueError(f"{type(module).__name__} holds parallel modules on {len(meshes)} data-parallel groups")
+    return next(iter(meshes.values()), None)
+
+
+def _reduced_by_fsdp(p: nn.Parameter, dp) -> bool:
+    """Whether FSDP2 reduces ``p``'s gradient over the data-parallel ranks itself (hybrid or full sharding)."""
+    if not is_dtensor(p):
+        return False
+    ranks = set(p.device_mesh.mesh.flatten().tolist())
+    return len(ranks & set(dist.get_process_group_ranks(dp))) > 1
+
+
 def finalize_grads(module: nn.Module) -> None:
-    """Sum the partial gradients of replicated (and GQA-shared) weights over their group, in place.
+    """Sum the partial gradients of replicated (and GQA-shared) weights over their group, in place; then, where
+    the parallel modules sit on a 2-D mesh, sum every gradient of ``module`` over the data-parallel group.
 
     A split weight whose rows live on several ranks (a kv head shared by query heads of two ranks) is
     summed through a zero-padded dense buffer. One all-reduce per (group, dtype, device) bucket; a no-op
-    where nothing needs syncing. FSDP2-managed weights are skipped: its reduce-scatter sums them. Frozen
-    weights (``requires_grad=False``, the same on every rank) are skipped too: they get no gradient, so an
-    optimizer with weight decay leaves them alone.
+    where nothing needs syncing. FSDP2-managed weights are skipped where FSDP2 reduces them (over ``sp``
+    always; over ``dp`` too under hybrid or full sharding), and summed over ``dp`` here where it shards over
+    ``sp`` alone. Frozen weights (``requires_grad=False``, the same on every rank) are skipped too: they get no
+    gradient, so an optimizer with weight decay leaves them alone. On a 2-D mesh call it once per step on the
+    whole model: every parameter of ``module`` (embeddings included) is summed over ``dp``.
     Collective: call on every rank. Also the once-per-step check of the symm kernels' waits
     (:func:`odysseus.check_overlap`), which raises ``TimeoutError`` if one gave up this step.
     """
@@ -126,37 +149,80 @@ def finalize_grads(module: nn.Module) -> None:
                 s, e = spec.ranges[rank]
                 summed = summed.narrow(spec.dim, s, e - s)
             p.grad = summed.clone()
+    mesh = _mesh_of(module)
+    if mesh is not None and mesh.data_parallel:
+        _sum_over_replicas(module, mesh.dp)
 
 
-def zero3(module: nn.Module, **fsdp_kwargs) -> nn.Module:
+def _sum_over_replicas(module: nn.Module, dp) -> None:
+    """Sum every gradient of ``module`` over the data-parallel group (each replica saw its own batch)."""
+    params = [p for p in module.parameters() if p.requires_grad and not _reduced_by_fsdp(p, dp)]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    local = [g.to_local() if is_dtensor(g) else g for g in grads]  # sp-sharded ZeRO-3: this rank's shard
+    for p, g, t, summed in zip(params, grads, local, sum_over_group(local, dp, "dp grads")):
+        t.copy_(summed)
+        p.grad = g
+
+
+ZERO3_SHARDING = ("sp", "hybrid", "full")
+"""How :func:`zero3` shards on a 2-D mesh: over ``sp`` alone (gradients then summed over ``dp`` by
+``finalize_grads``), ``hybrid`` (FSDP2's HSDP: shard over ``sp``, replicate over ``dp``) or ``full`` (over
+every rank of ``dp x sp``)."""
+
+
+def _fsdp_mesh(mesh: Mesh, shard: str, device_type: str):
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if shard == "hybrid":
+        return hsdp_mesh(mesh, device_type)
+    return DeviceMesh.from_group(flat_group(mesh) if shard == "full" else mesh.sp, device_type)
+
+
+def zero3(module: nn.Module, mesh=None, *, shard: str | None = None, **fsdp_kwargs) -> nn.Module:
     """Shard the replicated weights of a parallel module with FSDP2 ``fully_shard`` (ZeRO-3), in place.
 
     Sharded on the module's own group: "Odysseus+ZeRO3" shards the FFN and norms, "Ulysses+ZeRO3" every
-    weight, TP-SP its norms. FSDP2 averages gradients by default; this sets its divide factor to 1 to keep
-    the sum-of-local-losses convention, so gradients still equal the reference's. Weights are resharded
-    after forward by default (each sharded module is its own FSDP root, whose default would keep them
-    gathered until backward and lose ZeRO-3's memory saving). Returns ``module``.
+    weight, TP-SP its norms. On a 2-D mesh (the one given to ``parallelize``; ``mesh``, if passed, must be
+    it) ``shard`` picks one of :data:`ZERO3_SHARDING`: ``"hybrid"`` (the default there) shards within ``sp`` and
+    replicates across ``dp``, ``"full"`` shards over every rank of the mesh, ``"sp"`` shards over ``sp`` and
+    leaves the ``dp`` sum to ``finalize_grads``. FSDP2 averages gradients by default; this sets its divide
+    factor to 1 to keep the sum-of-local-losses convention, so gradients still equal the reference's. Weights
+    are resharded after forward by default (each sharded module is its own FSDP root, whose default would keep
+    them gathered until backward and lose ZeRO-3's memory saving). Returns ``module``.
     """
     fsdp_kwargs.setdefault("reshard_after_forward", True)
-    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
-    targets: dict[str, tuple[nn.Module, object]] = {}  # name -> (module to shard, its group)
+    found = _mesh_of(module)
+    if mesh is not None:
+        given = resolve_mesh(mesh)
+        if found is None or (given.sp, given.dp) != (found.sp, found.dp):
+            raise ValueError(
+                "zero3: the mesh passed differs from the one the module was parallelized on; pass that mesh (or "
+                "none) and build the module with parallelize(..., mesh)"
+            )
+    dp = found is not None and found.data_parallel
+    shard = shard or ("hybrid" if dp else "sp")
+    if shard not in ZERO3_SHARDING:
+        raise ValueError(f"zero3: unknown shard={shard!r}; expected one of {ZERO3_SHARDING}")
+    if shard != "sp" and not dp:
+        raise ValueError(f"zero3: shard={shard!r} needs a 2-D (dp, sp) mesh; the module runs on one group")
+    targets: dict[str, tuple[nn.Module, Mesh]] = {}  # name -> (module to shard, its mesh)
     for prefix, m in module.named_modules():
         specs = getattr(m, "param_specs", {})
         replicated = [n for n, s in specs.items() if s.dim is None and s.sync == "sum"]
         if not replicated:
             continue
         if len(replicated) == len(list(m.parameters())):
-            targets[prefix] = (m, m.pg)
+            targets[prefix] = (m, m.mesh)
             continue
         for name in replicated:
             owner = name.rsplit(".", 1)[0]
-            targets[f"{prefix}.{owner}" if prefix else owner] = (m.get_submodule(owner), m.pg)
+            targets[f"{prefix}.{owner}" if prefix else owner] = (m.get_submodule(owner), m.mesh)
     # Shard inner modules before outer ones, as fully_shard expects.
-    for _, (m, pg) in sorted(targets.items(), key=lambda kv: -kv[0].count(".")):
+    for _, (m, m_mesh) in sorted(targets.items(), key=lambda kv: -kv[0].count(".")):
         device_type = next(m.parameters()).device.type
-        fully_shard(m, mesh=DeviceMesh.from_group(pg, device_type), **fsdp_kwargs)
+        fully_shard(m, mesh=_fsdp_mesh(m_mesh, shard, device_type), **fsdp_kwargs)
         set_factor = getattr(m, "set_gradient_divide_factor", None) or m.set_reduce_scatter_divide_factor
         set_factor(1.0)
         if hasattr(m, "set_force_sum_reduction_for_comms"):  # plain SUM, not PREMUL_SUM(1), which gloo lacks

@@ -49,12 +49,15 @@ def check_finite_here(x: torch.Tensor, who: str, rank: int) -> None:
         raise ValueError(f"{who}: the input holds NaN or Inf on rank {rank} (check_finite=True)")
 
 
-def check_not_in_ddp(pg, who: str) -> None:
-    """Refuse to run inside ``DistributedDataParallel`` over ranks of this module's own group.
+def check_not_in_ddp(pg, who: str, dp=None) -> None:
+    """Refuse to run inside ``DistributedDataParallel`` over ranks of this module's own group, or over its
+    data-parallel group ``dp`` when it was built on a 2-D mesh.
 
     DDP broadcasts rank 0's parameters when it is built and averages gradients over its group: over the
     ranks of a sequence- or tensor-parallel group, which hold different weight shards or different tokens,
     that overwrites every other rank's shards with rank 0's (silently wrong logits) and mixes gradients.
+    Over the ``dp`` group of a mesh-built module, ``finalize_grads`` already sums the gradients over the
+    replicas: DDP would reduce them a second time (wrong gradients, silently).
     DDP's own marker of the module it is running (``_active_ddp_module``, set during its forward) is read.
     """
     if pg is None:
@@ -67,14 +70,22 @@ def check_not_in_ddp(pg, who: str) -> None:
     import torch.distributed as dist
 
     ours = dist.get_process_group_ranks(pg)
-    shared = sorted(set(dist.get_process_group_ranks(ddp.process_group)) & set(ours))
+    theirs = set(dist.get_process_group_ranks(ddp.process_group))
+    replicas = sorted(theirs & set(dist.get_process_group_ranks(dp))) if dp is not None else []
+    if len(replicas) > 1:
+        raise ValueError(
+            f"{who}: the model runs inside DistributedDataParallel over ranks {replicas} of the data-parallel "
+            "group of the 2-D DeviceMesh it was parallelized on; odysseus.finalize_grads (finalize_model_grads) "
+            "already sums the gradients over 'dp', so DDP would reduce them twice. Drop DDP"
+        )
+    shared = sorted(theirs & set(ours))
     if len(shared) > 1:
         raise ValueError(
             f"{who}: the model runs inside DistributedDataParallel over a group sharing ranks {shared} with its "
             f"own sequence/tensor-parallel group {sorted(ours)}. DDP broadcast rank 0's weight shards to those "
             "ranks when it was built (their weights are now wrong) and would average gradients of different "
             "shards. For data parallelism across copies of the split model use a 2-D DeviceMesh: "
-            "mesh = init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp')); parallelize over mesh['sp'] "
-            "and wrap in DDP(model, process_group=mesh['dp'].get_group()). Without data parallelism drop DDP: "
-            "odysseus.finalize_grads (finalize_model_grads) syncs the gradients"
+            "mesh = init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp')), passed to parallelize "
+            "(parallelize_llama) instead of a group, and no DDP: odysseus.finalize_grads (finalize_model_grads) "
+            "then sums the gradients over 'sp' where needed and over 'dp'. Without data parallelism drop DDP too"
         )

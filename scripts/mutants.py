@@ -259,6 +259,46 @@ MUTANTS = [
         "            if True:\n                return self._ffn(x)\n",
         ("tests/test_recompute.py", "-k", "tiled_ffn_keeps"),
     ),
+    Mutant(
+        "mesh-dp-sum-dropped",
+        "2-D mesh: finalize_grads sums over sp but forgets the data-parallel replicas",
+        "odysseus/state.py",
+        "        _sum_over_replicas(module, mesh.dp)",
+        "        pass",
+        ("tests/test_mesh.py", "-k", "parity and device_mesh"),
+    ),
+    Mutant(
+        "mesh-hsdp-summed-twice",
+        "2-D mesh: finalize_grads sums over dp the gradients FSDP2 already reduced (hybrid and full ZeRO-3)",
+        "odysseus/state.py",
+        "    return len(ranks & set(dist.get_process_group_ranks(dp))) > 1",
+        "    return False",
+        ("tests/test_mesh.py", "-k", "parity and device_mesh"),
+    ),
+    Mutant(
+        "mesh-hsdp-layout",
+        "2-D mesh: the (dp, sp) layout handed to FSDP2 is not transposed for a mesh whose dims are (sp, dp)",
+        "odysseus/comm/mesh.py",
+        "        return layout if mesh.sp_dim == 1 else layout.t()",
+        "        return layout",
+        ("tests/test_mesh.py", "-k", "parity and reversed"),
+    ),
+    Mutant(
+        "mesh-loss-count-local",
+        "2-D mesh: causal_lm_loss divides by this replica's target count, not every replica's",
+        "odysseus/integrations/loss.py",
+        '        count = primitives.all_reduce(count, mesh.dp, category="metadata", label="token count")',
+        "        pass",
+        ("tests/test_mesh.py", "-k", "llama"),
+    ),
+    Mutant(
+        "mesh-auto-ignores-hosts",
+        "backend auto: symm is probed (and taken) on a group whose ranks span hosts",
+        "odysseus/overlap/probe.py",
+        "    if len(set(hosts)) > 1:\n        return False",
+        "    if False:\n        return False",
+        ("tests/test_mesh.py", "-k", "hosts"),
+    ),
 ]
 
 

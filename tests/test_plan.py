@@ -113,7 +113,9 @@ def test_short_sequence_tp_sp_wins_on_communication():
 def test_infeasible_configurations_are_flagged():
     preds = plan.predict("llama2-13b", 8192, 64, "h100-multinode")
     assert all(not p.feasible and p.rank == 0 and "40 query heads" in p.note for p in preds)
-    one_node = plan.predict("llama3-70b", 8192, 32, "h100-nvlink")
+    # Every preset now has an inter-node link; hardware without one (a calibration of one node) holds one node.
+    single = dataclasses.replace(plan.get_hardware("h100-nvlink"), inter_node_bw=None)
+    one_node = plan.predict("llama3-70b", 8192, 32, single)
     assert all(not p.feasible and "one h100-nvlink node" in p.note for p in one_node)
     four_nodes = plan.predict("llama3-70b", 8192, 32, "h100-multinode")
     assert any(p.rank == 1 for p in four_nodes)

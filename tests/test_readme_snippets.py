@@ -1,5 +1,6 @@
-"""README.md's python snippets run as written, at world 2 (so they cannot rot): the quick start under
-"Use it", and the three ways in, packed sequences and the training step of "Use it in your model"."""
+"""README.md's python snippets run as written (so they cannot rot): the quick start under "Use it", and the
+three ways in, packed sequences, the 2-D mesh (at world 4, as 2 x 2), the training step and the long-sequence
+options of "Use it in your model" (at world 2)."""
 
 import os
 import re
@@ -22,12 +23,14 @@ def snippets(section: str = SECTION) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL)
 
 
-def test_section_has_the_three_ways_in_packing_and_a_training_step():
+def test_section_has_the_three_ways_in_packing_a_mesh_a_training_step_and_long_sequences():
     blocks = snippets()
-    assert len(blocks) == 6, f"expected 6 python snippets, found {len(blocks)}"
+    assert len(blocks) == 7, f"expected 7 python snippets, found {len(blocks)}"
     assert "from_dense" in blocks[0] and "odysseus.parallelize(" in blocks[1] and "parallelize_llama" in blocks[2]
     assert any("position_ids=" in b for b in blocks[3:]), "no packed-sequence snippet"
+    assert any('mesh_dim_names=("dp", "sp")' in b and "zero3" in b for b in blocks[3:]), "no 2-D mesh snippet"
     assert any("clip_grad_norm_" in b and "torch.autocast" in b for b in blocks[3:]), "no training-step snippet"
+    assert any("checkpoint=True" in b and "model_loss" in b for b in blocks[3:]), "no long-sequence snippet"
 
 
 def _run(rank, world, source, index, workdir):
@@ -36,10 +39,11 @@ def _run(rank, world, source, index, workdir):
     return True
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 3])
-def test_readme_snippet_runs_at_world_2(index, tmp_path):
+@pytest.mark.parametrize("index", range(7))
+def test_readme_snippet_runs(index, tmp_path):
     source = snippets()[index]
-    assert all(run_ranks(2, _run, source, index, str(tmp_path)))
+    world = 4 if "init_device_mesh" in source else 2  # the 2-D mesh snippet: 2 replicas x 2
+    assert all(run_ranks(world, _run, source, index, str(tmp_path)))
     if "save_pretrained" in source:
         model = LlamaForCausalLM.from_pretrained(tmp_path / "llama-checkpoint")
         assert model.config.num_hidden_layers == 2

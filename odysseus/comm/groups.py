@@ -19,23 +19,26 @@ _META_GROUPS: dict = {}
 
 
 def resolve_group(group=None) -> dist.ProcessGroup | None:
-    """Turn ``None``, a ``ProcessGroup`` or a 1-D ``DeviceMesh`` into a ``ProcessGroup``.
+    """Turn ``None``, a ``ProcessGroup``, a 1-D ``DeviceMesh`` or a 2-D mesh into the ``ProcessGroup`` a strategy
+    runs over: for a 2-D ``DeviceMesh`` or a ``(dp_group, sp_group)`` pair, its ``sp`` group
+    (:func:`odysseus.comm.mesh.resolve_mesh` gives both).
 
     ``None`` means the default group, or no group at all (a single process) when torch.distributed has
     not been initialised; every collective is then the identity.
     """
     if group is None:
         return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    from .mesh import _EXPECTED, is_2d, resolve_mesh
+
+    if is_2d(group):
+        return resolve_mesh(group).sp
     if isinstance(group, DeviceMesh):
         if group.ndim != 1:
-            raise ValueError(
-                f"expected a 1-D DeviceMesh, got one with {group.ndim} dims {tuple(group.shape)}; "
-                "slice it first, e.g. mesh['sp']"
-            )
+            raise ValueError(f"expected {_EXPECTED}; got a DeviceMesh with {group.ndim} dims {tuple(group.shape)}")
         return group.get_group()
     if isinstance(group, dist.ProcessGroup):
         return group
-    raise TypeError(f"expected a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
+    raise TypeError(f"expected {_EXPECTED}; got {type(group).__name__}")
 
 
 def group_size(pg: dist.ProcessGroup | None) -> int:
@@ -100,7 +103,7 @@ def exchange_lengths(
         gathered = torch.empty(world * len(report), dtype=torch.int64)
         with named_failures(f"{who}: length exchange"):
             all_gather_tensor(gathered, mine, group=meta_group(pg))
-        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths")
+        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
         every = gathered.view(world, len(report)).tolist()
     raise_agreed([bool(e[1]) for e in every], error, pg, who)
     if finite is not None:

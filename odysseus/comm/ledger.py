@@ -32,6 +32,8 @@ class CommRecord:
     """What moves: ``activation``, ``gradient`` (weight-gradient sync), ``weight``, ``metadata``."""
     label: str = ""
     """Where it was issued, e.g. ``attn.qkv``."""
+    dim: str = ""
+    """The mesh dim of its group, ``sp`` or ``dp``, where the group belongs to a 2-D mesh (else empty)."""
 
 
 class CommLedger:
@@ -61,7 +63,7 @@ class CommLedger:
         return sum(getattr(r, field) for r in self.select(**match))
 
     def total(self, by: str = "op", field: str = "bytes_received", **match) -> dict[str, int]:
-        """``field`` summed per value of attribute ``by`` (``op``, ``phase``, ``category`` or ``label``)."""
+        """``field`` summed per value of attribute ``by`` (``op``, ``phase``, ``category``, ``label`` or ``dim``)."""
         out: dict[str, int] = defaultdict(int)
         for r in self.select(**match):
             out[getattr(r, by)] += getattr(r, field)
@@ -88,6 +90,13 @@ class CommLedger:
 
 
 _PHASE: list[str] = []
+_DIMS: dict[str, str] = {}  # process group name -> its mesh dim
+
+
+def name_group(pg, dim: str) -> None:
+    """Record ``pg``'s collectives under mesh dim ``dim`` (``sp`` or ``dp``) from now on."""
+    if pg is not None:
+        _DIMS[pg.group_name] = dim
 
 
 @contextmanager
@@ -108,11 +117,18 @@ def current_phase() -> str:
 
 
 def record(
-    op: str, bytes_sent: int, bytes_received: int, group_size: int, category: str = "activation", label: str = ""
+    op: str,
+    bytes_sent: int,
+    bytes_received: int,
+    group_size: int,
+    category: str = "activation",
+    label: str = "",
+    group=None,
 ) -> None:
-    """Report one collective to every active ledger (a no-op when none is active)."""
+    """Report one collective on process group ``group`` to every active ledger (a no-op when none is active)."""
     if not _ACTIVE:
         return
-    rec = CommRecord(op, current_phase(), int(bytes_sent), int(bytes_received), group_size, category, label)
+    dim = "" if group is None else _DIMS.get(group.group_name, "")
+    rec = CommRecord(op, current_phase(), int(bytes_sent), int(bytes_received), group_size, category, label, dim)
     for ledger in _ACTIVE:
         ledger.records.append(rec)

@@ -48,7 +48,7 @@ def all_gather(
         out = torch.cat([out[i * m : i * m + s] for i, s in enumerate(sizes)])
     if category is not None:
         rb = _row_bytes(inp)
-        ledger.record("all_gather", *gather_bytes(sizes, rank, rb), world, category, label)
+        ledger.record("all_gather", *gather_bytes(sizes, rank, rb), world, category, label, pg)
     return out.movedim(0, dim)
 
 
@@ -73,7 +73,7 @@ def reduce_scatter(
         reduce_scatter_tensor(out, inp, group=pg)
     if category is not None:
         rb = _row_bytes(inp)
-        ledger.record("reduce_scatter", *scatter_bytes(sizes, rank, rb), world, category, label)
+        ledger.record("reduce_scatter", *scatter_bytes(sizes, rank, rb), world, category, label, pg)
     return out[: sizes[rank]].movedim(0, dim)
 
 
@@ -93,7 +93,7 @@ def all_to_all(
     es = send.element_size()
     sent = sum(c.numel() for j, c in enumerate(chunks) if j != rank) * es
     received = (sum(recv_numels) - recv_numels[rank]) * es
-    ledger.record("all_to_all", sent, received, world, category, label)
+    ledger.record("all_to_all", sent, received, world, category, label, pg)
     return list(recv.split(recv_numels))
 
 
@@ -108,5 +108,5 @@ def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str 
     with named_failures(f"all_reduce {label}"):
         dist.all_reduce(x, group=pg)
     moved = all_reduce_bytes(x.numel(), world, rank, x.element_size())
-    ledger.record("all_reduce", moved, moved, world, category, label)
+    ledger.record("all_reduce", moved, moved, world, category, label, pg)
     return x

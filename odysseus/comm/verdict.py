@@ -64,5 +64,5 @@ def agree(error: Exception | None, pg, who: str) -> None:
     flags = torch.empty(world, dtype=torch.int64)
     with named_failures(f"{who}: verdict exchange"):
         all_gather_tensor(flags, mine, group=meta_group(pg))
-    record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "verdict")
+    record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "verdict", pg)
     raise_agreed([bool(f) for f in flags.tolist()], error, pg, who)

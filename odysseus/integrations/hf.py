@@ -286,9 +286,9 @@ def parallelize_llama(
     ``model``: a ``transformers`` ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, their base
     models, or any module built from their decoder layers (:data:`DECODER_LAYERS`), with its weights
     (pretrained or fresh) on any device and dtype; the layers keep them. ``strategy``: one of
-    :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
-    ``backend``, ``save_input``, ``checkpoint`` (each layer keeps only its input and recomputes the rest in
-    backward), ``offload`` (those inputs wait in host memory) and ``ffn_tile``: see :func:`odysseus.parallelize`.
+    :data:`odysseus.STRATEGIES`. ``group``, ``backend``, ``save_input``, ``checkpoint`` (each layer keeps only its
+    input and recomputes the rest in backward), ``offload`` (those inputs wait in host memory) and ``ffn_tile``:
+    see :func:`odysseus.parallelize` (on a 2-D (dp, sp) mesh :func:`finalize_model_grads` sums over dp).
     ``check_inputs=True`` makes every layer compare the ranks' inputs (see :func:`odysseus.parallelize`): the
     full ``input_ids`` fed to every rank of a sequence-split model then raises on every rank. Collective: call
     on every rank with the same weights.
@@ -341,8 +341,8 @@ def parallelize_llama(
             )
         parent_name, _, child = name.rpartition(".")
         new = ParallelLlamaDecoderLayer(
-            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input,
-            checkpoint=checkpoint, offload=offload, ffn_tile=ffn_tile,
+            config, strategy, group, weights=weights, backend=backend, check_inputs=check_inputs,
+            save_input=save_input, checkpoint=checkpoint, offload=offload, ffn_tile=ffn_tile,
         )  # fmt: skip
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)

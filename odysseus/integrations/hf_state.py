@@ -23,7 +23,8 @@ def finalize_model_grads(model: nn.Module) -> None:
     gradients are summed over the group (one all-reduce per dtype and device, recorded by the CommLedger as
     ``category="gradient"``). Then :func:`odysseus.finalize_grads` syncs the layers' replicated weights. For
     ``"tp"`` every rank saw the whole sequence and the same loss: only the layers need it. FSDP2-sharded
-    weights are left to FSDP2. Collective: call on every rank after ``backward()``.
+    weights are left to FSDP2. On a 2-D mesh every gradient is then summed over the data-parallel replicas
+    (see :func:`odysseus.finalize_grads`). Collective: call on every rank after ``backward()``.
     """
     spec, pg = model_setup(model)
     if spec.sequence_split and group_size(pg) > 1:

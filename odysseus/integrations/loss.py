@@ -1,4 +1,5 @@
-"""The next-token loss of a sequence-split model: labels shifted across shard boundaries, one global mean."""
+"""The next-token loss of a sequence-split model: labels shifted across shard boundaries, one global mean (over
+every data-parallel replica's batch on a 2-D mesh)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from torch import nn
 from ..chunked_loss import linear_cross_entropy
 from ..comm import primitives
 from ..comm.groups import group_rank, group_size, resolve_group
+from ..comm.mesh import Mesh, resolve_mesh
 from ..layout import offsets, shard_sizes
-from .hf import model_setup
+from .hf import layers, model_setup
 
 __all__ = ["causal_lm_loss", "global_loss", "lm_head_loss", "model_loss", "shift_labels_for_shard"]
 
@@ -54,9 +56,13 @@ def _targets(tokens: int, labels: torch.Tensor, pg, ignore_index: int, what: str
     return targets
 
 
-def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    # Target tokens in the whole batch: no communication, as every rank holds the full labels.
-    return (labels[:, 1:] != ignore_index).sum().clamp_min(1)
+def _count(labels: torch.Tensor, ignore_index: int, mesh: Mesh) -> torch.Tensor:
+    """Target tokens in the whole batch: every rank of a replica holds its full labels; on a 2-D mesh the
+    replicas' counts are summed over ``dp``."""
+    count = (labels[:, 1:] != ignore_index).sum()
+    if mesh.data_parallel:
+        count = primitives.all_reduce(count, mesh.dp, category="metadata", label="token count")
+    return count.clamp_min(1)
 
 
 def _check_batch(t: torch.Tensor, labels: torch.Tensor, what: str, last: str) -> None:
@@ -72,20 +78,26 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
 
     ``logits``: ``(batch, seq_local, vocab)`` from a sequence-split model, or ``(batch, seq, vocab)`` from a
     ``"tp"`` model (told apart by their length). ``labels: (batch, seq)``: the full labels (or ``input_ids``),
-    the same on every rank, ``ignore_index`` where no loss is wanted.
+    the same on every rank of the group, ``ignore_index`` where no loss is wanted. ``group``: the model's group
+    or 2-D mesh.
 
     Sequence-split: returns ``sum of this rank's token losses / number of target tokens in the whole batch``,
     so the sum over ranks is the mean loss of the unsplit model (what ``LlamaForCausalLM(labels=...)`` gives);
     call ``backward()`` on it on every rank. Full logits: returns that mean loss itself, identical on every
     rank. At long sequences use :func:`lm_head_loss`, which never holds the logits.
+
+    On a 2-D mesh each data-parallel replica brings its own batch and the count covers all of them (one
+    all-reduce of an int over ``dp``, so call it on every rank): the sum of the returned terms over every rank
+    of the mesh is the mean loss of the unsplit model on the replicas' batches concatenated.
     """
-    pg = resolve_group(group)
+    mesh = resolve_mesh(group)
+    pg = mesh.sp
     labels = labels.to(logits.device)
     _check_batch(logits, labels, "logits", "vocab")
     targets = _targets(logits.shape[1], labels, pg, ignore_index, "logits")
     # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
-    return total / _count(labels, ignore_index)
+    return total / _count(labels, ignore_index, mesh)
 
 
 def lm_head_loss(
@@ -106,14 +118,15 @@ def lm_head_loss(
     ``(batch, seq, hidden)`` for ``"tp"``; ``head``: the model's LM head (``model.get_output_embeddings()``);
     ``labels: (batch, seq)`` as for :func:`causal_lm_loss`, whose loss and gradients this equals.
     """
-    pg = resolve_group(group)
+    mesh = resolve_mesh(group)
+    pg = mesh.sp
     labels = labels.to(hidden.device)
     _check_batch(hidden, labels, "hidden states", "hidden")
     targets = _targets(hidden.shape[1], labels, pg, ignore_index, "hidden states")
     total = linear_cross_entropy(
         hidden, head.weight, targets, head.bias, chunk=chunk, ignore_index=ignore_index, impl=impl
     )
-    return total / _count(labels, ignore_index)
+    return total / _count(labels, ignore_index, mesh)
 
 
 def model_loss(
@@ -132,7 +145,7 @@ def model_loss(
     ``position_ids`` layout) and :func:`lm_head_loss` on its last hidden state with ``model``'s LM head.
     Equals ``causal_lm_loss(model(input_ids).logits, labels)``.
     """
-    _, pg = model_setup(model)
+    model_setup(model)  # raises unless the model was parallelized
     base, head = getattr(model, "base_model", None), model.get_output_embeddings()
     if base is None or base is model or not isinstance(head, nn.Linear):
         raise ValueError(
@@ -140,14 +153,18 @@ def model_loss(
             "call lm_head_loss on its hidden states"
         )
     hidden = base(input_ids=input_ids, position_ids=position_ids).last_hidden_state
-    return lm_head_loss(hidden, head, labels, pg, chunk=chunk, impl=impl, ignore_index=ignore_index)
+    return lm_head_loss(hidden, head, labels, layers(model)[0].mesh, chunk=chunk, impl=impl, ignore_index=ignore_index)
 
 
 def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The global loss value for logging (detached): the sum of the ranks' ``loss`` for sequence-split
-    strategies, ``loss`` itself for ``"tp"``. Collective for sequence-split strategies."""
+    strategies, ``loss`` itself for ``"tp"``; on a 2-D mesh, summed over the data-parallel replicas too.
+    Collective for sequence-split strategies and on a 2-D mesh."""
     spec, pg = model_setup(model)
     value = loss.detach().clone()
-    if not spec.sequence_split:
-        return value
-    return primitives.all_reduce(value, pg, category="metadata", label="loss")
+    if spec.sequence_split:
+        value = primitives.all_reduce(value, pg, category="metadata", label="loss")
+    mesh = layers(model)[0].mesh
+    if mesh.data_parallel:
+        value = primitives.all_reduce(value, mesh.dp, category="metadata", label="loss")
+    return value

@@ -9,8 +9,9 @@ Backends (``backend=`` on these ops, on the modules and on ``odysseus.paralleliz
   engine and consumed by the GEMM as their flags are set; partial products are written straight into
   the peers' buffers. On CUDA through torch symmetric memory; on CPU gloo groups through a shared-memory
   stand-in and the Triton interpreter (fp32/fp16), which runs the same code for tests.
-- ``auto``: ``symm`` for CUDA tensors where a first small call on the group agrees with ``naive``,
-  else ``pipelined`` (with one warning naming the reason).
+- ``auto``: ``symm`` for CUDA tensors where every rank of the group runs on one host (node) and a first
+  small call on the group agrees with ``naive``; ``pipelined`` (NCCL) for a group that spans hosts, and
+  (with one warning naming the reason) where the first call fails. Decided once per group.
 
 Every backend returns ``(B, L, N)`` views of sequence-major storage, and every op is recorded once in the
 CommLedger (:mod:`.ops`), with the bytes of the logical collective.

@@ -79,7 +79,7 @@ def _seq_major(B: int, L: int, N: int, like: torch.Tensor) -> torch.Tensor:
 def _record(op: str, pg, sizes: list[int], rank: int, batch: int, width: int, elem: int, label: str) -> None:
     """The one ledger record of a logical all-gather or reduce-scatter of rows of ``batch x width x elem`` bytes."""
     rule = gather_bytes if op == "all_gather" else scatter_bytes
-    record(op, *rule(sizes, rank, batch * width * elem), group_size(pg), "activation", label)
+    record(op, *rule(sizes, rank, batch * width * elem), group_size(pg), "activation", label, pg)
 
 
 def _ring(tokens: int, slots: int) -> Ring:

@@ -1,9 +1,13 @@
-"""Whether ``symm`` works on a group: one small call of each op against ``naive``, agreed by every rank.
+"""Whether ``symm`` works on a group: every rank on one host, then one small call of each op against ``naive``,
+agreed by every rank.
 
-``auto`` must never crash where ``pipelined`` works. So before it picks ``symm`` for a group, every rank
-runs a tiny ``ag_matmul`` and ``matmul_rs`` through ``symm`` and through ``naive`` and compares them; the
-ranks then exchange their verdicts, so all of them choose the same backend. A failure (an exception, or
-results that disagree) makes ``auto`` warn once, naming the rank and the reason, and use ``pipelined``.
+Symmetric memory maps the peers' buffers over NVLink: a group whose ranks span hosts (nodes; see
+:mod:`odysseus.comm.hosts`) takes ``pipelined`` (NCCL) without trying, and without a warning, as that is
+what such a group is for. ``auto`` must never crash where ``pipelined`` works. So before it picks ``symm``
+for a group, every rank runs a tiny ``ag_matmul`` and ``matmul_rs`` through ``symm`` and through ``naive``
+and compares them; the ranks then exchange their verdicts, so all of them choose the same backend. A
+failure (an exception, or results that disagree) makes ``auto`` warn once, naming the rank and the reason,
+and use ``pipelined``.
 An explicit ``backend="symm"`` skips the probe and raises whatever goes wrong.
 """
 
@@ -15,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm.groups import group_rank, group_size, meta_group
+from ..comm.hosts import group_hosts
 from ..comm.sizes import shard_sizes
 
 _VERDICTS: dict[tuple, str | None] = {}
@@ -78,8 +83,12 @@ def _try_symm(pg, device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def symm_works(pg, device: torch.device, dtype: torch.dtype) -> bool:
-    """Collective, once per (group, device, dtype): whether ``auto`` may use ``symm``; warns once if not."""
+    """Collective, once per (group, device, dtype): whether ``auto`` may use ``symm``; warns once if it fails
+    (not for a group that spans hosts, which never tries it: the host names are exchanged once per group)."""
     key = (pg.group_name, device, dtype)
+    hosts = group_hosts(pg)
+    if len(set(hosts)) > 1:
+        return False
     if key not in _VERDICTS:
         _VERDICTS[key] = _try_symm(pg, device, dtype)
         if _VERDICTS[key] is not None:

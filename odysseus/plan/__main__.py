@@ -1,6 +1,7 @@
 """A cost model that predicts step time and peak memory per rank for each strategy, and picks one.
 
     python -m odysseus.plan --model llama2-7b --seq 65536 --gpus 8 --hardware h100-nvlink
+    python -m odysseus.plan --model llama3-8b --seq 131072 --sp 8 --dp 4   # 4 replicas of 8: 32 GPUs, 4 nodes
     python -m odysseus.plan --calibrate bench.json          # fit rate and bandwidth to a bench_layer.py run
 
 What it counts, per rank and per training step of one micro-batch (see docs/PLANNER.md):
@@ -13,7 +14,9 @@ What it counts, per rank and per training step of one micro-batch (see docs/PLAN
   (checked by ``perf/comm_volume.py``; both in :mod:`odysseus.plan.forms`), against the link
   bandwidth, plus a fixed latency per collective. TP-SP and Odysseus all-gathers/reduce-scatters hide a
   backend-dependent fraction behind the GEMM they are fused with; Ulysses' all-to-all and TP's all-reduce
-  hide nothing; gradient syncs hide behind backward compute by a configurable fraction.
+  hide nothing; gradient syncs hide behind backward compute by a configurable fraction. On a ``(dp, sp)``
+  mesh (``--dp``) the gradients are also all-reduced over the replicas, across nodes at the NIC's bandwidth
+  once the job spans nodes (``odysseus.plan.data_parallel``); throughput is tokens/s per GPU of the job.
 - **Memory**: parameters, gradients and optimizer states of this rank, activations saved for backward
   (checked against ``SavedActivations`` by ``perf/memory.py``), the logits, and FSDP2's gathered
   buffers. Where activations do not fit, full activation recomputation (one more forward) is tried.
@@ -38,18 +41,19 @@ def _fmt_gb(b: float) -> str:
 def format_table(preds: list[Prediction]) -> str:
     """A markdown table of the ranking."""
     lines = [
-        "| # | strategy | fits | recompute | step ms | compute ms | exposed comm ms | link ms "
+        "| # | strategy | fits | recompute | step ms | tok/s/GPU | compute ms | exposed comm ms | link ms "
         "| GB recv/rank | params+grads+optim GB | activations GB | transient GB | peak GB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in preds:
         if not p.feasible:
-            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | {p.note} |")
+            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | | {p.note} |")
             continue
         m, c = p.memory, p.cost
         lines.append(
             f"| {p.rank or '-'} | {p.strategy} | {'yes' if p.fits else 'NO'} | {'yes' if p.recompute else 'no'} "
-            f"| {p.step_s * 1e3:.0f} | {c.compute_s * 1e3:.0f} | {c.exposed_comm_s * 1e3:.0f} | {c.link_s * 1e3:.0f} "
+            f"| {p.step_s * 1e3:.0f} | {p.tokens_per_s_per_gpu:,.0f} "
+            f"| {c.compute_s * 1e3:.0f} | {c.exposed_comm_s * 1e3:.0f} | {c.link_s * 1e3:.0f} "
             f"| {c.comm_bytes / 1e9:.1f} | {_fmt_gb(m['params'] + m['grads'] + m['optimizer'])} "
             f"| {_fmt_gb(m['activations'])} | {_fmt_gb(m['transient'])} | {_fmt_gb(m['total'])} | {p.note} |"
         )
@@ -62,9 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--model", choices=sorted(MODELS), help="model preset")
     p.add_argument("--seq", type=int, help="tokens per sequence")
-    p.add_argument("--gpus", type=int, help="ranks the layer is split over")
+    p.add_argument("--sp", type=int, help="ranks each layer is split over (one replica; best within a node)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas, each with its own batch")
+    p.add_argument("--gpus", type=int, help="shorthand for --sp N --dp 1")
     p.add_argument("--hardware", default="h100-nvlink", choices=sorted(HARDWARE))
-    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch and replica")
     p.add_argument(
         "--backend",
         default="symm",
@@ -90,24 +96,31 @@ def main(argv: list[str] | None = None) -> None:
         if args.model is None:
             return
         print()
-    if args.model is None or args.seq is None or args.gpus is None:
-        p.error("--model, --seq and --gpus are required (unless only --calibrate is given)")
+    if args.gpus is not None and args.sp is not None:
+        p.error("--gpus is shorthand for --sp N --dp 1: give one of --gpus and --sp")
+    sp = args.sp if args.sp is not None else args.gpus
+    if args.model is None or args.seq is None or sp is None:
+        p.error("--model, --seq and --sp (or --gpus) are required (unless only --calibrate is given)")
     preds = predict(
-        args.model, args.seq, args.gpus, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a
-    )
+        args.model, args.seq, sp, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a,
+        dp=args.dp,
+    )  # fmt: skip
     if args.json:
         # inf (step time of an infeasible strategy) is not JSON: write null.
         rows = [{**dataclasses.asdict(x), "step_s": x.step_s if math.isfinite(x.step_s) else None} for x in preds]
         print(json.dumps(rows, indent=1))
         return
+    mesh = f"{args.dp} replicas x {sp}" if args.dp > 1 else f"{sp}"
     print(
-        f"{args.model}, {args.batch} x {args.seq} tokens over {args.gpus} x {hw.name} "
+        f"{args.model}, {args.batch} x {args.seq} tokens per replica over {mesh} x {hw.name} "
         f"(backend {backend}, recompute {args.recompute}); per rank, one step of the whole model\n"
     )
     print(format_table(preds))
     win = preds[0]
     if win.rank == 1:
         print(f"\nwinner: {win.strategy} — {win.reason}")
+        gpus = args.dp * sp
+        print(f"job: {win.tokens_per_s_per_gpu * gpus:,.0f} tokens/s on {gpus} GPUs (predicted, not measured)")
     else:
         print("\nno strategy fits: " + "; ".join(f"{x.strategy}: {x.note}" for x in preds))
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
+from .data_parallel import dp_step_records
 from .forms import ffn_split, heads_split, strategy_records
 from .presets import Assumptions, Hardware, Model
 
@@ -84,17 +85,22 @@ def attention_flops(case: Case) -> float:
     return case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
 
 
-def comm_time(nbytes: float, op: str, world: int, hw: Hardware, a: Assumptions) -> float:
+def comm_time(
+    nbytes: float, op: str, world: int, hw: Hardware, a: Assumptions, across_nodes: bool | None = None
+) -> float:
     """Seconds for one rank to receive ``nbytes`` in collective ``op``, plus its fixed latency.
 
     Within a node every byte crosses the intra-node link. Across nodes a ring (all-gather, reduce-scatter,
     all-reduce) is as slow as its slowest hop, the NIC; an all-to-all sends each peer its own share, so
     only the share bound for other nodes crosses the NIC while the rest moves on the node's fabric.
+    ``across_nodes``: whether the group spans nodes (default: ``world`` ranks more than one node holds; a
+    data-parallel group of ``world`` ranks strided across nodes spans them however small).
     """
     eff = a.link_efficiency * a.collective_efficiency.get(op, 1.0)
-    if world <= hw.gpus_per_node or hw.inter_node_bw is None:
+    across = world > hw.gpus_per_node if across_nodes is None else across_nodes
+    if not across or hw.inter_node_bw is None:
         t = nbytes / hw.intra_node_bw
-    elif op == "all_to_all":
+    elif op == "all_to_all" and world > hw.gpus_per_node:
         remote = (world - hw.gpus_per_node) / (world - 1)
         t = max(nbytes * remote / hw.inter_node_bw, nbytes * (1 - remote) / hw.intra_node_bw)
     else:
@@ -169,9 +175,13 @@ def whole_vocab(case: Case) -> bool:
     return bool(case.spec.replicated)
 
 
-def model_step(model: Model, case: Case, hw: Hardware, a: Assumptions, backend: str, recompute: bool) -> Cost:
+def model_step(
+    model: Model, case: Case, hw: Hardware, a: Assumptions, backend: str, recompute: bool, dp: int = 1
+) -> Cost:
     """The slowest rank's step: every block, plus the LM head's flops and the gradient sync of non-block
-    weights. ``case.config`` is one block of ``model``; ``case.rank`` is ignored (every rank is evaluated)."""
+    weights, and with ``dp`` data-parallel replicas (each its own ``case.batch`` x ``case.seq`` tokens on
+    ``case.world`` ranks) the gradient sum over them (:func:`dp_sync`). ``case.config`` is one block of
+    ``model``; ``case.rank`` is ignored (every rank is evaluated)."""
     c, N, B, L = case.config, case.world, case.batch, case.seq
     per_rank = [block_cost(case.at(r), hw, a, backend, recompute) for r in range(N)]
     cost = max(per_rank, key=lambda x: x.time_s) * model.num_layers
@@ -187,4 +197,23 @@ def model_step(model: Model, case: Case, hw: Hardware, a: Assumptions, backend: 
         t = comm_time(nbytes, "all_reduce", N, hw, a)
         overlap = a.zero3_overlap if zero3 else a.grad_overlap
         head += Cost(exposed_comm_s=t - overlap * min(t, cost.compute_s), link_s=t, comm_bytes=nbytes, collectives=1)
-    return cost + head
+    step = cost + head
+    return step + dp_sync(model, case.at(0), hw, a, dp, step.compute_s)
+
+
+def dp_sync(model: Model, case: Case, hw: Hardware, a: Assumptions, dp: int, compute_s: float) -> Cost:
+    """The gradient traffic over ``dp`` replicas in one step (:func:`~odysseus.plan.data_parallel.dp_step_records`).
+
+    Ranks are laid out dp-major, so the data-parallel group spans nodes as soon as the job does (its ranks
+    are ``case.world`` apart). ``finalize_grads`` all-reduces after ``backward()`` (``grad_overlap`` of it
+    hides behind the step's compute); FSDP2's all-reduces under hybrid ZeRO-3 run during backward
+    (``zero3_overlap``)."""
+    out = Cost()
+    budget = compute_s
+    across = dp * case.world > hw.gpus_per_node
+    for who, nbytes, count in dp_step_records(case, dp, model.num_layers, model.vocab_size, model.tied_embeddings):
+        t = comm_time(nbytes, "all_reduce", dp, hw, a, across) + (count - 1) * 2 * a.collective_latency_s
+        hidden = min((a.zero3_overlap if who == "fsdp" else a.grad_overlap) * t, budget)
+        budget -= hidden
+        out += Cost(exposed_comm_s=t - hidden, link_s=t, comm_bytes=nbytes, collectives=count)
+    return out

@@ -43,6 +43,9 @@ class Prediction:
     """1-based place in the ranking (0: not ranked)."""
     reason: str = ""
     """For the winner: why it wins."""
+    tokens_per_s_per_gpu: float = 0.0
+    """Training throughput of the whole job divided by its GPUs: each replica's ``batch x seq`` tokens per
+    step over its ``sp`` GPUs."""
 
     @property
     def bound(self) -> str:
@@ -89,11 +92,15 @@ def predict(
     recompute: str = "auto",
     assumptions: Assumptions | None = None,
     dtype_bytes: int = 2,
+    dp: int = 1,
 ) -> list[Prediction]:
     """Predict step time and peak memory per rank of each strategy and rank them (fastest that fits first).
 
     ``model``/``hardware``: a preset name (``MODELS``, ``HARDWARE``) or an object. ``seq`` tokens
-    of ``batch`` sequences are split over ``gpus`` ranks. ``strategies``: variants or their names.
+    of ``batch`` sequences are split over ``gpus`` ranks (the ``sp`` dim); ``dp`` such replicas, each with
+    its own batch, sum their gradients (a ``(dp, sp)`` mesh of ``dp * gpus`` GPUs, dp-major: the data-parallel
+    group crosses nodes first; ZeRO-3 variants are planned as hybrid sharding, whose memory per GPU does not
+    depend on ``dp``). ``strategies``: variants or their names.
     ``backend``: the ``odysseus.overlap`` backend whose overlap fraction applies to fused collectives.
     ``recompute``: ``"auto"`` recomputes activations only where they do not fit otherwise,
     ``"never"``/``"always"`` force it. The first entry of the list carries the reason it won in ``reason``.
@@ -101,7 +108,7 @@ def predict(
     model = get_model(model) if isinstance(model, str) else model
     hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
     a = assumptions or Assumptions()
-    for name, value in (("seq", seq), ("gpus", gpus), ("batch", batch)):
+    for name, value in (("seq", seq), ("gpus", gpus), ("batch", batch), ("dp", dp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
     if recompute not in ("auto", "never", "always"):
@@ -114,8 +121,8 @@ def predict(
     for variant in strategies:
         case = Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes)
         why = heads_feasible(case.config, gpus)
-        if why is None and gpus > hw.max_gpus:
-            why = f"N={gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
+        if why is None and dp * gpus > hw.max_gpus:
+            why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
         if why is not None:
             out.append((Prediction(case.variant.name, False, False, False, math.inf, Cost(), {}, note=why), case))
             continue
@@ -124,14 +131,16 @@ def predict(
             fits = mem["total"] <= capacity
             if fits or rc == options[-1]:
                 break
-        cost = model_step(model, case, hw, a, backend, rc)
+        cost = model_step(model, case, hw, a, backend, rc, dp)
         note = "" if fits else f"needs {mem['total'] / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
-        out.append((Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note), case))
+        pred = Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note)
+        pred.tokens_per_s_per_gpu = batch * seq / (cost.time_s * gpus)
+        out.append((pred, case))
     ranked = sorted(out, key=lambda pc: (not pc[0].feasible, not pc[0].fits, pc[0].step_s))
     for k, (p, _) in enumerate(ranked, 1):
         p.rank = k if p.feasible and p.fits else 0
     if ranked and ranked[0][0].rank == 1:
-        ranked[0][0].reason = _reason(ranked, model, hw, a, backend)
+        ranked[0][0].reason = _reason(ranked, model, hw, a, backend, dp)
     return [p for p, _ in ranked]
 
 
@@ -141,14 +150,16 @@ def _peak_memory(model: Model, case: Case, a: Assumptions, recompute: bool) -> d
     return {k: max(m[k] for m in per_rank) for k in _PARTS}
 
 
-def _reason(ranked: list[tuple[Prediction, Case]], model: Model, hw: Hardware, a: Assumptions, backend: str) -> str:
+def _reason(
+    ranked: list[tuple[Prediction, Case]], model: Model, hw: Hardware, a: Assumptions, backend: str, dp: int
+) -> str:
     """Why the winner wins: ``memory`` if a strategy that would be faster without the memory limit (no
     recomputation, whatever the footprint) does not fit or must recompute, or if the runner-up must
     recompute and the winner need not; else the larger of the compute and communication differences to
     the runner-up."""
     win = ranked[0][0]
     unconstrained = {
-        k: model_step(model, case, hw, a, backend, False).time_s for k, (p, case) in enumerate(ranked) if p.feasible
+        k: model_step(model, case, hw, a, backend, False, dp).time_s for k, (p, case) in enumerate(ranked) if p.feasible
     }
     faster = [k for k, t in unconstrained.items() if t < win.step_s * 0.98 and k != 0]
     capacity_gb = hw.memory_bytes * a.usable_memory_fraction / 1e9

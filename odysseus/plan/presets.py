@@ -59,7 +59,8 @@ class Hardware:
     gpus_per_node: int
     """GPUs sharing the intra-node fabric."""
     inter_node_bw: float | None = None
-    """Bytes/s one GPU can receive from other nodes (its NIC); ``None``: a single node, N <= gpus_per_node."""
+    """Bytes/s one GPU can receive from other nodes (its NIC); ``None``: a single node, N <= gpus_per_node
+    (only calibrated hardware, which measured one node, has none)."""
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -206,17 +207,20 @@ a100-nvlink: A100-SXM4-80GB, 8 per node on NVLink 3 (NVSwitch)
     memory_bytes 80e9 | {A100}: 80GB HBM2e
     intra_node_bw 300e9 | {A100}: NVLink 600 GB/s total, i.e. 300 GB/s per direction
     gpus_per_node 8 | NVIDIA DGX A100 datasheet: 8x A100 with NVSwitch
-h100-nvlink: H100 SXM5 80GB, 8 per node on NVLink 4 (NVSwitch)
+    inter_node_bw 25e9 | DGX A100 datasheet: 8x ConnectX-6 200 Gb/s HDR (one per GPU) = 25 GB/s per direction per GPU
+h100-nvlink: H100 SXM5 80GB, 8 per node on NVLink 4 (NVSwitch), one 400 Gb/s NIC per GPU between nodes
     peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity, 989 dense
     memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
     intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction
     gpus_per_node 8 | NVIDIA DGX H100 datasheet: 8x H100 SXM with NVSwitch
+    inter_node_bw 50e9 | NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s per direction per GPU
 h100-pcie: H100 PCIe 80GB, 8 per server on PCIe Gen5 (no NVLink bridge)
     peak_flops 756e12 | {H100}: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity, 756 dense
     memory_bytes 80e9 | {H100}: H100 PCIe 80GB HBM2e
     intra_node_bw 64e9 | {H100}: PCIe Gen5 128 GB/s total, i.e. 64 GB/s per direction
     gpus_per_node 8 | assumption: an 8-GPU PCIe server
-h100-multinode: H100 SXM5 nodes of 8 on NVLink 4, one 400 Gb/s NIC per GPU between nodes
+    inter_node_bw 25e9 | assumption: one 400 Gb/s NIC per two GPUs, as in many PCIe servers: 25 GB/s per GPU
+h100-multinode: H100 SXM5 nodes of 8 on NVLink 4, one 400 Gb/s NIC per GPU between nodes (= h100-nvlink, older name)
     peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 989 TFLOPS dense
     memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
     intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction

@@ -66,7 +66,7 @@ class ParallelBlock(nn.Module):
                 with torch.no_grad():
                     norm.weight.copy_(weights[f"{name}.weight"])
             self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
-        self.pg = self.self_attn.pg
+        self.pg, self.mesh = self.self_attn.pg, self.self_attn.mesh
         track(self)
 
     def __deepcopy__(self, memo: dict) -> ParallelBlock:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..comm import group_rank, group_size, meta_group, resolve_group
+from ..comm import group_rank, group_size, meta_group
+from ..comm.mesh import resolve_mesh
 from ..config import TransformerConfig
 from ..layout import dense_shapes, has_bias
 from ..overlap import DEFAULT_RING, Ring, check_backend
@@ -48,10 +49,11 @@ def live_specs() -> Iterator[tuple[nn.Module, str, ParamSpec]]:
 
 
 def deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
-    """``copy.deepcopy`` of a module that holds a process group: everything is copied but the group, which the
-    copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks)."""
-    if module.pg is not None:
-        memo.setdefault(id(module.pg), module.pg)
+    """``copy.deepcopy`` of a module that holds a process group: everything is copied but the groups (and the
+    mesh), which the copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks)."""
+    for shared in (module.pg, module.mesh, module.mesh.dp, module.mesh.device_mesh):
+        if shared is not None:
+            memo.setdefault(id(shared), shared)
     new = type(module).__new__(type(module))
     memo[id(module)] = new
     new.__setstate__(copy.deepcopy(module.__dict__, memo))
@@ -61,6 +63,9 @@ def deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
 
 class ParallelModule(nn.Module):
     """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
+
+    ``group``: see :func:`odysseus.parallelize`; on a 2-D mesh the module runs over its ``sp`` group (``pg``)
+    and keeps the whole :class:`~odysseus.comm.mesh.Mesh` (``mesh``) for the gradient sum over ``dp``.
 
     ``weights`` maps the dense parameter names (``q_proj.weight``, ``q_proj.bias``...) to the dense
     tensors to take this rank's share of; it must hold a bias exactly where the config has one. Without it,
@@ -97,7 +102,9 @@ class ParallelModule(nn.Module):
         if not isinstance(config, TransformerConfig):
             raise TypeError(f"expected a TransformerConfig, got {type(config).__name__}")
         self.config = config
-        self.pg = resolve_group(group)
+        # The strategy runs over the mesh's sp group; dp (if any) only sums gradients (odysseus.finalize_grads).
+        self.mesh = resolve_mesh(group)
+        self.pg = self.mesh.sp
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
         self.check_finite, self.check_inputs = check_finite, check_inputs

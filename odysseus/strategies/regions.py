@@ -86,6 +86,7 @@ class Region:
 
     def __init__(self, module, who: str):
         self.pg, self.rank, self.backend, self.who = module.pg, module.rank, module.backend, who
+        self.dp = module.mesh.dp
         self.check_finite, self.check_inputs = module.check_finite, module.check_inputs
         self.save_input, self.ring = module.save_input, module.ring
 
@@ -94,7 +95,7 @@ class Region:
         """Check ``x: (batch, seq_here, hidden)`` and ``position_ids`` (in ``x``'s layout) on every rank at once."""
 
         def local_checks() -> None:
-            check_not_in_ddp(self.pg, self.who)
+            check_not_in_ddp(self.pg, self.who, self.dp)
             if position_ids is not None:
                 normalize_position_ids(position_ids, x.shape[0], x.shape[1], 0, x.device)
 

@@ -1,0 +1,146 @@
+"""A 2-D device mesh, data-parallel x sequence-parallel: which group does what.
+
+A strategy runs over the ``sp`` group (the sequence- or tensor-parallel ranks, best kept inside one NVLink
+node); the ``dp`` group holds the other replicas of the same shard, each fed its own batch, over which
+gradients are summed (or, with ZeRO-3, sharded and reduced by FSDP2). Callers pass any of:
+
+- ``None``, a ``ProcessGroup`` or a 1-D ``DeviceMesh``: one group, no data parallelism;
+- a 2-D ``DeviceMesh`` with named dims, one of them named ``sp`` (or ``cp``, ``tp``) and the other taken as
+  data-parallel, e.g. ``init_device_mesh("cuda", (dp, sp), mesh_dim_names=("dp", "sp"))``;
+- a pair of process groups ``(dp_group, sp_group)``, outer dim first, as a mesh's dims are.
+
+:func:`resolve_mesh` turns each into a :class:`Mesh`. :func:`hsdp_mesh` and :func:`flat_group` build what
+ZeRO-3's hybrid and full sharding give FSDP2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .groups import group_rank, group_size, meta_group
+from .ledger import name_group
+
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # pragma: no cover - torch builds without distributed
+    DeviceMesh = ()
+
+SP_NAMES = ("sp", "cp", "tp")
+"""Mesh dim names taken as the dim a strategy runs over; the other dim of a 2-D mesh is data-parallel."""
+_EXPECTED = (
+    "a ProcessGroup, a 1-D DeviceMesh, a 2-D DeviceMesh with named dims such as ('dp', 'sp'), a (dp_group, "
+    "sp_group) pair or None"
+)
+_HSDP: dict[tuple, DeviceMesh] = {}
+_FLAT: dict[tuple, dist.ProcessGroup] = {}
+
+
+@dataclass(frozen=True, eq=False)
+class Mesh:
+    """The groups of one rank: ``sp`` runs the strategy, ``dp`` (None: no data parallelism) the replicas.
+
+    ``device_mesh``: the 2-D ``DeviceMesh`` the caller gave, if any, and ``sp_dim`` its dim that is ``sp``.
+    """
+
+    sp: dist.ProcessGroup | None
+    dp: dist.ProcessGroup | None = None
+    device_mesh: DeviceMesh | None = None
+    sp_dim: int = 1
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether there is more than one replica to sum gradients over."""
+        return group_size(self.dp) > 1
+
+
+def is_2d(group) -> bool:
+    """Whether ``group`` is one of the 2-D forms (a 2-D DeviceMesh or a pair of groups)."""
+    return (isinstance(group, DeviceMesh) and group.ndim == 2) or isinstance(group, (tuple, list))
+
+
+def resolve_mesh(group=None) -> Mesh:
+    """The :class:`Mesh` of ``group`` (see the module docstring for what it may be)."""
+    from .groups import resolve_group
+
+    if isinstance(group, Mesh):
+        return group
+    if isinstance(group, (tuple, list)):
+        return _from_pair(group)
+    if not is_2d(group):
+        return Mesh(resolve_group(group))
+    names = group.mesh_dim_names
+    sp_dims = [i for i, n in enumerate(names or ()) if n in SP_NAMES]
+    if len(sp_dims) != 1:
+        raise ValueError(
+            f"a 2-D DeviceMesh {tuple(group.shape)} with dims named {names}: expected exactly one dim named one of "
+            f"{SP_NAMES} (the dim the strategy runs over), the other data-parallel; build it with "
+            "init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp'))"
+        )
+    sp_dim = sp_dims[0]
+    sp, dp = group.get_group(sp_dim), group.get_group(1 - sp_dim)
+    name_group(sp, "sp")
+    name_group(dp, "dp")
+    return Mesh(sp, dp, group, sp_dim)
+
+
+def _from_pair(pair) -> Mesh:
+    """A ``(dp_group, sp_group)`` pair, checked: two process groups that share this rank and no other."""
+    if len(pair) != 2 or not all(isinstance(g, dist.ProcessGroup) for g in pair):
+        kinds = [type(g).__name__ for g in pair]
+        raise TypeError(f"expected a (dp_group, sp_group) pair of ProcessGroups, got {kinds}; or {_EXPECTED}")
+    dp, sp = pair
+    dp_ranks, sp_ranks = dist.get_process_group_ranks(dp), dist.get_process_group_ranks(sp)
+    if set(dp_ranks) & set(sp_ranks) != {dist.get_rank()}:
+        raise ValueError(
+            f"the dp group {dp_ranks} and the sp group {sp_ranks} must share this rank ({dist.get_rank()}) and no "
+            "other: each replica (dp) holds one copy of each sequence shard (sp)"
+        )
+    name_group(sp, "sp")
+    name_group(dp, "dp")
+    return Mesh(sp, dp)
+
+
+def _layout(mesh: Mesh) -> torch.Tensor:
+    """The global ranks as a ``(dp, sp)`` tensor: row i is the sp group of dp rank i (collective over dp)."""
+    if mesh.device_mesh is not None:
+        layout = mesh.device_mesh.mesh
+        return layout if mesh.sp_dim == 1 else layout.t()
+    rows: list = [None] * group_size(mesh.dp)
+    dist.all_gather_object(rows, dist.get_process_group_ranks(mesh.sp), group=meta_group(mesh.dp))
+    layout = torch.tensor(rows)
+    column = layout[:, group_rank(mesh.sp)].tolist()
+    if column != dist.get_process_group_ranks(mesh.dp):
+        raise ValueError(
+            f"the (dp, sp) groups do not form a mesh: the sp groups of the dp ranks are {rows}, so this rank's "
+            f"column is {column}, not its dp group {dist.get_process_group_ranks(mesh.dp)}"
+        )
+    return layout
+
+
+def hsdp_mesh(mesh: Mesh, device_type: str) -> DeviceMesh:
+    """A 2-D ``DeviceMesh`` in (dp, sp) order, built on the mesh's own groups: what FSDP2 ``fully_shard`` takes
+    for hybrid sharding (replicate over dim 0, shard over dim 1). Collective over dp the first time."""
+    given = mesh.device_mesh
+    if given is not None and mesh.sp_dim == 1 and given.device_type == device_type:
+        return given  # already (dp, sp)
+    key = (mesh.dp.group_name, mesh.sp.group_name, device_type)
+    if key not in _HSDP:
+        _HSDP[key] = DeviceMesh.from_group(
+            [mesh.dp, mesh.sp], device_type, mesh=_layout(mesh), mesh_dim_names=("dp", "sp")
+        )
+    return _HSDP[key]
+
+
+def flat_group(mesh: Mesh) -> dist.ProcessGroup:
+    """One process group over every rank of the mesh (dp x sp), for ZeRO-3 sharded over all of them.
+
+    Collective over the mesh's ranks the first time (only they take part in creating it)."""
+    key = (mesh.dp.group_name, mesh.sp.group_name)
+    if key not in _FLAT:
+        ranks = sorted(_layout(mesh).flatten().tolist())
+        whole = ranks == list(range(dist.get_world_size()))
+        _FLAT[key] = dist.group.WORLD if whole else dist.new_group(ranks, use_local_synchronization=True)
+    return _FLAT[key]
