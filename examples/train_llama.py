@@ -9,6 +9,16 @@ on every rank), parallelized in place by ``odysseus.integrations.hf.parallelize_
 the loss has something to learn); with ``--data PATH``, random windows of the file's bytes (vocabulary 256).
 Every rank draws the same batch and feeds its sequence shard (``tp``: the whole sequence).
 
+``--clip MAX`` clips the gradient to norm MAX with ``odysseus.clip_grad_norm_`` (the unsplit model's norm,
+the same on every rank); the bar then shows that norm before clipping. ``--autocast`` runs the forward
+pass under ``torch.autocast`` in bf16 (weights and optimizer stay fp32).
+
+Long sequences: ``--checkpoint`` recomputes every layer in backward and keeps only its input (``--offload``
+keeps that in host memory), ``--ffn-tile T`` runs the FFN T tokens per rank at a time, ``--loss-chunk C``
+computes the LM head and the loss C tokens at a time without the full logits (Liger-Kernel's fused kernel
+on CUDA when installed), ``--save-input shard`` keeps each rank's shard rather than the gathered sequence for
+the weight gradients. ``python -m odysseus.plan ... --max-seq`` says which of them a length needs.
+
 The progress bar (rank 0) shows the step, the global loss, tokens per second over all ranks and the peak
 memory of each rank: ``torch.cuda.max_memory_allocated`` on GPU, the peak resident set size
 (``getrusage`` ``ru_maxrss``) of the process on CPU. ``--save-every K`` writes a checkpoint every K steps
@@ -35,6 +45,7 @@ from odysseus.integrations.hf import (
     causal_lm_loss,
     finalize_model_grads,
     global_loss,
+    model_loss,
     parallelize_llama,
     save_pretrained,
 )
@@ -54,9 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=256, help="synthetic data only; --data uses 256 (bytes)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--autocast", action="store_true", help="forward under torch.autocast in bf16")
+    p.add_argument("--clip", type=float, default=0.0, help="clip the gradient norm to this value (0: off)")
     p.add_argument("--data", help="a text file to train on (byte-level tokens); synthetic tokens without it")
     p.add_argument("--zero3", action="store_true", help="shard the layers' replicated weights with FSDP2")
     p.add_argument("--backend", default="auto", help="overlap backend of tp-sp/odysseus (odysseus.parallelize)")
+    p.add_argument("--checkpoint", action="store_true", help="recompute each layer in backward (keep its input)")
+    p.add_argument("--offload", action="store_true", help="with --checkpoint: keep the layer inputs in host memory")
+    p.add_argument("--ffn-tile", type=int, help="run the FFN this many tokens per rank at a time (recomputed)")
+    p.add_argument("--loss-chunk", type=int, help="LM head and loss this many tokens at a time (no full logits)")
+    p.add_argument("--save-input", choices=("gathered", "shard"), default="gathered", help="see odysseus.parallelize")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every K steps (0: never)")
     p.add_argument("--out", default="checkpoints", help="checkpoint directory")
     p.add_argument("--metrics", help="write the losses and the ZeRO-3-sharded parameter names as JSON (rank 0)")
@@ -116,7 +134,10 @@ def build_model(args: argparse.Namespace, vocab: int, device: torch.device) -> L
     )
     torch.manual_seed(args.seed)  # every rank builds the same weights; each then keeps its share
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
-    parallelize_llama(model, args.strategy, backend=args.backend)
+    parallelize_llama(
+        model, args.strategy, backend=args.backend, save_input=args.save_input,
+        checkpoint=args.checkpoint, offload=args.offload, ffn_tile=args.ffn_tile,
+    )  # fmt: skip
     if args.zero3:
         odysseus.zero3(model)
     return model
@@ -135,21 +156,31 @@ def train(args: argparse.Namespace) -> list[float]:
     for step in range(1, args.steps + 1):
         start = time.perf_counter()
         ids = data.get(step).to(device)
-        logits = model(odysseus.shard_sequence(ids) if split else ids).logits
-        loss = causal_lm_loss(logits, ids)
+        x = odysseus.shard_sequence(ids) if split else ids
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast):
+            if args.loss_chunk:
+                loss = model_loss(model, x, ids, chunk=args.loss_chunk)
+            else:
+                loss = causal_lm_loss(model(x).logits, ids)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         finalize_model_grads(model)
+        norm = odysseus.clip_grad_norm_(model, args.clip) if args.clip else None
         opt.step()
         losses.append(global_loss(loss, model).item())  # .item() waits for the step: the time below is real
         elapsed = time.perf_counter() - start
+        # The step's numbers and its count change together: set_postfix_str used to redraw the bar before
+        # update(1) counted the step, so the bar showed step k-1 beside step k's loss.
         if step % args.log_every == 0 or step == args.steps:
             peaks = [None] * world
             dist.all_gather_object(peaks, round(peak_memory_mib(device)))
-            bar.set_postfix_str(
-                f"loss {losses[-1]:.4f}  tok/s {args.batch * args.seq / elapsed:,.0f}  peak MiB/rank {peaks}"
-            )
-        bar.update(1)
+            shown = f"loss {losses[-1]:.4f}" + (f"  grad norm {norm.item():.3f}" if norm is not None else "")
+            postfix = f"{shown}  tok/s {args.batch * args.seq / elapsed:,.0f}  peak MiB/rank {peaks}"
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.update(1)
+            bar.refresh()  # update() skips drawing within tqdm's mininterval of the last draw
+        else:
+            bar.update(1)
         if args.save_every and step % args.save_every == 0:
             save_pretrained(model, os.path.join(args.out, f"step-{step}"))
     bar.close()

@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
 import triton.language as tl
+
+from odykernels._tiles import grouped_tile
 
 # Columns of one row of the M-tile table, int32 [num_mtiles, TABLE_COLS]; constexpr so kernels can use them.
 ROW_START = tl.constexpr(0)
@@ -18,6 +21,28 @@ CHUNK = tl.constexpr(2)
 CHUNK_START = tl.constexpr(3)
 CHUNK_MTILES = tl.constexpr(4)
 TABLE_COLS = tl.constexpr(5)
+
+
+@triton.jit
+def chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M: tl.constexpr):
+    """Output tile ``tile`` of a fused kernel (grouped order over the table's M-tiles, see ``grouped_tile``):
+    ``(row_start, row_end, chunk, chunk_start, chunk_mtiles, pid_n)``, its M-tile's table row and its N-tile.
+
+    Compiled, the loads of columns a caller does not use are dead code and disappear.
+    """
+    mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
+    entry = mtiles_ptr + mtile * TABLE_COLS
+    return (
+        tl.load(entry + ROW_START), tl.load(entry + ROW_END), tl.load(entry + CHUNK), tl.load(entry + CHUNK_START),
+        tl.load(entry + CHUNK_MTILES), pid_n,
+    )  # fmt: skip
+
+
+@triton.jit
+def chunk_rows(row_start, row_end, BLOCK_M: tl.constexpr):
+    """Pointer path: the rows an M-tile loads, ``[BLOCK_M]``; the tail of a chunk's last M-tile wraps onto
+    the chunk's own rows, never the next chunk's (whose rows may still be landing)."""
+    return row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
 
 
 def split_rows(total: int, world: int) -> list[int]:

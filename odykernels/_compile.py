@@ -60,25 +60,25 @@ DTYPES = ("bf16", "fp16")
 NUM_SMS = {80: 108, 90: 132}
 _BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-# Tensor-parallel GEMM shapes at world 8 for 8192 tokens: (label, M, K, N). QKV: K = d, N = (q + 2 kv
-# heads) x 128 / 8; o_proj: K = d / 8, N = d; gate/up fused: K = d, N = 2 x ffn / 8; down: K = ffn / 8,
-# N = d. Plus a skinny N = d / 8 = 512 (one rank's slice of a square d x d projection).
+# Tensor-parallel GEMM shapes at world 8 for 8192 tokens: (label, M, K, N), four per model (d = model width,
+# q and kv = query and key/value heads of 128 dims, ffn = MLP width): QKV: K = d, N = (q + 2 kv) x 128 / 8;
+# o_proj: K = d / 8, N = d; gate/up fused: K = d, N = 2 x ffn / 8; down: K = ffn / 8, N = d. Plus a skinny
+# N = d / 8 = 512 (one rank's slice of a square d x d projection).
 TOKENS = 8192
+TP_WORLD = 8
+HEAD_DIM = 128
+# model: (d, q heads, kv heads, ffn)
+TP_MODELS = {"llama2-7b": (4096, 32, 32, 11008), "llama3-8b": (4096, 32, 8, 14336), "llama2-70b": (8192, 64, 8, 28672)}
 TP_SHAPES: list[tuple[str, int, int, int]] = [
-    ("llama2-7b qkv", TOKENS, 4096, 1536),
-    ("llama2-7b o_proj", TOKENS, 512, 4096),
-    ("llama2-7b gate/up", TOKENS, 4096, 2752),
-    ("llama2-7b down", TOKENS, 1376, 4096),
-    ("llama3-8b qkv", TOKENS, 4096, 768),
-    ("llama3-8b o_proj", TOKENS, 512, 4096),
-    ("llama3-8b gate/up", TOKENS, 4096, 3584),
-    ("llama3-8b down", TOKENS, 1792, 4096),
-    ("llama2-70b qkv", TOKENS, 8192, 1280),
-    ("llama2-70b o_proj", TOKENS, 1024, 8192),
-    ("llama2-70b gate/up", TOKENS, 8192, 7168),
-    ("llama2-70b down", TOKENS, 3584, 8192),
-    ("skinny N=d/8", TOKENS, 4096, 512),
-]
+    shape
+    for model, (d, q, kv, ffn) in TP_MODELS.items()
+    for shape in (
+        (f"{model} qkv", TOKENS, d, (q + 2 * kv) * HEAD_DIM // TP_WORLD),
+        (f"{model} o_proj", TOKENS, d // TP_WORLD, d),
+        (f"{model} gate/up", TOKENS, d, 2 * ffn // TP_WORLD),
+        (f"{model} down", TOKENS, ffn // TP_WORLD, d),
+    )
+] + [("skinny N=d/8", TOKENS, 4096, 4096 // TP_WORLD)]
 
 # Pointer arguments other than the data tensors (which take the dtype being compiled).
 _INDEX_POINTERS = {

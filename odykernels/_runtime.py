@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import functools
 import types
+from collections.abc import Callable
 
 import torch
 import triton.language as tl
@@ -154,6 +155,8 @@ class Launch:
     kwargs: dict = dataclasses.field(default_factory=dict)
     out: torch.Tensor | None = None
     """The tensor the kernel writes, when it has one to return."""
+    verify: Callable[[], None] | None = None
+    """Reads the launch's status record and raises ``TimeoutError`` if a wait gave up (kernels that wait)."""
 
     def compile(self) -> Launch:
         """Compile for these arguments without running (a no-op under the interpreter, which compiles nothing)."""
@@ -166,3 +169,20 @@ class Launch:
         if self.kernel is not None:
             launchable(self.kernel, self.device)[self.grid](*self.args, **self.kwargs)
         return self.out
+
+    def check(self) -> None:
+        """Raise ``TimeoutError`` if a wait of this launch gave up (synchronizes with the device)."""
+        if self.verify is not None:
+            self.verify()
+
+
+def run_checked(prepare: Callable[..., Launch], what: str, args: tuple, kwargs: dict, check: bool):
+    """``prepare(*args, **kwargs).run()``, then (``check``) its timeout check: the plain launcher of a kernel
+    that waits. ``check=False`` needs the caller's ``status`` record, to check later."""
+    if not check and kwargs.get("status") is None:
+        raise ValueError(f"{what}: check=False needs a status tensor to record timeouts in")
+    launch = prepare(*args, **kwargs)
+    out = launch.run()
+    if check:
+        launch.check()
+    return out

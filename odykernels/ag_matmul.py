@@ -18,87 +18,39 @@ the lookahead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from odykernels._chunks import CHUNK, ROW_END, ROW_START, TABLE_COLS, check_chunks, mtile_table
-from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
-from odykernels.matmul import (
-    check_operands,
-    check_out,
-    choose_path,
-    config_for,
-    descriptors,
-    gemm_launch_metadata,
-    grouped_tile,
-    input_precision,
-    load_a,
-    load_b,
-    out_vec,
-    store_tile,
-    tile_dot,
-    wrapped_cols,
-)
-from odykernels.signal import (
-    DEFAULT_TIMEOUT_S,
-    check_epoch,
-    check_flags_tensor,
-    check_status,
-    check_status_tensor,
-    new_status,
-    wait_budget,
-    wait_flag,
-    wait_flag_for_tma,
-)
+from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
+from odykernels._runtime import Launch, is_interpreted, normalize_device, run_checked
+from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
+from odykernels.matmul import check_operands, gemm_launch_metadata, out_tensor, out_vec, plan_gemm
+from odykernels.signal import DEFAULT_TIMEOUT_S, check_status, check_waits, new_status, wait_flag, wait_flag_for_tma
 
 
 @triton.jit(
     do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "pointer")
 )
 def _ag_matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    flags_ptr,
-    status_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    rank,
-    expected,
-    budget,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
-):
+    a_ptr, b_ptr, c_ptr, flags_ptr, status_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    rank, expected, budget,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr, USE_CLOCK: tl.constexpr,
+):  # fmt: skip
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
-        mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-        row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-        row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-        chunk = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+        row_start, row_end, chunk, _, _, pid_n = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
         if chunk != rank:
             wait_flag(flags_ptr + chunk, expected, budget, status_ptr, chunk, tile, USE_CLOCK)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # The tail of a chunk's last M-tile wraps onto the chunk's own rows: never the next chunk's.
-        in_chunk = row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
+        rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
-            a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+            a_ptr, b_ptr, chunk_rows(row_start, row_end, BLOCK_M), wrapped_cols(pid_n, N, BLOCK_N), K,
+            stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
         store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
 
@@ -113,8 +65,7 @@ def acquire_tile_chunk(
     ``ready`` is an int64 bitmask of the chunks this program has acquired; chunks 63 and up are never
     recorded (and so waited on per tile, still correctly). Returns the updated mask.
     """
-    mtile, _ = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-    chunk = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
+    _, _, chunk, _, _, _ = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
     bit = tl.where(chunk < 63, tl.full([], 1, tl.int64) << tl.minimum(chunk, 62).to(tl.int64), 0)
     if (chunk != rank) & ((ready & bit) == 0):
         wait_flag_for_tma(flags_ptr + chunk, expected, budget, status_ptr, chunk, tile, USE_CLOCK)
@@ -124,37 +75,18 @@ def acquire_tile_chunk(
 
 @triton.jit(do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "tma"))
 def _ag_matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    c_ptr,
-    flags_ptr,
-    status_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_cm,
-    stride_cn,
-    rank,
-    expected,
-    budget,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-    LOOKAHEAD: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
-):
+    a_desc, b_desc, c_ptr, flags_ptr, status_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_cm, stride_cn,
+    rank, expected, budget,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+    LOOKAHEAD: tl.constexpr, USE_CLOCK: tl.constexpr,
+):  # fmt: skip
     # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table, plus the flag waits.
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_mtiles, N, K, BLOCK_N, BLOCK_K)
     total = my_tiles * k_tiles
     # Iterations [0, LOOKAHEAD) are this program's first tiles; the pipeline prologue may load them before
     # the loop body runs, so their chunks are acquired first. Iteration `it` acquires the tile that starts
@@ -165,19 +97,13 @@ def _ag_matmul_tma_kernel(
             pid + t * progs, ready, num_mtiles, num_pid_n, mtiles_ptr, flags_ptr, status_ptr, rank, expected, budget,
             GROUP_M, USE_CLOCK,
         )  # fmt: skip
-    tile = pid - progs
-    ki = -1
-    row_start = 0
-    row_end = 0
-    pid_n = 0
+    tile, ki, row_start, row_end, pid_n = pid - progs, -1, 0, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(0, total):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
-            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
+            row_start, row_end, _, _, _, pid_n = chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)
         ahead = it + LOOKAHEAD
         if (ahead < total) & (ahead % k_tiles == 0):
             ready = acquire_tile_chunk(
@@ -186,12 +112,11 @@ def _ag_matmul_tma_kernel(
             )  # fmt: skip
         # A chunk's partial last tile reads up to BLOCK_M - 1 rows past the chunk (the next chunk's rows,
         # maybe still landing, or zeros past M); those rows only reach output rows the store drops.
-        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS, INPUT_PRECISION
+        )
         if ki == k_tiles - 1:
-            rows = row_start + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
             store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -203,85 +128,17 @@ def prepare_ag_matmul(
     rank: int,
     flags: torch.Tensor,
     expected: int,
+    *,
     out: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
     max_programs: int | None = None,
-    *,
     path: str | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`ag_matmul` and configure its launch (run it with ``.run()``).
+    """The launch of ``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it landed.
 
-    ``status`` is required here: the caller checks it when it chooses. The launch's ``out`` is the output
-    tensor, already zero-filled when ``K == 0``. ``path``: see :func:`ag_matmul`.
-    """
-    what = "ag_matmul"
-    check_operands(a_full, b, what)
-    M, K = a_full.shape
-    N = b.shape[1]
-    device = a_full.device
-    check_chunks(chunk_sizes, rank, M, what)
-    check_flags_tensor(flags, len(chunk_sizes), device, what)
-    check_epoch(expected, what, "expected")
-    interpreted = is_interpreted(_ag_matmul_kernel, device)
-    budget = wait_budget(timeout_s, interpreted, what)
-    if status is None:
-        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
-    check_status_tensor(status, device, what)
-    if out is None:
-        out = torch.empty((M, N), dtype=a_full.dtype, device=device)
-    else:
-        check_out(out, (M, N), device, what)
-    if M == 0 or N == 0:
-        return Launch(None, device, out=out)
-    if K == 0:
-        return Launch(None, device, out=out.zero_())
-
-    path = choose_path(a_full, b, _ag_matmul_tma_kernel, path, what)
-    kernel = _ag_matmul_tma_kernel if path == "tma" else _ag_matmul_kernel
-    cfg = config_for(M, N, K, a_full, b, out.dtype, kernel, path)
-    table = mtile_table(chunk_sizes, rank, cfg.block_m, normalize_device(device))
-    num_mtiles = table.shape[0]
-    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a_full.dtype), OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a_full, b, cfg)
-        args = (
-            a_desc, b_desc, out, flags, status, table, num_mtiles, N, K, out.stride(0), out.stride(1),
-            rank, expected, budget,
-        )  # fmt: skip
-        kwargs.update(layout, LOOKAHEAD=cfg.num_stages)
-        return Launch(kernel, device, (progs,), args, kwargs, out)
-    args = (
-        a_full, b, out, flags, status, table, num_mtiles, N, K,
-        a_full.stride(0), a_full.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        rank, expected, budget,
-    )  # fmt: skip
-    kwargs.update(EVEN_K=K % cfg.block_k == 0)
-    return Launch(kernel, device, (progs,), args, kwargs, out)
-
-
-def ag_matmul(
-    a_full: torch.Tensor,
-    b: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    flags: torch.Tensor,
-    expected: int,
-    out: torch.Tensor | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    status: torch.Tensor | None = None,
-    check: bool = True,
-    max_programs: int | None = None,
-    *,
-    path: str | None = None,
-) -> torch.Tensor:
-    """``a_full @ b``, each chunk of ``a_full``'s rows read only after its flag says it has landed.
+    Checks the arguments and configures the launch; ``.run()`` runs it, ``.check()`` raises ``TimeoutError``
+    (naming rank, chunk and flag values) if a wait gave up. :func:`ag_matmul` does both.
 
     Args:
         a_full: (M, K) gathered input, any strides. Rows ``[starts[c], starts[c+1])`` are chunk ``c``,
@@ -299,10 +156,8 @@ def ag_matmul(
         timeout_s: bound on one wait: GPU time on a GPU, a poll budget under the interpreter
             (:func:`odykernels.signal.wait_budget`).
         status: optional int32 (4,) record (see :mod:`odykernels.signal`), zero on entry; a fresh one by
-            default. Pass one to check several launches at once.
-        check: synchronize after the launch and raise ``TimeoutError`` (naming rank, chunk and flag values)
-            if a wait gave up. With ``check=False`` nothing synchronizes; then ``status`` is required, and
-            the caller checks it later with :func:`odykernels.signal.check_status`.
+            default. Pass one to check several launches at once, later, with
+            :func:`odykernels.signal.check_status`.
         max_programs: cap on the persistent grid (default: one program per SM). Each program holds most of
             an SM's registers, so a kernel that must run on this GPU while this one waits (a local copy
             kernel feeding the flags, say) needs SMs left free for it; the waits are bounded either way.
@@ -310,16 +165,43 @@ def ag_matmul(
             ``b`` are 16-byte aligned with a unit stride, see :func:`odykernels.matmul.choose_path`).
 
     Returns:
-        (M, N) tensor ``out``. After a timeout its tiles of the late chunk hold garbage.
+        The launch; its ``out`` is the (M, N) output, already zero-filled when ``K == 0``. After a timeout
+        the output's tiles of the late chunk hold garbage.
     """
-    if status is None:
-        if not check:
-            raise ValueError("ag_matmul: check=False needs a status tensor to record timeouts in")
-        status = new_status(a_full.device)
-    launch = prepare_ag_matmul(
-        a_full, b, chunk_sizes, rank, flags, expected, out, timeout_s, status, max_programs, path=path
+    what = "ag_matmul"
+    M, N, K = check_operands(a_full, b, what)
+    device = a_full.device
+    check_chunks(chunk_sizes, rank, M, what)
+    interpreted = is_interpreted(_ag_matmul_kernel, device)
+    status = new_status(device) if status is None else status
+    budget = check_waits(flags, len(chunk_sizes), expected, timeout_s, status, device, interpreted, what, "expected")
+    out = out_tensor(out, (M, N), a_full.dtype, device, what)
+    if M == 0 or N == 0:
+        return Launch(None, device, out=out)
+    if K == 0:
+        return Launch(None, device, out=out.zero_())
+    verify = functools.partial(check_status, status, rank, what, "chunk")
+
+    plan = plan_gemm(a_full, b, out.dtype, (_ag_matmul_kernel, _ag_matmul_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, rank, plan.cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    args = (
+        *plan.operands, out, flags, status, table, num_mtiles, N, K, *plan.strides, out.stride(0), out.stride(1),
+        rank, expected, budget,
+    )  # fmt: skip
+    lookahead = {"LOOKAHEAD": plan.cfg.num_stages} if plan.path == "tma" else {}
+    launch = plan.launch(
+        num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **lookahead
     )
-    out = launch.run()
-    if check:
-        check_status(status, rank, "ag_matmul", index_name="chunk")
-    return out
+    launch.verify = verify
+    return launch
+
+
+def ag_matmul(*args, check: bool = True, **kwargs) -> torch.Tensor:
+    """``a_full @ b`` with waits on the chunks' flags: :func:`prepare_ag_matmul`'s launch, run and checked.
+
+    Takes :func:`prepare_ag_matmul`'s arguments, and ``check``: synchronize after the launch and raise
+    ``TimeoutError`` (naming rank, chunk and flag values) if a wait gave up. With ``check=False`` nothing
+    synchronizes; ``status`` is then required, for the caller to check later. Returns the (M, N) output.
+    """
+    return run_checked(prepare_ag_matmul, "ag_matmul", args, kwargs, check)

@@ -1,4 +1,5 @@
-"""Persistent tiled GEMM ``C = A @ B``, the tile helpers and configs the fused kernels share.
+"""Persistent tiled GEMM ``C = A @ B``, and what the three GEMM launchers share: configs, checks, path
+choice, :func:`plan_gemm` (their kernels share the tile helpers of :mod:`odykernels._tiles`).
 
 Two code paths, chosen on the host per call (:func:`choose_path`), each compiled for its target:
 
@@ -7,7 +8,7 @@ Two code paths, chosen on the host per call (:func:`choose_path`), each compiled
   the software pipeline keeps loading the next tile's first K blocks while the current tile's epilogue
   stores, instead of draining and refilling per tile.
 * ``"pointer"`` (sm_80, unaligned or K == 0 operands, and the default under the interpreter): pointer
-  loads the compiler turns into ``cp.async``, one K loop per tile (:func:`tile_dot`).
+  loads the compiler turns into ``cp.async``, one K loop per tile (``_tiles.tile_dot``).
 
 Programs walk output tiles ``pid, pid + P, pid + 2P, ...`` in grouped order (``GROUP_M`` M-tiles side
 by side sweep N together, so their A rows and B columns stay in L2).
@@ -21,6 +22,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from odykernels._runtime import (
@@ -31,119 +33,17 @@ from odykernels._runtime import (
     normalize_device,
     num_programs,
 )
+from odykernels._tiles import (
+    flat_loop_bounds,
+    grouped_tile,
+    store_tile,
+    tile_dot,
+    tile_offsets,
+    tma_dot_step,
+    wrapped_cols,
+)
 
 PATHS = ("tma", "pointer")
-
-# ----------------------------------------------------------------------------------------- tile helpers
-
-
-@triton.jit
-def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of linear ``tile`` when ``GROUP_M`` M-tiles at a time sweep all N-tiles."""
-    in_group = GROUP_M * num_pid_n
-    first_m = (tile // in_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % in_group) % group_m
-    pid_n = (tile % in_group) // group_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def tile_dot(
-    a_ptr,
-    b_ptr,
-    rows,
-    cols,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """Pointer path: fp32 ``[BLOCK_M, BLOCK_N]`` tile of ``A[rows, :K] @ B[:K, cols]``.
-
-    ``rows`` (``[BLOCK_M]``) and ``cols`` (``[BLOCK_N]``) must all be valid indices: callers wrap the tail
-    of a partial tile back onto valid rows/columns (and drop those results on store), so only the K tail
-    needs a mask and the loads stay unmasked, vectorized and pipelined.
-    """
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + offs_k.to(tl.int64)[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
-    # int64 steps: a column-major operand has a K stride of M rows, times BLOCK_K may pass 2**31.
-    a_step = tl.full([], BLOCK_K, tl.int64) * stride_ak
-    b_step = tl.full([], BLOCK_K, tl.int64) * stride_bk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-        a_ptrs += a_step
-        b_ptrs += b_step
-    return acc
-
-
-@triton.jit
-def load_a(a_desc, row, k, A_COL_MAJOR: tl.constexpr):
-    """TMA path: the ``[BLOCK_M, BLOCK_K]`` block of A at (row, k); rows or columns past A's end read zero.
-
-    ``A_COL_MAJOR``: the descriptor is over Aᵀ (``[K, M]``, M contiguous) and the block is transposed back;
-    wgmma reads 16-bit operands from shared memory in either major order.
-    """
-    if A_COL_MAJOR:
-        return a_desc.load([k, row]).T
-    else:
-        return a_desc.load([row, k])
-
-
-@triton.jit
-def load_b(b_desc, k, col, B_K_CONTIGUOUS: tl.constexpr):
-    """TMA path: the ``[BLOCK_K, BLOCK_N]`` block of B at (k, col), zero past B's end.
-
-    ``B_K_CONTIGUOUS``: B is a transposed row-major matrix (``weight.t()`` of an ``nn.Linear``, the usual
-    case); the descriptor is over Bᵀ (``[N, K]``) and the block is transposed back.
-    """
-    if B_K_CONTIGUOUS:
-        return b_desc.load([col, k]).T
-    else:
-        return b_desc.load([k, col])
-
-
-@triton.jit
-def wrapped_cols(pid_n, N, BLOCK_N: tl.constexpr):
-    """Columns of N-tile ``pid_n`` (``[BLOCK_N]``), those past ``N`` wrapped onto valid ones for loading.
-
-    ``% N`` rather than a clamp: the compiler derives contiguity from N's divisibility through a
-    remainder (not through a minimum), which keeps B's loads vectorized and asynchronous.
-    """
-    return (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-
-
-@triton.jit
-def store_tile(c_ptr, acc, rows, cols, row_end, col_end, stride_cm, stride_cn, VEC: tl.constexpr = 1):
-    """Store ``acc`` to ``C[rows, cols]`` in C's dtype, skipping rows ``>= row_end`` and cols ``>= col_end``.
-
-    ``VEC > 1`` promises (the host checked it) that ``stride_cm`` and ``col_end`` are multiples of ``VEC``
-    elements, ``VEC`` elements are 16 bytes, C's address is 16-byte aligned and ``stride_cn == 1``: the
-    compiler then emits 128-bit stores even when the JIT could not prove it (a stride that is a multiple of
-    8 but not 16 elements, a loaded peer offset).
-    """
-    if VEC > 1:
-        stride_cm = tl.multiple_of(stride_cm, VEC)
-        col_end = tl.multiple_of(col_end, VEC)
-    mask = (rows[:, None] < row_end) & (cols[None, :] < col_end)
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
-
 
 # ----------------------------------------------------------------------------------------- metadata
 
@@ -182,32 +82,17 @@ def gemm_launch_metadata(op: str, path: str):
 
 @triton.jit(launch_metadata=gemm_launch_metadata("matmul", "pointer"))
 def _matmul_kernel(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    M,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-):
+    a_ptr, b_ptr, c_ptr,
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+):  # fmt: skip
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_pid_m * num_pid_n, tl.num_programs(0)):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows, cols = tile_offsets(pid_m * BLOCK_M, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
             a_ptr, b_ptr, rows % M, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
@@ -217,23 +102,12 @@ def _matmul_kernel(
 
 @triton.jit(launch_metadata=gemm_launch_metadata("matmul", "tma"))
 def _matmul_tma_kernel(
-    a_desc,
-    b_desc,
-    c_ptr,
-    M,
-    N,
-    K,
-    stride_cm,
-    stride_cn,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    OUT_VEC: tl.constexpr,
-):
+    a_desc, b_desc, c_ptr,
+    M, N, K,
+    stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
+):  # fmt: skip
     # One loop over this program's (tile, K step) pairs. The tile advance sits in its own `if` at the top
     # and the epilogue in another at the bottom: Triton's pipeliner puts the first (with the loads that
     # depend on it) in its first stage and the second (with the dot) in its last. Both in one `if` at the
@@ -241,25 +115,20 @@ def _matmul_tma_kernel(
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_pid_m * num_pid_n - pid, progs)
-    tile = pid - progs
-    ki = -1
-    pid_m = 0
-    pid_n = 0
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_pid_m, N, K, BLOCK_N, BLOCK_K)
+    tile, ki, pid_m, pid_n = pid - progs, -1, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, my_tiles * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
             pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        a = load_a(a_desc, pid_m * BLOCK_M, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, pid_m * BLOCK_M, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS,
+            INPUT_PRECISION,
+        )  # fmt: skip
         if ki == k_tiles - 1:
-            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(pid_m * BLOCK_M, pid_n, BLOCK_M, BLOCK_N)
             store_tile(c_ptr, acc, rows, cols, M, N, stride_cm, stride_cn, OUT_VEC)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -513,8 +382,9 @@ def input_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    """Raise ``ValueError`` unless ``a`` [M, K] and ``b`` [K, N] can be multiplied by the GEMM kernels."""
+def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> tuple[int, int, int]:
+    """Raise ``ValueError`` unless ``a`` [M, K] and ``b`` [K, N] can be multiplied by the GEMM kernels;
+    returns ``(M, N, K)``."""
     for name, t in (("a", a), ("b", b)):
         if t.dim() != 2:
             raise ValueError(f"{what}: {name} must be 2-D, got shape {list(t.shape)}")
@@ -530,6 +400,7 @@ def check_operands(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     check_dtype(a.dtype, a.device, f"{what}: a")
     if max(a.shape[0], a.shape[1], b.shape[1]) >= 2**31:
         raise ValueError(f"{what}: a dimension of {list(a.shape)} x {list(b.shape)} reaches 2**31")
+    return a.shape[0], b.shape[1], a.shape[1]
 
 
 def check_dtype(dtype: torch.dtype, device: torch.device, what: str) -> None:
@@ -549,6 +420,16 @@ def check_out(out: torch.Tensor, shape: tuple[int, int], device: torch.device, w
     if out.device != device:
         raise ValueError(f"{what}: out is on {out.device}, expected {device}")
     check_dtype(out.dtype, device, f"{what}: out")
+
+
+def out_tensor(
+    out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype, device: torch.device, what: str
+) -> torch.Tensor:
+    """``out`` once :func:`check_out` accepts it, or a new (uninitialized) tensor of ``shape`` and ``dtype``."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    check_out(out, shape, device, what)
+    return out
 
 
 def _major(t: torch.Tensor, name: str) -> tuple[bool | None, str]:
@@ -628,6 +509,65 @@ def out_vec(out: torch.Tensor, cols: int) -> int:
 # ----------------------------------------------------------------------------------------- launcher
 
 
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """What the GEMM launchers (matmul, ag_matmul, matmul_rs) share once the code path and config are chosen.
+
+    The kernels' arguments start with the two operands (:attr:`operands`: A and B, or their TMA
+    descriptors) and, after the sizes, A's and B's strides (:attr:`strides`: empty on the TMA path, whose
+    descriptors carry them); :attr:`constexprs` holds the tile constexprs and launch options of both paths
+    (``BLOCK_*``, ``GROUP_M``, ``INPUT_PRECISION``, ``num_warps``, ``num_stages``) and the path's own
+    (``EVEN_K``, or ``A_COL_MAJOR`` and ``B_K_CONTIGUOUS``).
+    """
+
+    kernel: JITFunction
+    path: str
+    cfg: TileConfig
+    device: torch.device
+    N: int
+    interpreted: bool
+    operands: tuple
+    strides: tuple
+    constexprs: dict
+
+    def launch(
+        self, m_tiles: int, args: tuple, out: torch.Tensor | None = None, max_programs: int | None = None, **constexprs
+    ) -> Launch:
+        """The persistent launch over ``m_tiles`` x N-tiles with ``args``, the plan's constexprs and ``constexprs``."""
+        tiles = m_tiles * triton.cdiv(self.N, self.cfg.block_n)
+        progs = num_programs(normalize_device(self.device), tiles, self.interpreted, max_programs)
+        return Launch(self.kernel, self.device, (progs,), args, {**self.constexprs, **constexprs}, out)
+
+
+def plan_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out_dtype: torch.dtype,
+    kernels: tuple[JITFunction, JITFunction],
+    path: str | None,
+    what: str,
+    config: TileConfig | None = None,
+) -> GemmPlan:
+    """The code path (:func:`choose_path`) and config (``config``, else :func:`config_for`) of ``a @ b`` into
+    ``out_dtype``, for checked operands with M, N > 0; ``kernels`` is the (pointer, TMA) pair."""
+    path = choose_path(a, b, kernels[1], path, what)
+    kernel = kernels[1] if path == "tma" else kernels[0]
+    (M, K), N = a.shape, b.shape[1]
+    cfg = config or config_for(M, N, K, a, b, out_dtype, kernel, path)
+    constexprs = dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        INPUT_PRECISION=input_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if path == "tma":
+        a_desc, b_desc, layout = descriptors(a, b, cfg)
+        operands, strides, constexprs = (a_desc, b_desc), (), {**constexprs, **layout}
+    else:
+        operands, strides = (a, b), (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+        constexprs["EVEN_K"] = K % cfg.block_k == 0
+    interpreted = is_interpreted(kernel, a.device)
+    return GemmPlan(kernel, path, cfg, a.device, N, interpreted, operands, strides, constexprs)
+
+
 def prepare_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -641,33 +581,15 @@ def prepare_matmul(
     ``config`` overrides the config choice (benchmarks, the autotuner); ``path`` the code path.
     """
     what = "matmul"
-    check_operands(a, b, what)
-    M, K = a.shape
-    N = b.shape[1]
-    if out is None:
-        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
-    else:
-        check_out(out, (M, N), a.device, what)
+    M, N, K = check_operands(a, b, what)
+    out = out_tensor(out, (M, N), a.dtype, a.device, what)
     if M == 0 or N == 0:
         return Launch(None, a.device, out=out)
     if K == 0:
         return Launch(None, a.device, out=out.zero_())
-    path = choose_path(a, b, _matmul_tma_kernel, path, what)
-    kernel = _matmul_tma_kernel if path == "tma" else _matmul_kernel
-    cfg = config or config_for(M, N, K, a, b, out.dtype, kernel, path)
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(a.device), tiles, is_interpreted(kernel, a.device))
-    common = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a.dtype), OUT_VEC=out_vec(out, N),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a, b, cfg)
-        args = (a_desc, b_desc, out, M, N, K, out.stride(0), out.stride(1))
-        return Launch(kernel, a.device, (progs,), args, {**common, **layout}, out)
-    args = (a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    return Launch(kernel, a.device, (progs,), args, {**common, "EVEN_K": K % cfg.block_k == 0}, out)
+    plan = plan_gemm(a, b, out.dtype, (_matmul_kernel, _matmul_tma_kernel), path, what, config)
+    args = (*plan.operands, out, M, N, K, *plan.strides, out.stride(0), out.stride(1))
+    return plan.launch(triton.cdiv(M, plan.cfg.block_m), args, out, OUT_VEC=out_vec(out, N))
 
 
 def matmul(

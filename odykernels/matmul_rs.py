@@ -36,49 +36,27 @@ On the TMA path (sm_90) the K loop is flattened over the program's tiles like ``
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from odykernels._chunks import (
-    CHUNK,
-    CHUNK_MTILES,
-    CHUNK_START,
-    ROW_END,
-    ROW_START,
-    TABLE_COLS,
-    check_chunks,
-    mtile_table,
-)
-from odykernels._runtime import Launch, is_interpreted, normalize_device, num_programs
-from odykernels.matmul import (
-    check_dtype,
-    check_operands,
-    check_out,
-    choose_path,
-    config_for,
-    descriptors,
-    gemm_launch_metadata,
-    grouped_tile,
-    input_precision,
-    load_a,
-    load_b,
-    store_tile,
-    tile_dot,
-    wrapped_cols,
-)
+from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
+from odykernels._runtime import Launch, is_interpreted, normalize_device, run_checked
+from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
+from odykernels.matmul import check_dtype, check_operands, gemm_launch_metadata, out_tensor, plan_gemm
 from odykernels.signal import (
     DEFAULT_TIMEOUT_S,
     check_epoch,
     check_flags_tensor,
     check_status,
-    check_status_tensor,
+    check_vector,
+    check_waits,
     cta_barrier,
     new_status,
     notify,
-    wait_budget,
     wait_flag,
 )
 
@@ -120,49 +98,22 @@ def count_tile(counters_ptr, flags_ptr, flag_offsets_ptr, dest, rank, epoch, des
 
 @triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "pointer"))
 def _matmul_rs_kernel(
-    a_ptr,
-    b_ptr,
-    recv_ptr,
-    recv_offsets_ptr,
-    flags_ptr,
-    flag_offsets_ptr,
-    counters_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bn,
-    stride_rs,
-    stride_rm,
-    stride_rn,
-    rank,
-    epoch,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    RECV_VEC: tl.constexpr,
-):
+    a_ptr, b_ptr, recv_ptr, recv_offsets_ptr, flags_ptr, flag_offsets_ptr, counters_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_rs, stride_rm, stride_rn,
+    rank, epoch,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, RECV_VEC: tl.constexpr,
+):  # fmt: skip
     num_pid_n = tl.cdiv(N, BLOCK_N)
     for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):
-        mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-        row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-        row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-        dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
-        dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
-        dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # The tail of a chunk's last M-tile wraps onto the chunk's own rows: never the next chunk's.
-        in_chunk = row_start + tl.arange(0, BLOCK_M) % (row_end - row_start)
+        row_start, row_end, dest, dest_start, dest_mtiles, pid_n = chunk_tile(
+            tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M
+        )
+        rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
         acc = tile_dot(
-            a_ptr, b_ptr, in_chunk, wrapped_cols(pid_n, N, BLOCK_N), K, stride_am, stride_ak, stride_bk, stride_bn,
-            BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
+            a_ptr, b_ptr, chunk_rows(row_start, row_end, BLOCK_M), wrapped_cols(pid_n, N, BLOCK_N), K,
+            stride_am, stride_ak, stride_bk, stride_bn, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, INPUT_PRECISION,
         )  # fmt: skip
         store_slot(
             recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
@@ -173,67 +124,36 @@ def _matmul_rs_kernel(
 
 @triton.jit(do_not_specialize=["rank", "epoch"], launch_metadata=gemm_launch_metadata("matmul_rs", "tma"))
 def _matmul_rs_tma_kernel(
-    a_desc,
-    b_desc,
-    recv_ptr,
-    recv_offsets_ptr,
-    flags_ptr,
-    flag_offsets_ptr,
-    counters_ptr,
-    mtiles_ptr,
-    num_mtiles,
-    N,
-    K,
-    stride_rs,
-    stride_rm,
-    stride_rn,
-    rank,
-    epoch,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    A_COL_MAJOR: tl.constexpr,
-    B_K_CONTIGUOUS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    RECV_VEC: tl.constexpr,
-    USE_ASM: tl.constexpr,
-):
+    a_desc, b_desc, recv_ptr, recv_offsets_ptr, flags_ptr, flag_offsets_ptr, counters_ptr, mtiles_ptr,
+    num_mtiles, N, K,
+    stride_rs, stride_rm, stride_rn,
+    rank, epoch,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    RECV_VEC: tl.constexpr, USE_ASM: tl.constexpr,
+):  # fmt: skip
     # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table; A and B are local, so
     # nothing waits. USE_ASM (compiled for a GPU): the epilogue's barriers are inline PTX, which the
     # pipeliner accepts (a tl.debug_barrier in the loop body leaves it unpipelined).
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    my_tiles = tl.cdiv(num_mtiles * num_pid_n - pid, progs)
-    tile = pid - progs
-    ki = -1
-    row_start = 0
-    row_end = 0
-    dest = 0
-    dest_start = 0
-    dest_mtiles = 0
-    pid_n = 0
+    num_pid_n, k_tiles, my_tiles = flat_loop_bounds(pid, progs, num_mtiles, N, K, BLOCK_N, BLOCK_K)
+    tile, ki, row_start, row_end, dest, dest_start, dest_mtiles, pid_n = pid - progs, -1, 0, 0, 0, 0, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, my_tiles * k_tiles):
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
-            mtile, pid_n = grouped_tile(tile, num_mtiles, num_pid_n, GROUP_M)
-            row_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_START)
-            row_end = tl.load(mtiles_ptr + mtile * TABLE_COLS + ROW_END)
-            dest = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK)
-            dest_start = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_START)
-            dest_mtiles = tl.load(mtiles_ptr + mtile * TABLE_COLS + CHUNK_MTILES)
+            row_start, row_end, dest, dest_start, dest_mtiles, pid_n = chunk_tile(
+                tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M
+            )
         # A partial last tile of a chunk reads the next chunk's rows of A (local, complete) or zeros past M;
         # those rows reach only output rows the store drops.
-        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
-        b = load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = tma_dot_step(
+            acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS, INPUT_PRECISION
+        )
         if ki == k_tiles - 1:
-            rows = row_start + tl.arange(0, BLOCK_M)
-            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
             store_slot(
                 recv_ptr, recv_offsets_ptr, dest, rank, acc, rows - dest_start, cols, row_end - dest_start, N,
                 stride_rs, stride_rm, stride_rn, RECV_VEC,
@@ -296,14 +216,6 @@ def _reduce_slots_kernel(
 REDUCE_BLOCK = (64, 128)
 REDUCE_NUM_WARPS = 4
 REDUCE_BLOCK_INTERPRETER = (32, 32)
-
-
-def _check_peer_offsets(offsets: torch.Tensor, world: int, device: torch.device, name: str, what: str) -> None:
-    if offsets.dtype != torch.int64 or tuple(offsets.shape) != (world,) or offsets.device != device:
-        raise ValueError(
-            f"{what}: {name} must be int64 [{world}] on {device}, "
-            f"got {offsets.dtype} {list(offsets.shape)} on {offsets.device}"
-        )
 
 
 def _check_recv(recv: torch.Tensor, world: int, max_rows: int, N: int, device: torch.device, what: str) -> None:
@@ -379,81 +291,13 @@ def prepare_matmul_rs(
     flags: torch.Tensor,
     flag_peer_offsets: torch.Tensor,
     epoch: int,
+    *,
     counters: torch.Tensor | None = None,
     max_programs: int | None = None,
-    *,
     path: str | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`matmul_rs` and configure its launch (run it with ``.run()``)."""
-    what = "matmul_rs"
-    check_operands(a, b, what)
-    M, K = a.shape
-    N = b.shape[1]
-    device = a.device
-    check_chunks(chunk_sizes, rank, M, what)
-    world = len(chunk_sizes)
-    _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    _check_peer_offsets(peer_offsets, world, device, "peer_offsets", what)
-    check_recv_alignment(recv, peer_offsets, what)
-    check_flags_tensor(flags, world, device, what)
-    _check_peer_offsets(flag_peer_offsets, world, device, "flag_peer_offsets", what)
-    check_epoch(epoch, what)
-    if counters is None:
-        counters = torch.zeros(world, dtype=torch.int32, device=device)
-    elif counters.dtype != torch.int32 or tuple(counters.shape) != (world,) or counters.device != device:
-        raise ValueError(
-            f"{what}: counters must be int32 [{world}] on {device}, "
-            f"got {counters.dtype} {list(counters.shape)} on {counters.device}"
-        )
-    if M == 0 or N == 0:
-        return Launch(None, device)
-
-    path = choose_path(a, b, _matmul_rs_tma_kernel, path, what)
-    kernel = _matmul_rs_tma_kernel if path == "tma" else _matmul_rs_kernel
-    interpreted = is_interpreted(kernel, device)
-    cfg = config_for(M, N, K, a, b, recv.dtype, kernel, path)
-    table = mtile_table(chunk_sizes, (rank + 1) % world, cfg.block_m, normalize_device(device))
-    num_mtiles = table.shape[0]
-    tiles = num_mtiles * triton.cdiv(N, cfg.block_n)
-    progs = num_programs(normalize_device(device), tiles, interpreted, max_programs)
-    kwargs = dict(
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INPUT_PRECISION=input_precision(a.dtype), RECV_VEC=ALIGN_BYTES // recv.element_size(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    recv_strides = (recv.stride(0), recv.stride(1), recv.stride(2))
-    if path == "tma":
-        a_desc, b_desc, layout = descriptors(a, b, cfg)
-        args = (
-            a_desc, b_desc, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-            *recv_strides, rank, epoch,
-        )  # fmt: skip
-        kwargs.update(layout, USE_ASM=not interpreted)
-        return Launch(kernel, device, (progs,), args, kwargs)
-    args = (
-        a, b, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), *recv_strides, rank, epoch,
-    )  # fmt: skip
-    kwargs.update(EVEN_K=K % cfg.block_k == 0)
-    return Launch(kernel, device, (progs,), args, kwargs)
-
-
-def matmul_rs(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    recv: torch.Tensor,
-    peer_offsets: torch.Tensor,
-    flags: torch.Tensor,
-    flag_peer_offsets: torch.Tensor,
-    epoch: int,
-    counters: torch.Tensor | None = None,
-    max_programs: int | None = None,
-    *,
-    path: str | None = None,
-) -> None:
-    """Compute ``a @ b`` and push each destination chunk's rows into that rank's receive buffer, slot ``rank``.
+    """The launch (``.run()``) that computes ``a @ b`` and pushes each destination chunk's rows into that
+    rank's receive buffer, slot ``rank``.
 
     Layouts (identical on every rank, as symmetric memory requires):
 
@@ -486,12 +330,44 @@ def matmul_rs(
         path: ``"tma"`` or ``"pointer"`` to force a code path for the loads (default: TMA on sm_90+ when
             ``a`` and ``b`` are 16-byte aligned with a unit stride and K_r > 0).
 
-    Returns nothing: the result is the peers' receive buffers and flags. Never waits, so it cannot time out.
+    The launch writes the peers' receive buffers and flags and returns nothing. It never waits, so it
+    cannot time out.
     With K_r == 0 the partial is zero and is still sent, so the peers' reductions complete.
     """
-    prepare_matmul_rs(
-        a, b, chunk_sizes, rank, recv, peer_offsets, flags, flag_peer_offsets, epoch, counters, max_programs, path=path
-    ).run()
+    what = "matmul_rs"
+    M, N, K = check_operands(a, b, what)
+    device = a.device
+    check_chunks(chunk_sizes, rank, M, what)
+    world = len(chunk_sizes)
+    _check_recv(recv, world, max(chunk_sizes), N, device, what)
+    check_vector(peer_offsets, torch.int64, world, device, what, "peer_offsets")
+    check_recv_alignment(recv, peer_offsets, what)
+    check_flags_tensor(flags, world, device, what)
+    check_vector(flag_peer_offsets, torch.int64, world, device, what, "flag_peer_offsets")
+    check_epoch(epoch, what)
+    if counters is None:
+        counters = torch.zeros(world, dtype=torch.int32, device=device)
+    else:
+        check_vector(counters, torch.int32, world, device, what, "counters")
+    if M == 0 or N == 0:
+        return Launch(None, device)
+
+    plan = plan_gemm(a, b, recv.dtype, (_matmul_rs_kernel, _matmul_rs_tma_kernel), path, what)
+    table = mtile_table(chunk_sizes, (rank + 1) % world, plan.cfg.block_m, normalize_device(device))
+    num_mtiles = table.shape[0]
+    args = (
+        *plan.operands, recv, peer_offsets, flags, flag_peer_offsets, counters, table, num_mtiles, N, K,
+        *plan.strides, recv.stride(0), recv.stride(1), recv.stride(2), rank, epoch,
+    )  # fmt: skip
+    use_asm = {"USE_ASM": not plan.interpreted} if plan.path == "tma" else {}
+    return plan.launch(
+        num_mtiles, args, max_programs=max_programs, RECV_VEC=ALIGN_BYTES // recv.element_size(), **use_asm
+    )
+
+
+def matmul_rs(*args, **kwargs) -> None:
+    """Run :func:`prepare_matmul_rs`'s launch (same arguments): ``a @ b`` pushed into the peers' slots."""
+    prepare_matmul_rs(*args, **kwargs).run()
 
 
 def prepare_reduce_slots(
@@ -500,11 +376,30 @@ def prepare_reduce_slots(
     chunk_sizes: list[int],
     rank: int,
     epoch: int,
+    *,
     out: torch.Tensor | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     status: torch.Tensor | None = None,
 ) -> Launch:
-    """Check the arguments of :func:`reduce_slots` and configure its launch; ``status`` is required here."""
+    """The launch that sums the ``world`` slots of this rank's receive buffer in source order 0..world-1
+    (fp32 accumulate).
+
+    Args:
+        recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
+        flags: contiguous uint32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
+        chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
+            ``chunk_sizes[rank]`` rows.
+        rank: this rank.
+        epoch: the epoch the producers of this call wrote, >= 1.
+        out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
+        timeout_s: bound on one wait (GPU time; a poll budget under the interpreter).
+        status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`); a fresh one by
+            default.
+
+    Returns:
+        The launch (``.run()``, then ``.check()`` raises ``TimeoutError`` naming the rank, the missing
+        source and the flag values); its ``out`` is the (chunk_sizes[rank], N) sum.
+    """
     what = "reduce_slots"
     device = recv.device
     world = len(chunk_sizes)
@@ -513,18 +408,11 @@ def prepare_reduce_slots(
     N = recv.shape[2]
     check_chunks(chunk_sizes, rank, sum(chunk_sizes), what)
     _check_recv(recv, world, max(chunk_sizes), N, device, what)
-    check_flags_tensor(flags, world, device, what)
-    check_epoch(epoch, what)
     interpreted = is_interpreted(_reduce_slots_kernel, device)
-    budget = wait_budget(timeout_s, interpreted, what)
-    if status is None:
-        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
-    check_status_tensor(status, device, what)
+    status = new_status(device) if status is None else status
+    budget = check_waits(flags, world, epoch, timeout_s, status, device, interpreted, what)
     rows = chunk_sizes[rank]
-    if out is None:
-        out = torch.empty((rows, N), dtype=recv.dtype, device=device)
-    else:
-        check_out(out, (rows, N), device, what)
+    out = out_tensor(out, (rows, N), recv.dtype, device, what)
     if rows == 0 or N == 0:
         return Launch(None, device, out=out)
 
@@ -536,43 +424,15 @@ def prepare_reduce_slots(
         epoch, budget,
     )  # fmt: skip
     kwargs = dict(BLOCK_M=block_m, BLOCK_N=block_n, USE_CLOCK=not interpreted, num_warps=REDUCE_NUM_WARPS)
-    return Launch(_reduce_slots_kernel, device, grid, args, kwargs, out)
+    verify = functools.partial(check_status, status, rank, what, "source")
+    return Launch(_reduce_slots_kernel, device, grid, args, kwargs, out, verify)
 
 
-def reduce_slots(
-    recv: torch.Tensor,
-    flags: torch.Tensor,
-    chunk_sizes: list[int],
-    rank: int,
-    epoch: int,
-    out: torch.Tensor | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-    status: torch.Tensor | None = None,
-    check: bool = True,
-) -> torch.Tensor:
-    """Sum the ``world`` slots of this rank's receive buffer in source order 0..world-1 (fp32 accumulate).
+def reduce_slots(*args, check: bool = True, **kwargs) -> torch.Tensor:
+    """Sum this rank's receive slots in source order: :func:`prepare_reduce_slots`'s launch, run and checked.
 
-    Args:
-        recv: (world, max_rows, N) this rank's receive buffer (layout in :func:`matmul_rs`).
-        flags: contiguous uint32 (world,) this rank's flags; slot ``s`` is read after ``flags[s] == epoch``.
-        chunk_sizes: rows per rank (as given to :func:`matmul_rs`); this rank's output has
-            ``chunk_sizes[rank]`` rows.
-        rank: this rank.
-        epoch: the epoch the producers of this call wrote, >= 1.
-        out: optional (chunk_sizes[rank], N) output, any supported dtype (default ``recv``'s).
-        timeout_s: bound on one wait (GPU time; a poll budget under the interpreter).
-        status: optional int32 (4,) record, zero on entry (see :mod:`odykernels.signal`).
-        check: synchronize and raise ``TimeoutError`` naming the rank, the missing source and the flag
-            values; with ``check=False`` a ``status`` is required and nothing synchronizes.
-
-    Returns:
-        (chunk_sizes[rank], N) tensor ``out``.
+    Takes :func:`prepare_reduce_slots`'s arguments, and ``check``: synchronize and raise ``TimeoutError``
+    naming the rank, the missing source and the flag values; with ``check=False`` a ``status`` is required
+    and nothing synchronizes. Returns the (chunk_sizes[rank], N) sum.
     """
-    if status is None:
-        if not check:
-            raise ValueError("reduce_slots: check=False needs a status tensor to record timeouts in")
-        status = new_status(recv.device)
-    out = prepare_reduce_slots(recv, flags, chunk_sizes, rank, epoch, out, timeout_s, status).run()
-    if check:
-        check_status(status, rank, "reduce_slots", index_name="source")
-    return out
+    return run_checked(prepare_reduce_slots, "reduce_slots", args, kwargs, check)

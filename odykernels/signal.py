@@ -190,22 +190,26 @@ def new_status(device: torch.device | str) -> torch.Tensor:
     return torch.zeros(STATUS_WORDS, dtype=torch.int32, device=device)
 
 
-def check_status_tensor(status: torch.Tensor, device: torch.device, what: str) -> None:
-    """Raise ``ValueError`` unless ``status`` is an int32 ``[STATUS_WORDS]`` tensor on ``device``."""
-    if status.dtype != torch.int32 or tuple(status.shape) != (STATUS_WORDS,) or status.device != device:
+def check_vector(t: torch.Tensor, dtype: torch.dtype, length: int, device: torch.device, what: str, name: str) -> None:
+    """Raise ``ValueError`` unless ``t`` is a 1-D ``dtype`` tensor of ``length`` elements on ``device``."""
+    if t.dtype != dtype or tuple(t.shape) != (length,) or t.device != device:
         raise ValueError(
-            f"{what}: status must be int32 [{STATUS_WORDS}] on {device}, "
-            f"got {status.dtype} {list(status.shape)} on {status.device}"
+            f"{what}: {name} must be {str(dtype).removeprefix('torch.')} [{length}] on {device}, "
+            f"got {t.dtype} {list(t.shape)} on {t.device}"
         )
+
+
+def check_status_tensor(status: torch.Tensor | None, device: torch.device, what: str) -> None:
+    """Raise ``ValueError`` unless ``status`` is an int32 ``[STATUS_WORDS]`` tensor on ``device`` (not None:
+    the launch records its timeouts there)."""
+    if status is None:
+        raise ValueError(f"{what}: a status tensor is required to record timeouts in")
+    check_vector(status, torch.int32, STATUS_WORDS, device, what, "status")
 
 
 def check_flags_tensor(flags: torch.Tensor, world: int, device: torch.device, what: str, name: str = "flags") -> None:
     """Raise ``ValueError`` unless ``flags`` is a contiguous uint32 ``[world]`` tensor on ``device``."""
-    if flags.dtype != FLAG_DTYPE or tuple(flags.shape) != (world,) or flags.device != device:
-        raise ValueError(
-            f"{what}: {name} must be uint32 [{world}] on {device}, "
-            f"got {flags.dtype} {list(flags.shape)} on {flags.device}"
-        )
+    check_vector(flags, FLAG_DTYPE, world, device, what, name)
     if not flags.is_contiguous():
         raise ValueError(f"{what}: {name} must be contiguous, got strides {flags.stride()}")
 
@@ -214,6 +218,27 @@ def check_epoch(epoch: int, what: str, name: str = "epoch") -> None:
     """Raise ``ValueError`` unless ``1 <= epoch < 2**31`` (0 is the never-written flag value)."""
     if not 1 <= epoch < 2**31:
         raise ValueError(f"{what}: {name}={epoch} must be in [1, 2**31) (0 is the never-written flag value)")
+
+
+def check_waits(
+    flags: torch.Tensor,
+    world: int,
+    epoch: int,
+    timeout_s: float,
+    status: torch.Tensor | None,
+    device: torch.device,
+    interpreted: bool,
+    what: str,
+    epoch_name: str = "epoch",
+) -> int:
+    """Check the arguments of a kernel that waits on ``flags`` for ``epoch`` and records timeouts in ``status``
+    (:func:`check_flags_tensor`, :func:`check_epoch`, :func:`wait_budget`, :func:`check_status_tensor`, in
+    that order); returns the kernel's ``budget``."""
+    check_flags_tensor(flags, world, device, what)
+    check_epoch(epoch, what, epoch_name)
+    budget = wait_budget(timeout_s, interpreted, what)
+    check_status_tensor(status, device, what)
+    return budget
 
 
 def read_status(status: torch.Tensor) -> list[int]:

@@ -1,6 +1,7 @@
 """odysseus: split one Llama-style Transformer layer over N GPUs (TP, TP-SP, Ulysses, Odysseus)."""
 
 from . import reference
+from .clip import clip_grad_norm_, grad_norm
 from .comm import CommLedger, gather_sequence, shard_sequence
 from .comm.failures import PeerFailure, fail_fast
 from .config import TransformerConfig
@@ -26,10 +27,12 @@ __all__ = [
     "TransformerConfig",
     "UlyssesAttention",
     "check_overlap",
+    "clip_grad_norm_",
     "dense_state_dict",
     "fail_fast",
     "finalize_grads",
     "gather_sequence",
+    "grad_norm",
     "parallelize",
     "reference",
     "shard_sequence",

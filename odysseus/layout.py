@@ -97,6 +97,17 @@ def dense_shapes(c: TransformerConfig) -> dict[str, tuple[int, int]]:
     }
 
 
+def has_bias(c: TransformerConfig, name: str) -> bool:
+    """Whether the dense linear layer ``name`` carries a bias under ``c`` (``qkv_bias``, ``o_bias``, ``mlp_bias``)."""
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return c.qkv_bias
+    if name == "o_proj":
+        return c.o_bias
+    if name in ("gate_proj", "up_proj", "down_proj"):
+        return c.mlp_bias
+    raise ValueError(f"unknown linear layer {name!r}; expected one of {tuple(dense_shapes(c))}")
+
+
 def check_layout(lengths: list[int], who: str = "sequence") -> None:
     """Raise unless ``lengths`` is what :func:`odysseus.shard_sequence` gives for ``sum(lengths)`` tokens."""
     total, world = sum(lengths), len(lengths)

@@ -28,8 +28,12 @@ def parallelize(
     *,
     backend: str = "auto",
     check_finite: bool = False,
+    check_inputs: bool = False,
     save_input: str = "gathered",
     ring: Ring | None = None,
+    ffn_tile: int | None = None,
+    checkpoint: bool = False,
+    offload: bool = False,
 ) -> nn.Module:
     """This rank's share of a reference ``TransformerBlock``, ``Attention`` or ``FFN`` under ``strategy``.
 
@@ -38,14 +42,26 @@ def parallelize(
     ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
     only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots
     (``"shard"``: activations at 1/N, one more all-gather per op in backward);
-    ``check_finite=True`` rejects inputs holding NaN or Inf.
+    ``check_finite=True`` rejects inputs holding NaN or Inf; ``check_inputs=True`` compares the ranks'
+    inputs on every call, so that the whole sequence fed to every rank of a sequence-split module (which
+    looks like a valid split of a longer one) or shards fed to ``"tp"`` raise on every rank.
+    ``ffn_tile``: the FFN runs that many tokens per rank at a time, each tile recomputed in backward.
+    ``checkpoint`` (a block only): keep only the block's input for backward and recompute the rest;
+    ``offload``: that input waits in host memory.
     For ``"tp"`` every rank is fed the full sequence; for the others its :func:`shard_sequence` shard.
     """
     spec = registry.get(strategy)
     resolve_group(group)  # the modules check the backend and save_input (ParallelModule)
-    kwargs = dict(backend=backend, check_finite=check_finite, save_input=save_input, ring=ring)
+    kwargs = dict(
+        backend=backend, check_finite=check_finite, check_inputs=check_inputs, save_input=save_input, ring=ring,
+        ffn_tile=ffn_tile,
+    )  # fmt: skip
     if isinstance(module, reference.TransformerBlock):
-        return ParallelBlock.from_dense(module, strategy, group, **kwargs)
+        return ParallelBlock.from_dense(module, strategy, group, checkpoint=checkpoint, offload=offload, **kwargs)
+    if checkpoint or offload:
+        raise ValueError(
+            f"checkpoint/offload apply to a whole block (reference.TransformerBlock), got a {type(module).__name__}"
+        )
     attn_cls, ffn_cls = spec.modules()
     if isinstance(module, reference.Attention):
         return attn_cls.from_dense(module, group, **kwargs)

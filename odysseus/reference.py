@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TransformerConfig
-from .rope import apply_rope, rope_cos_sin
+from .packing import check_window, document_ids, document_mask
+from .rope import RopeFrequencies, apply_rope
 from .validation import check_input, normalize_position_ids
 
 
@@ -33,30 +34,35 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal GQA self-attention with RoPE; attention scores computed explicitly (no fused kernel)."""
+    """Causal GQA self-attention with RoPE (scaled as ``config.rope_scaling`` says); attention scores
+    computed explicitly (no fused kernel)."""
 
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
-        c, kw = config, dict(bias=False, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, **kw)
-        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
-        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, **kw)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, **kw)
+        c, kw = config, dict(device=device, dtype=dtype)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, **kw)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, **kw)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, **kw)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, **kw)
+        self.rope = RopeFrequencies.of(config)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """``x: (batch, seq, hidden)``, ``position_ids: (batch or 1, seq)`` or ``(seq,)`` -> ``(batch, seq, hidden)``.
 
-        ``position_ids`` defaults to ``0..seq-1``; it only moves RoPE, the causal mask follows token order.
+        ``position_ids`` defaults to ``0..seq-1``. They move RoPE, and a position 0 after a row's first token
+        starts a new document (packed sequences, :mod:`odysseus.packing`): no token attends across documents.
+        Otherwise the causal mask follows token order.
         """
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, "Attention")
         B, L, _ = x.shape
+        check_window(c.sliding_window, L, "Attention")
         pos = normalize_position_ids(position_ids, B, L, 0, x.device)
         q = self.q_proj(x).view(B, L, c.num_heads, c.head_dim)
         k = self.k_proj(x).view(B, L, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).view(B, L, c.num_kv_heads, c.head_dim)
-        cos, sin = rope_cos_sin(pos, c.head_dim, c.rope_theta, x.dtype)
+        cos, sin = self.rope.cos_sin(pos, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k = k.repeat_interleave(c.q_per_kv, dim=2)
         v = v.repeat_interleave(c.q_per_kv, dim=2)
@@ -64,6 +70,9 @@ class Attention(nn.Module):
         if c.causal:
             mask = torch.ones(L, L, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
+        documents = None if position_ids is None else document_ids(pos)
+        if documents is not None:
+            scores = scores.masked_fill(~document_mask(documents, causal=False), float("-inf"))
         probs = scores.softmax(dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(B, L, c.num_heads * c.head_dim)
         return self.o_proj(out)
@@ -75,7 +84,7 @@ class FFN(nn.Module):
     def __init__(self, config: TransformerConfig, device=None, dtype=None):
         super().__init__()
         self.config = config
-        d, i, kw = config.hidden_size, config.intermediate_size, dict(bias=False, device=device, dtype=dtype)
+        d, i, kw = config.hidden_size, config.intermediate_size, dict(bias=config.mlp_bias, device=device, dtype=dtype)
         self.gate_proj = nn.Linear(d, i, **kw)
         self.up_proj = nn.Linear(d, i, **kw)
         self.down_proj = nn.Linear(i, d, **kw)
@@ -114,12 +123,14 @@ def seeded_normal(name: str, shape: tuple[int, ...], seed: int = 0, std: float =
 
 
 def init_weights(module: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
-    """Llama's initialisation: linear weights N(0, std) (see :func:`seeded_normal`), norm weights one."""
+    """Llama's initialisation: linear weights N(0, std) (see :func:`seeded_normal`), biases zero, norm weights one."""
     with torch.no_grad():
         for name, m in module.named_modules():
             if isinstance(m, nn.Linear):
                 leaf = name.rsplit(".", 1)[-1]
                 m.weight.copy_(seeded_normal(leaf, tuple(m.weight.shape), seed, std))
+                if m.bias is not None:
+                    m.bias.zero_()
             elif isinstance(m, RMSNorm):
                 m.weight.fill_(1.0)
     return module

@@ -54,12 +54,15 @@ def _assemble(t: torch.Tensor, spec: ParamSpec, pg, label: str) -> torch.Tensor:
 def dense_state_dict(module: nn.Module, grad: bool = False) -> dict[str, torch.Tensor]:
     """Dense tensors under the reference module's keys, identical on every rank (collective: call on all).
 
-    ``grad=True`` returns the gradients instead; call :func:`finalize_grads` first so replicated and
-    shared weights hold their complete gradients. FSDP2-sharded weights are gathered too.
+    ``grad=True`` returns the gradients instead, of the parameters that require grad (frozen ones have
+    none); call :func:`finalize_grads` first so replicated and shared weights hold their complete gradients.
+    FSDP2-sharded weights are gathered too.
     """
     specs = _specs(module)
     out = {}
     for name, p in module.named_parameters():
+        if grad and not p.requires_grad:
+            continue
         t = p.grad if grad else p.detach()
         if t is None:
             raise RuntimeError(f"{name} has no gradient; run backward() (and finalize_grads) first")
@@ -94,7 +97,9 @@ def finalize_grads(module: nn.Module) -> None:
 
     A split weight whose rows live on several ranks (a kv head shared by query heads of two ranks) is
     summed through a zero-padded dense buffer. One all-reduce per (group, dtype, device) bucket; a no-op
-    where nothing needs syncing. FSDP2-managed weights are skipped: its reduce-scatter sums them.
+    where nothing needs syncing. FSDP2-managed weights are skipped: its reduce-scatter sums them. Frozen
+    weights (``requires_grad=False``, the same on every rank) are skipped too: they get no gradient, so an
+    optimizer with weight decay leaves them alone.
     Collective: call on every rank. Also the once-per-step check of the symm kernels' waits
     (:func:`odysseus.check_overlap`), which raises ``TimeoutError`` if one gave up this step.
     """
@@ -103,7 +108,7 @@ def finalize_grads(module: nn.Module) -> None:
     groups: dict[object, list] = {}
     for name, p in module.named_parameters():
         spec, pg = specs.get(name, (ParamSpec(), None))
-        if spec.sync != "sum" or group_size(pg) == 1 or is_dtensor(p):
+        if spec.sync != "sum" or group_size(pg) == 1 or is_dtensor(p) or not p.requires_grad:
             continue
         groups.setdefault(pg, []).append((p, spec, group_rank(pg)))
     for pg, params in groups.items():

@@ -47,3 +47,34 @@ def check_finite_here(x: torch.Tensor, who: str, rank: int) -> None:
     """Reject NaN/Inf in ``x`` on this rank (``check_finite=True`` where no exchange carries the verdict)."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{who}: the input holds NaN or Inf on rank {rank} (check_finite=True)")
+
+
+def check_not_in_ddp(pg, who: str) -> None:
+    """Refuse to run inside ``DistributedDataParallel`` over ranks of this module's own group.
+
+    DDP broadcasts rank 0's parameters when it is built and averages gradients over its group: over the
+    ranks of a sequence- or tensor-parallel group, which hold different weight shards or different tokens,
+    that overwrites every other rank's shards with rank 0's (silently wrong logits) and mixes gradients.
+    DDP's own marker of the module it is running (``_active_ddp_module``, set during its forward) is read.
+    """
+    if pg is None:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = getattr(DistributedDataParallel, "_active_ddp_module", None)
+    if ddp is None or getattr(ddp, "process_group", None) is None:
+        return
+    import torch.distributed as dist
+
+    ours = dist.get_process_group_ranks(pg)
+    shared = sorted(set(dist.get_process_group_ranks(ddp.process_group)) & set(ours))
+    if len(shared) > 1:
+        raise ValueError(
+            f"{who}: the model runs inside DistributedDataParallel over a group sharing ranks {shared} with its "
+            f"own sequence/tensor-parallel group {sorted(ours)}. DDP broadcast rank 0's weight shards to those "
+            "ranks when it was built (their weights are now wrong) and would average gradients of different "
+            "shards. For data parallelism across copies of the split model use a 2-D DeviceMesh: "
+            "mesh = init_device_mesh(device, (dp, sp), mesh_dim_names=('dp', 'sp')); parallelize over mesh['sp'] "
+            "and wrap in DDP(model, process_group=mesh['dp'].get_group()). Without data parallelism drop DDP: "
+            "odysseus.finalize_grads (finalize_model_grads) syncs the gradients"
+        )

@@ -172,7 +172,7 @@ def bench_shape(env: Env, label: str, M: int, K: int, N: int) -> dict:
         sizes = split_rows(M, world)
         out.fill_(float("nan"))
 
-        launch = prepare_ag_matmul(a, b, sizes, 0, flags, 1, out, GPU_TIMEOUT_S, status)
+        launch = prepare_ag_matmul(a, b, sizes, 0, flags, 1, out=out, timeout_s=GPU_TIMEOUT_S, status=status)
         run = launch.run
         run()
         check_status(status, 0, "ag_matmul")

@@ -61,11 +61,7 @@ from odysseus.strategies.registry import SPECS  # noqa: E402
 # Strategies whose activations go through the overlap ops run on each CPU backend; the others have no
 # all-gather⊗GEMM to overlap, so "auto" is all they take. (symm on CPU: tests/test_symm.py, small shapes.)
 CPU_OVERLAP_BACKENDS = ("naive", "pipelined")
-STRATEGY_BACKENDS = [
-    (s.name, b)
-    for s in SPECS
-    for b in (CPU_OVERLAP_BACKENDS if s.overlapped else ("auto",))
-]
+STRATEGY_BACKENDS = [(s.name, b) for s in SPECS for b in (CPU_OVERLAP_BACKENDS if s.overlapped else ("auto",))]
 
 __all__ = ["Run", "relative_errors", "run_parallel", "run_reference", "STRATEGY_BACKENDS"]
 

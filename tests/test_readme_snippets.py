@@ -1,5 +1,5 @@
 """README.md's python snippets run as written, at world 2 (so they cannot rot): the quick start under
-"Use it" and the three ways in of "Use it in your model"."""
+"Use it", and the three ways in, packed sequences and the training step of "Use it in your model"."""
 
 import os
 import re
@@ -22,10 +22,12 @@ def snippets(section: str = SECTION) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", body, flags=re.MULTILINE | re.DOTALL)
 
 
-def test_section_has_the_three_ways_in():
+def test_section_has_the_three_ways_in_packing_and_a_training_step():
     blocks = snippets()
-    assert len(blocks) == 3, f"expected 3 python snippets, found {len(blocks)}"
+    assert len(blocks) == 5, f"expected 5 python snippets, found {len(blocks)}"
     assert "from_dense" in blocks[0] and "odysseus.parallelize(" in blocks[1] and "parallelize_llama" in blocks[2]
+    assert any("position_ids=" in b for b in blocks[3:]), "no packed-sequence snippet"
+    assert any("clip_grad_norm_" in b and "torch.autocast" in b for b in blocks[3:]), "no training-step snippet"
 
 
 def _run(rank, world, source, index, workdir):
@@ -34,7 +36,7 @@ def _run(rank, world, source, index, workdir):
     return True
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_readme_snippet_runs_at_world_2(index, tmp_path):
     source = snippets()[index]
     assert all(run_ranks(2, _run, source, index, str(tmp_path)))

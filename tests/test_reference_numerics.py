@@ -49,7 +49,8 @@ def test_reference_matches_plain_fp64_numerics(shape, given_pos):
     block = make_block(torch.float64, **shape)
     B, L = 2, 61
     x = torch.randn(B, L, block.config.hidden_size, dtype=torch.float64, requires_grad=True)
-    pos = torch.randint(0, 4000, (B, L)) if given_pos else torch.arange(L)[None].expand(B, L)
+    # Given positions only move RoPE here: none is 0 (a 0 after a row's first token starts a packed document).
+    pos = torch.randint(1, 4000, (B, L)) if given_pos else torch.arange(L)[None].expand(B, L)
     y = block(x, pos if given_pos else None)
     params = {k: v.detach().clone().requires_grad_() for k, v in block.state_dict().items()}
     x2 = x.detach().clone().requires_grad_()

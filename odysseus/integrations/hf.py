@@ -1,4 +1,4 @@
-"""Hugging Face Llama models with every decoder layer split by an odysseus strategy.
+"""Hugging Face Llama-style models (Llama, Qwen2, Mistral) with every decoder layer split by an odysseus strategy.
 
 .. code-block:: python
 
@@ -10,14 +10,16 @@
     finalize_model_grads(model)                              # gradients now equal the unsplit model's
     save_pretrained(model, "ckpt/")                          # loadable by LlamaForCausalLM.from_pretrained
 
-Every ``LlamaDecoderLayer`` is replaced by a :class:`ParallelLlamaDecoderLayer` holding this rank's share
-of the same weights under the same names; the embeddings, the final norm and the LM head stay
-replicated. For ``"tp"`` every rank is fed the full sequence; for ``"tp-sp"``, ``"ulysses"`` and
-``"odysseus"`` its :func:`odysseus.shard_sequence` shard. The layers always use the true global positions
-and causal attention over the global sequence: the causal mask and rotary table that ``LlamaModel``
-builds for the local shard are not used. Hence: no KV cache (training and full-sequence scoring only),
-no padding masks, no ``position_ids``, no attention weights or per-layer hidden states in the output;
-each of these raises a ``ValueError`` that says so.
+Every ``LlamaDecoderLayer`` (``Qwen2DecoderLayer``, ``MistralDecoderLayer``) is replaced by a
+:class:`ParallelLlamaDecoderLayer` holding this rank's share of the same weights (and biases) under the same
+names; the embeddings, the final norm and the LM head stay replicated. For ``"tp"`` every rank is fed the
+full sequence; for ``"tp-sp"``, ``"ulysses"`` and ``"odysseus"`` its :func:`odysseus.shard_sequence` shard.
+The layers run causal attention over the global sequence at the true global positions, or at the
+``position_ids`` passed to the model (in the input's layout: the shard's, for sequence-split strategies);
+positions that restart at 0 start a new packed document, which no token attends across. The causal mask
+and rotary table that the HF model builds for the local shard are not used. Hence: no KV cache (training
+and full-sequence scoring only), no padding masks, no attention weights or per-layer hidden states in the
+output; each of these raises a ``ValueError`` that says so.
 
 Loss convention (sequence-split strategies): the global loss is the sum of the ranks' local losses, and
 weights that see only local tokens (embeddings, final norm, LM head, and the replicated weights inside the
@@ -26,75 +28,79 @@ layers) have their gradients summed over ranks by :func:`finalize_model_grads`.
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from ..comm.groups import group_size, resolve_group
+from ..comm.verdict import agree, attempt
 from ..config import TransformerConfig
+from ..layout import dense_shapes, has_bias
 from ..strategies import registry
 from ..strategies.block import ParallelBlock
 
 __all__ = [
+    "DECODER_LAYERS",
     "ParallelLlamaDecoderLayer",
     "causal_lm_loss",
     "check_llama_config",
     "finalize_model_grads",
     "global_loss",
     "hf_state_dict",
+    "lm_head_loss",
+    "model_loss",
     "parallelize_llama",
     "save_pretrained",
     "shift_labels_for_shard",
 ]
 
-# The weights a Llama decoder layer may hold; anything else (a bias, an extra norm) has no odysseus home.
-_LAYER_KEYS = frozenset(
-    [
-        "input_layernorm.weight",
-        "post_attention_layernorm.weight",
-        *(f"self_attn.{n}_proj.weight" for n in "qkvo"),
-        *(f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")),
-    ]
+# Decoder layers parallelize_llama replaces, by (transformers module, class): Llama-style blocks that differ
+# only in what TransformerConfig describes (biases, sliding window).
+_LAYER_CLASSES = (
+    ("llama.modeling_llama", "LlamaDecoderLayer"),
+    ("qwen2.modeling_qwen2", "Qwen2DecoderLayer"),
+    ("mistral.modeling_mistral", "MistralDecoderLayer"),
 )
+DECODER_LAYERS: tuple[type, ...] = tuple(
+    getattr(importlib.import_module(f"transformers.models.{module}"), name) for module, name in _LAYER_CLASSES
+)
+# Keyword arguments of transformers' flash-attention varlen path, which describe the unsplit sequence.
+_VARLEN_ARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+# The layers' private keyword for the positions the model was called with (see _model_call_hook).
+_POSITIONS = "odysseus_position_ids"
 # Names transformers has used across releases for a layer's KV cache argument.
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 _NO_CACHE = (
     "parallelize_llama models have no KV cache: they run causal attention over the whole (global) sequence "
     "in one call; use them for training and full-sequence scoring, not generate()"
 )
+_NO_GENERATE = (
+    "generate() is not supported on a parallelize_llama model: its layers keep no KV cache, and generate() "
+    "feeds the whole growing sequence to every rank at every step, while a sequence-split model takes each "
+    "rank's shard and holds the next-token logits on the last rank only. Generate with the unsplit model: "
+    "odysseus.integrations.hf.save_pretrained(model, path) on every rank, then "
+    "LlamaForCausalLM.from_pretrained(path) on one device"
+)
 
 
-def _rope_parameters(hf_config) -> dict:
-    # transformers >= 5 keeps RoPE settings in rope_parameters; 4.x in rope_scaling (None for default RoPE).
-    params = getattr(hf_config, "rope_parameters", None)
-    if params is None:
-        params = getattr(hf_config, "rope_scaling", None)
-    return dict(params or {})
+def check_llama_config(hf_config, layer_idx: int | None = None) -> TransformerConfig:
+    """The :class:`odysseus.TransformerConfig` of a ``transformers`` Llama, Qwen2 or Mistral config (for decoder
+    layer ``layer_idx``: its sliding window), after checking that every setting the odysseus layers would
+    silently ignore is at its plain value.
 
-
-def check_llama_config(hf_config) -> TransformerConfig:
-    """The :class:`odysseus.TransformerConfig` of a ``transformers`` ``LlamaConfig``, after checking that every
-    setting the odysseus layers would silently ignore is at its plain-Llama value.
-
-    Raises ``ValueError`` naming each unsupported field, its value and the supported one: RoPE scaling other
-    than ``"default"``, partial rotary, attention or MLP biases, an activation other than ``silu``, a sliding
-    window, attention dropout, ``pretraining_tp > 1``, non-causal attention.
+    Supported: RoPE ``default``, ``linear``, ``llama3``, ``yarn``, ``longrope``; attention and MLP biases;
+    ``head_dim != hidden_size / num_attention_heads``; a sliding window (each forward checks that it covers
+    the sequence). Raises ``ValueError`` naming each unsupported field, its value and the supported one: other
+    RoPE types, partial rotary, an activation other than ``silu``, attention dropout, ``pretraining_tp > 1``,
+    non-causal attention.
     """
     problems = []
-    rope = _rope_parameters(hf_config)
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        problems.append(f"rope type {rope_type!r} (rope parameters {rope}); only 'default' RoPE is supported")
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']}; expected 1.0")
     for field, supported in (
-        ("attention_bias", False),
-        ("mlp_bias", False),
         ("hidden_act", "silu"),
-        ("sliding_window", None),
         ("attention_dropout", 0.0),
         ("pretraining_tp", 1),
         ("is_causal", True),
@@ -102,9 +108,24 @@ def check_llama_config(hf_config) -> TransformerConfig:
         value = getattr(hf_config, field, supported)
         if value != supported:
             problems.append(f"{field}={value!r}; expected {supported!r}")
+    try:
+        config = TransformerConfig.from_hf(hf_config, layer_idx)
+    except ValueError as e:
+        problems.append(str(e))
     if problems:
-        raise ValueError("parallelize_llama cannot run this Llama config: " + "; ".join(problems))
-    return TransformerConfig.from_hf(hf_config)
+        raise ValueError(f"parallelize_llama cannot run this {type(hf_config).__name__}: " + "; ".join(problems))
+    return config
+
+
+def _layer_keys(config: TransformerConfig) -> set[str]:
+    """The parameter names of a decoder layer with ``config``'s shapes and biases."""
+    keys = {"input_layernorm.weight", "post_attention_layernorm.weight"}
+    for name in dense_shapes(config):
+        prefix = "self_attn" if name[0] in "qkvo" else "mlp"
+        keys.add(f"{prefix}.{name}.weight")
+        if has_bias(config, name):
+            keys.add(f"{prefix}.{name}.bias")
+    return keys
 
 
 class ParallelLlamaDecoderLayer(ParallelBlock):
@@ -114,7 +135,8 @@ class ParallelLlamaDecoderLayer(ParallelBlock):
     ``(batch, seq, hidden)`` for ``"tp"``). Parameter names are the Hugging Face layer's. The keyword arguments
     ``LlamaModel`` passes (``attention_mask``, ``position_ids``, ``position_embeddings``, ``cache_position``)
     describe the local shard and are ignored: the block computes causal attention over the global sequence
-    at the true global positions. A KV cache or a request for attention weights raises ``ValueError``.
+    at the true global positions, or at the positions the model was called with, which the model's hook
+    hands over as ``odysseus_position_ids``. A KV cache or a request for attention weights raises ``ValueError``.
     """
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -125,7 +147,7 @@ class ParallelLlamaDecoderLayer(ParallelBlock):
             raise ValueError(f"use_cache={kwargs['use_cache']!r}; expected False: {_NO_CACHE}")
         if kwargs.get("output_attentions"):
             raise ValueError("output_attentions=True: the odysseus layers do not materialise attention weights")
-        return super().forward(hidden_states)
+        return super().forward(hidden_states, kwargs.get(_POSITIONS))
 
 
 def layers(model: nn.Module) -> list[ParallelLlamaDecoderLayer]:
@@ -166,37 +188,61 @@ def _check_attention_mask(mask) -> None:
         )
 
 
-def _model_call_hook(module: nn.Module, config):
-    """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore."""
+def _check_call(mod: nn.Module, given: dict, config) -> None:
+    """Raise ``ValueError`` for a call of the layers' owner (``LlamaModel``) that the layers would ignore."""
+    for key in _CACHE_ARGS:
+        if given.get(key) is not None:
+            raise ValueError(f"{key} was passed; {_NO_CACHE}")
+    if given.get("use_cache"):
+        raise ValueError(f"use_cache={given['use_cache']!r}; expected False or None: {_NO_CACHE}")
+    for key in _VARLEN_ARGS:
+        if given.get(key) is not None:
+            raise ValueError(
+                f"{key} was passed; parallelize_llama models find packed documents from position_ids alone "
+                "(a position 0 starts one), so pass position_ids (this rank's shard of them) and no varlen "
+                "arguments (e.g. DataCollatorWithFlattening(return_flash_attn_kwargs=False))"
+            )
+    _check_attention_mask(given.get("attention_mask"))
+    for flag in ("output_attentions", "output_hidden_states"):
+        if given.get(flag) or (given.get(flag) is None and getattr(config, flag, False)):
+            raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
+    if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
+        raise ValueError(
+            "Hugging Face gradient checkpointing is enabled on the model, but it does not reach the odysseus "
+            "layers; disable it (model.activation_checkpointing_disable()) and pass checkpoint=True to "
+            "parallelize_llama"
+        )
+
+
+def _model_call_hook(module: nn.Module, config, pg):
+    """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore,
+    on every rank at once (a padding mask on one rank must not leave the others waiting in the layers)."""
     names = _positional_names(module)
 
+    @torch.compiler.disable  # a host-side exchange of the verdict
     def hook(mod, args, kwargs):
         given = {**dict(zip(names, args)), **kwargs}
-        for key in _CACHE_ARGS:
-            if given.get(key) is not None:
-                raise ValueError(f"{key} was passed; {_NO_CACHE}")
-        if given.get("use_cache"):
-            raise ValueError(f"use_cache={given['use_cache']!r}; expected False or None: {_NO_CACHE}")
+        _, error = attempt(lambda: _check_call(mod, given, config))
+        agree(error, pg, type(mod).__name__)
         if "use_cache" in names and names.index("use_cache") >= len(args):
             # The config's default (use_cache=True for Llama) would make LlamaModel build a cache for nothing.
             kwargs = {**kwargs, "use_cache": False}
         if given.get("position_ids") is not None:
-            raise ValueError(
-                "position_ids were passed; parallelize_llama models always use the true global positions "
-                "0..seq-1 of the full sequence (each rank's shard at its offset), so pass position_ids=None"
-            )
-        _check_attention_mask(given.get("attention_mask"))
-        for flag in ("output_attentions", "output_hidden_states"):
-            if given.get(flag) or (given.get(flag) is None and getattr(config, flag, False)):
-                raise ValueError(f"{flag}=True: parallelize_llama models do not return per-layer {flag[7:]}")
-        if getattr(mod, "gradient_checkpointing", False) and mod.training and torch.is_grad_enabled():
-            raise ValueError(
-                "activation (gradient) checkpointing is enabled on the model but the odysseus layers do not "
-                "checkpoint; disable it (model.activation_checkpointing_disable())"
-            )
+            # The layers take the positions in the input's layout and gather the whole sequence's themselves.
+            # The HF model gets none, so it builds no rotary table or packed-sequence mask for the shard.
+            kwargs = {**kwargs, _POSITIONS: given["position_ids"]}
+            at = names.index("position_ids") if "position_ids" in names else len(args)
+            if at < len(args):
+                args = (*args[:at], None, *args[at + 1 :])
+            else:
+                kwargs["position_ids"] = None
         return args, kwargs
 
     return hook
+
+
+def _no_generate(self, *args, **kwargs):
+    raise ValueError(_NO_GENERATE)
 
 
 def _labels_hook(module: nn.Module, strategy: str, world: int):
@@ -223,66 +269,95 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return model, ""
 
 
-def parallelize_llama(model: nn.Module, strategy: str, group=None, backend: str = "auto") -> nn.Module:
-    """Split every ``LlamaDecoderLayer`` of ``model`` over ``group`` with ``strategy``, in place; returns ``model``.
+def parallelize_llama(
+    model: nn.Module,
+    strategy: str,
+    group=None,
+    backend: str = "auto",
+    *,
+    check_inputs: bool = False,
+    save_input: str = "gathered",
+    checkpoint: bool = False,
+    offload: bool = False,
+    ffn_tile: int | None = None,
+) -> nn.Module:
+    """Split every decoder layer of ``model`` over ``group`` with ``strategy``, in place; returns ``model``.
 
-    ``model``: a ``transformers`` ``LlamaForCausalLM``, ``LlamaModel`` or any module built from
-    ``LlamaDecoderLayer`` s, with its weights (pretrained or fresh) on any device and dtype; the layers keep
-    them. ``strategy``: one of :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or
-    None (the default group). ``backend``: see :func:`odysseus.parallelize`. Collective: call on every rank
-    with the same weights.
+    ``model``: a ``transformers`` ``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``MistralForCausalLM``, their base
+    models, or any module built from their decoder layers (:data:`DECODER_LAYERS`), with its weights
+    (pretrained or fresh) on any device and dtype; the layers keep them. ``strategy``: one of
+    :data:`odysseus.STRATEGIES`. ``group``: a ProcessGroup, a 1-D DeviceMesh or None (the default group).
+    ``backend``, ``save_input``, ``checkpoint`` (each layer keeps only its input and recomputes the rest in
+    backward), ``offload`` (those inputs wait in host memory) and ``ffn_tile``: see :func:`odysseus.parallelize`.
+    ``check_inputs=True`` makes every layer compare the ranks' inputs (see :func:`odysseus.parallelize`): the
+    full ``input_ids`` fed to every rank of a sequence-split model then raises on every rank. Collective: call
+    on every rank with the same weights.
 
     Afterwards feed ``input_ids: (batch, seq)`` for ``"tp"`` and their :func:`odysseus.shard_sequence` shard
-    ``(batch, seq_local)`` otherwise; outputs (hidden states, logits) have the input's layout. Calls with a KV
-    cache, ``use_cache=True``, a padding mask, ``position_ids``, ``output_attentions`` or
-    ``output_hidden_states`` raise ``ValueError``, as does ``labels`` for a sequence-split strategy on more than
-    one rank (use :func:`causal_lm_loss`).
+    ``(batch, seq_local)`` otherwise, and ``position_ids`` (packed sequences) in the same layout; outputs
+    (hidden states, logits) have the input's layout. Calls with a KV cache, ``use_cache=True``, a padding
+    mask, flash-attention varlen arguments, ``output_attentions`` or ``output_hidden_states`` raise
+    ``ValueError``, as does ``labels`` for a sequence-split strategy on more than one rank (use
+    :func:`causal_lm_loss`), and a forward whose sequence is longer than a layer's sliding window.
+    ``model.generate`` raises ``ValueError`` with the reason; HF's ``model.save_pretrained`` raises unless
+    given ``state_dict=hf_state_dict(model)`` (use :func:`save_pretrained`), as it would write this rank's
+    shards. ``copy.deepcopy(model)`` shares the group.
     """
     spec = registry.get(strategy)
     pg = resolve_group(group)
-    if isinstance(model, (LlamaDecoderLayer, ParallelLlamaDecoderLayer)):
+    if isinstance(model, (*DECODER_LAYERS, ParallelLlamaDecoderLayer)):
         raise TypeError("pass the model that holds the decoder layers (e.g. LlamaForCausalLM), not a single layer")
     if layers(model):
         raise ValueError(f"{type(model).__name__} is already parallelized; parallelize_llama a fresh model")
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LlamaDecoderLayer)]
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, DECODER_LAYERS)]
     if not found:
-        raise TypeError(f"{type(model).__name__} holds no transformers LlamaDecoderLayer; nothing to parallelize")
-    returns = inspect.signature(LlamaDecoderLayer.forward).return_annotation
-    if returns is not torch.Tensor:
-        import transformers
+        names = ", ".join(cls.__name__ for cls in DECODER_LAYERS)
+        raise TypeError(f"{type(model).__name__} holds no transformers decoder layer ({names}); nothing to parallelize")
+    for cls in {type(m) for _, m in found}:
+        returns = inspect.signature(cls.forward).return_annotation
+        if returns is not torch.Tensor:
+            import transformers
 
-        raise NotImplementedError(
-            f"transformers {transformers.__version__}: LlamaDecoderLayer.forward returns {returns}, but "
-            "parallelize_llama drives models whose decoder layers return a torch.Tensor (as in transformers 5)"
-        )
+            raise NotImplementedError(
+                f"transformers {transformers.__version__}: {cls.__name__}.forward returns {returns}, but "
+                "parallelize_llama drives models whose decoder layers return a torch.Tensor (as in transformers 5)"
+            )
     hf_config = getattr(model, "config", None) or found[0][1].self_attn.config
-    config = check_llama_config(hf_config)
+    check_llama_config(hf_config)
     if any(m.gradient_checkpointing for _, m in found):
         raise ValueError(
-            "activation (gradient) checkpointing is enabled but the odysseus layers do not checkpoint; disable it "
-            "first (model.activation_checkpointing_disable())"
+            "Hugging Face gradient checkpointing is enabled, but it does not reach the odysseus layers; disable it "
+            "(model.activation_checkpointing_disable()) and pass checkpoint=True to parallelize_llama"
         )
 
     owners = {}
     for name, layer in found:
+        config = check_llama_config(hf_config, getattr(layer.self_attn, "layer_idx", None))
         weights = layer.state_dict()
-        if set(weights) != _LAYER_KEYS:
+        if set(weights) != _layer_keys(config):
             raise ValueError(
-                f"{name} holds weights {sorted(weights)}; a Llama layer odysseus can split holds {sorted(_LAYER_KEYS)}"
+                f"{name} holds weights {sorted(weights)}; with its config's biases odysseus expects "
+                f"{sorted(_layer_keys(config))}"
             )
         parent_name, _, child = name.rpartition(".")
-        new = ParallelLlamaDecoderLayer(config, strategy, pg, weights=weights, backend=backend)
+        new = ParallelLlamaDecoderLayer(
+            config, strategy, pg, weights=weights, backend=backend, check_inputs=check_inputs, save_input=save_input,
+            checkpoint=checkpoint, offload=offload, ffn_tile=ffn_tile,
+        )  # fmt: skip
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)
         owners[owner_name] = owner
     for owner in owners.values():
-        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config), with_kwargs=True)
+        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config, pg), with_kwargs=True)
     world = group_size(pg)
     if spec.sequence_split and world > 1 and "labels" in inspect.signature(model.forward).parameters:
         model.register_forward_pre_hook(_labels_hook(model, strategy, world), with_kwargs=True)
+    if callable(getattr(model, "generate", None)):
+        model.generate = types.MethodType(_no_generate, model)  # an instance attribute: copies rebind it
+    guard_save_pretrained(model)
     return model
 
 
 # The loss and the checkpoint helpers live beside this module; they are part of this module's interface.
-from .hf_state import finalize_model_grads, hf_state_dict, save_pretrained  # noqa: E402
-from .loss import causal_lm_loss, global_loss, shift_labels_for_shard  # noqa: E402
+from .hf_state import finalize_model_grads, guard_save_pretrained, hf_state_dict, save_pretrained  # noqa: E402
+from .loss import causal_lm_loss, global_loss, lm_head_loss, model_loss, shift_labels_for_shard  # noqa: E402

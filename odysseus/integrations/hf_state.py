@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import types
 
 import torch
 import torch.distributed as dist
@@ -12,7 +13,7 @@ from ..comm.groups import group_size
 from ..state import dense_state_dict, finalize_grads, is_dtensor, sum_over_group
 from .hf import layers, model_setup
 
-__all__ = ["finalize_model_grads", "hf_state_dict", "save_pretrained"]
+__all__ = ["finalize_model_grads", "guard_save_pretrained", "hf_state_dict", "save_pretrained"]
 
 
 def finalize_model_grads(model: nn.Module) -> None:
@@ -38,14 +39,15 @@ def hf_state_dict(model: nn.Module, grad: bool = False) -> dict[str, torch.Tenso
     """The unsplit model's state dict (or, with ``grad=True``, its parameter gradients) under the Hugging Face
     keys of ``model.state_dict()``: full tensors, the same on every rank, loadable into a fresh
     ``transformers`` model with ``load_state_dict``. Tied weights appear under each of their keys as separate
-    tensors. Collective: call on every rank (after :func:`finalize_model_grads` for ``grad=True``).
+    tensors. ``grad=True`` leaves out buffers and frozen (``requires_grad=False``) parameters. Collective:
+    call on every rank (after :func:`finalize_model_grads` for ``grad=True``).
     """
     dense = dense_state_dict(model, grad=grad)
     param_name = {id(p): name for name, p in model.named_parameters()}
     out, used = {}, set()
     for key, t in model.state_dict(keep_vars=True).items():
         name = param_name.get(id(t))
-        if name is None:
+        if name is None or name not in dense:  # a buffer, or a frozen parameter's missing gradient
             if not grad:
                 out[key] = t.detach().clone()
             continue
@@ -72,3 +74,26 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike) -> None
         save_file(tensors, os.path.join(save_directory, "model.safetensors"), metadata={"format": "pt"})
     if dist.is_initialized():
         dist.barrier()
+
+
+def _hf_save_pretrained(self, save_directory, *args, state_dict=None, **kwargs):
+    """Hugging Face's ``save_pretrained``, allowed only with dense tensors (``state_dict=hf_state_dict(model)``)."""
+    if state_dict is None:
+        raise ValueError(
+            f"{type(self).__name__}.save_pretrained would write this rank's weight shards: the layers are split "
+            "by parallelize_llama. Call odysseus.integrations.hf.save_pretrained(model, save_directory) on every "
+            "rank (it gathers the dense weights; rank 0 writes), or pass state_dict=hf_state_dict(model), "
+            "gathered on every rank, to model.save_pretrained on the rank that writes"
+        )
+    if dist.is_initialized():  # every rank holds the same dense tensors: one writer is enough
+        kwargs.setdefault("is_main_process", dist.get_rank() == 0)
+    return type(self).save_pretrained(self, save_directory, *args, state_dict=state_dict, **kwargs)
+
+
+def guard_save_pretrained(model: nn.Module) -> None:
+    """Make ``model.save_pretrained`` (Hugging Face's) refuse to write shards (see :func:`_hf_save_pretrained`).
+
+    Raising rather than gathering: callers such as ``Trainer`` save on rank 0 only, where a collective gather
+    would wait forever for the other ranks."""
+    if callable(getattr(model, "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_hf_save_pretrained, model)  # copies rebind it

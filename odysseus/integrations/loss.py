@@ -6,12 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..chunked_loss import linear_cross_entropy
 from ..comm import primitives
 from ..comm.groups import group_rank, group_size, resolve_group
 from ..layout import offsets, shard_sizes
 from .hf import model_setup
 
-__all__ = ["causal_lm_loss", "global_loss", "shift_labels_for_shard"]
+__all__ = ["causal_lm_loss", "global_loss", "lm_head_loss", "model_loss", "shift_labels_for_shard"]
 
 
 def _shift(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -38,6 +39,34 @@ def shift_labels_for_shard(labels: torch.Tensor, group=None, ignore_index: int =
     return shifted[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]]
 
 
+def _targets(tokens: int, labels: torch.Tensor, pg, ignore_index: int, what: str) -> torch.Tensor:
+    """This rank's next-token targets for ``tokens`` outputs: ``(batch, tokens)``, all of them (``"tp"``) or
+    this rank's shard; raises when ``tokens`` is neither."""
+    L = labels.shape[-1]
+    if tokens == L:
+        return _shift(labels, ignore_index)
+    targets = shift_labels_for_shard(labels, pg, ignore_index)
+    if tokens != targets.shape[1]:
+        raise ValueError(
+            f"{what} hold {tokens} tokens; with labels of {L} tokens over {group_size(pg)} ranks rank "
+            f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
+        )
+    return targets
+
+
+def _count(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    # Target tokens in the whole batch: no communication, as every rank holds the full labels.
+    return (labels[:, 1:] != ignore_index).sum().clamp_min(1)
+
+
+def _check_batch(t: torch.Tensor, labels: torch.Tensor, what: str, last: str) -> None:
+    if t.dim() != 3 or labels.dim() != 2 or t.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{what} of shape {tuple(t.shape)} do not fit labels of shape {tuple(labels.shape)}: "
+            f"expected (batch, seq or seq_local, {last}) with the labels' (batch, seq)"
+        )
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy, as this rank's term of the global mean loss (fp32 scalar).
 
@@ -48,29 +77,70 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
     Sequence-split: returns ``sum of this rank's token losses / number of target tokens in the whole batch``,
     so the sum over ranks is the mean loss of the unsplit model (what ``LlamaForCausalLM(labels=...)`` gives);
     call ``backward()`` on it on every rank. Full logits: returns that mean loss itself, identical on every
-    rank. The count needs no communication, as every rank holds the full labels.
+    rank. At long sequences use :func:`lm_head_loss`, which never holds the logits.
     """
     pg = resolve_group(group)
     labels = labels.to(logits.device)
-    world, L = group_size(pg), labels.shape[-1]
-    if logits.dim() != 3 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} do not fit labels of shape {tuple(labels.shape)}: "
-            "expected (batch, seq or seq_local, vocab) with the labels' batch"
-        )
-    if logits.shape[1] == L:
-        targets = _shift(labels, ignore_index)
-    else:
-        targets = shift_labels_for_shard(labels, pg, ignore_index)
-        if logits.shape[1] != targets.shape[1]:
-            raise ValueError(
-                f"logits hold {logits.shape[1]} tokens; with labels of {L} tokens over {world} ranks rank "
-                f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
-            )
-    count = (labels[:, 1:] != ignore_index).sum().clamp_min(1)
+    _check_batch(logits, labels, "logits", "vocab")
+    targets = _targets(logits.shape[1], labels, pg, ignore_index, "logits")
     # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
-    return total / count
+    return total / _count(labels, ignore_index)
+
+
+def lm_head_loss(
+    hidden: torch.Tensor,
+    head: nn.Linear,
+    labels: torch.Tensor,
+    group=None,
+    *,
+    chunk: int = 4096,
+    impl: str = "auto",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``head(hidden)`` without the logits: the LM head and the loss run
+    ``chunk`` tokens at a time and are recomputed in backward (:func:`odysseus.chunked_loss.linear_cross_entropy`;
+    ``impl="auto"`` uses Liger-Kernel's fused kernel on CUDA when it is installed).
+
+    ``hidden``: the final hidden states (after the last norm), ``(batch, seq_local, hidden)``, or
+    ``(batch, seq, hidden)`` for ``"tp"``; ``head``: the model's LM head (``model.get_output_embeddings()``);
+    ``labels: (batch, seq)`` as for :func:`causal_lm_loss`, whose loss and gradients this equals.
+    """
+    pg = resolve_group(group)
+    labels = labels.to(hidden.device)
+    _check_batch(hidden, labels, "hidden states", "hidden")
+    targets = _targets(hidden.shape[1], labels, pg, ignore_index, "hidden states")
+    total = linear_cross_entropy(
+        hidden, head.weight, targets, head.bias, chunk=chunk, ignore_index=ignore_index, impl=impl
+    )
+    return total / _count(labels, ignore_index)
+
+
+def model_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    chunk: int = 4096,
+    impl: str = "auto",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """This rank's term of the global mean loss of a :func:`parallelize_llama` causal LM, without the logits.
+
+    Runs ``model``'s base model on ``input_ids`` (this rank's shard, or the full ids for ``"tp"``; the same
+    ``position_ids`` layout) and :func:`lm_head_loss` on its last hidden state with ``model``'s LM head.
+    Equals ``causal_lm_loss(model(input_ids).logits, labels)``.
+    """
+    _, pg = model_setup(model)
+    base, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    if base is None or base is model or not isinstance(head, nn.Linear):
+        raise ValueError(
+            f"{type(model).__name__} is not a causal LM with a base model and a linear LM head; "
+            "call lm_head_loss on its hidden states"
+        )
+    hidden = base(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+    return lm_head_loss(hidden, head, labels, pg, chunk=chunk, impl=impl, ignore_index=ignore_index)
 
 
 def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:

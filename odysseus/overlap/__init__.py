@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..comm.groups import group_size
+from ..comm.groups import group_rank, group_size
 from ..profiling import ody_range
 from .stream import Ring
 
@@ -59,6 +59,8 @@ def resolve_backend(backend: str, pg, device: torch.device, dtype: torch.dtype =
 
     ``auto`` probes ``symm`` the first time (:mod:`.probe`): collective, every rank of ``pg`` must call it.
     """
+    if backend != "auto":  # nothing to decide: no call into the compiler-disabled _resolve (a graph break)
+        return check_backend(backend)
     key = (backend, pg.group_name, device, dtype)
     found = _RESOLVED.get(key)
     if found is None:
@@ -78,6 +80,18 @@ def check_overlap() -> None:
     symm.check()
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the op will compute in: the autocast dtype where autocast casts ``x`` (see ``ops``)."""
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _op_args(sizes: list[int], pg, backend: str, label: str, save_input: str, ring: Ring) -> tuple:
+    """The non-tensor arguments of the custom ops (:mod:`.ops`), in their order."""
+    return list(sizes), group_rank(pg), pg.group_name, backend, label, save_input, ring.tokens or 0, ring.slots
+
+
 def ag_matmul(
     x_local: torch.Tensor,
     w: torch.Tensor,
@@ -93,14 +107,16 @@ def ag_matmul(
     ``sizes`` are every rank's sequence length (``odysseus.comm.exchange_lengths``); ``pg`` the group.
     ``save_input`` and ``ring``: what is kept for backward and how gathers stream (:mod:`.ops`, :mod:`.stream`).
     """
-    with ody_range("ody/ag_matmul"):
-        if group_size(pg) == 1:
+    if group_size(pg) == 1:
+        with ody_range("ody/ag_matmul"):
             return x_local @ w
-        from .ops import ag_matmul_op
+    from .ops import ag_matmul_op
 
-        backend = resolve_backend(backend, pg, x_local.device, x_local.dtype)
-        args = (save_input, ring.tokens or 0, ring.slots)
-        return ag_matmul_op(x_local, w, list(sizes), pg.group_name, backend, label, *args)[0]
+    # Resolved outside the profiler range: the first resolution is a graph break under torch.compile, and
+    # dynamo cannot resume a frame that breaks inside a context manager (it would run the frame eagerly).
+    backend = resolve_backend(backend, pg, x_local.device, _compute_dtype(x_local))
+    with ody_range("ody/ag_matmul"):
+        return ag_matmul_op(x_local, w, *_op_args(sizes, pg, backend, label, save_input, ring))[0]
 
 
 def matmul_rs(
@@ -114,10 +130,11 @@ def matmul_rs(
     ring: Ring = DEFAULT_RING,
 ) -> torch.Tensor:
     """``reduce_scatter_seq(x @ w)``: ``x: (B, L, K_r)`` partial sums, ``w: (K_r, N)`` -> ``(B, L_r, N)``."""
-    with ody_range("ody/matmul_rs"):
-        if group_size(pg) == 1:
+    if group_size(pg) == 1:
+        with ody_range("ody/matmul_rs"):
             return x @ w
-        from .ops import matmul_rs_op
+    from .ops import matmul_rs_op
 
-        backend = resolve_backend(backend, pg, x.device, x.dtype)
-        return matmul_rs_op(x, w, list(sizes), pg.group_name, backend, label, save_input, ring.tokens or 0, ring.slots)
+    backend = resolve_backend(backend, pg, x.device, _compute_dtype(x))  # outside the range: see ag_matmul
+    with ody_range("ody/matmul_rs"):
+        return matmul_rs_op(x, w, *_op_args(sizes, pg, backend, label, save_input, ring))

@@ -11,6 +11,14 @@ peer inside a backend surface as :class:`~odysseus.comm.failures.PeerFailure` na
 Layout: every backend returns ``(B, L, N)`` views of sequence-major ``(L, B, N)`` storage, and the fake
 kernels promise the same strides, so compiled graphs see what eager code gets.
 
+Ranks: every op takes this rank's index in the group as an argument, and the fake kernels read it from
+there, never from the process group. A compiled graph is cached on disk under a key made of the graph and
+its constant arguments; were the rank read inside the fake kernel, two ranks with the same input shapes
+would share one key and one would load a graph shaped for the other's shard.
+
+Autocast: under ``torch.autocast`` each forward op casts its floating-point inputs to the autocast dtype, as
+``torch.matmul`` does, and runs with autocast off (:func:`_register_autocast`).
+
 Memory against traffic, ``save_input``:
 
 - ``"gathered"``: ``ag_matmul`` keeps the gathered input ``(B, L, K)`` for the weight gradient, and
@@ -54,15 +62,24 @@ def _impl(backend: str):
     return impl
 
 
+def _check_rank(rank: int, pg, sizes: list[int], local_len: int | None, op: str) -> None:
+    """A graph compiled for another rank (a shared compile cache gone wrong) fails here, before any traffic."""
+    if rank != group_rank(pg) or (local_len is not None and local_len != sizes[rank]):
+        raise RuntimeError(
+            f"odysseus.{op} was called for rank {rank} (shard of {sizes[rank]} of lengths {sizes}) on rank "
+            f"{group_rank(pg)} with a shard of {local_len}: a compiled graph built for another rank?"
+        )
+
+
 def _seq_major(B: int, L: int, N: int, like: torch.Tensor) -> torch.Tensor:
     """An empty ``(B, L, N)`` view of sequence-major storage: the layout every backend returns."""
     return like.new_empty(L, B, N).transpose(0, 1)
 
 
-def _record(op: str, pg, sizes: list[int], batch: int, width: int, elem: int, label: str) -> None:
+def _record(op: str, pg, sizes: list[int], rank: int, batch: int, width: int, elem: int, label: str) -> None:
     """The one ledger record of a logical all-gather or reduce-scatter of rows of ``batch x width x elem`` bytes."""
     rule = gather_bytes if op == "all_gather" else scatter_bytes
-    record(op, *rule(sizes, group_rank(pg), batch * width * elem), group_size(pg), "activation", label)
+    record(op, *rule(sizes, rank, batch * width * elem), group_size(pg), "activation", label)
 
 
 def _ring(tokens: int, slots: int) -> Ring:
@@ -77,6 +94,7 @@ def ag_matmul_op(
     x_local: torch.Tensor,
     w: torch.Tensor,
     sizes: list[int],
+    rank: int,
     group_name: str,
     backend: str,
     label: str,
@@ -87,6 +105,7 @@ def ag_matmul_op(
     """``(all_gather(x_local) @ w, kept)``: ``(B, L_r, K), (K, N)`` -> ``(B, L, N)`` and, for ``"gathered"``,
     the gathered input ``(B, L, K)`` (kept for the weight gradient), for ``"shard"`` an empty tensor."""
     pg, impl = _resolve_process_group(group_name), _impl(backend)
+    _check_rank(rank, pg, sizes, x_local.shape[1], "ag_matmul")
     B, _, K = x_local.shape
     with named_failures(f"ag_matmul {label}"):
         if save_input == "gathered":
@@ -94,21 +113,22 @@ def ag_matmul_op(
         else:
             pieces = impl.gather_stream(x_local, sizes, pg, _ring(ring_tokens, ring_slots))
             out, kept = stream.ag_matmul(pieces, w, sum(sizes), B), x_local.new_empty(0)
-    _record("all_gather", pg, sizes, B, K, x_local.element_size(), label)
+    _record("all_gather", pg, sizes, rank, B, K, x_local.element_size(), label)
     return out, kept
 
 
 @ag_matmul_op.register_fake
-def _(x_local, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots):
+def _(x_local, w, sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots):
     B, _, K = x_local.shape
     kept = _seq_major(B, sum(sizes), K, x_local) if save_input == "gathered" else x_local.new_empty(0)
     return _seq_major(B, sum(sizes), w.shape[1], x_local), kept
 
 
 def _ag_setup(ctx, inputs, output):
-    x_local, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = inputs
+    x_local, w, *args = inputs
+    save_input = args[5]
     ctx.save_for_backward(output[1] if save_input == "gathered" else x_local, w)
-    ctx.args = (sizes, group_name, backend, label, save_input, ring_tokens, ring_slots)
+    ctx.args = tuple(args)
 
 
 def _weight_grad(x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
@@ -120,16 +140,13 @@ def _weight_grad(x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
 def _ag_backward(ctx, d_out, _d_kept):
     # The kept tensor is an internal output (saved for dW); nothing downstream uses it.
     kept, w = ctx.saved_tensors
-    sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
+    sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
     if save_input == "shard":
-        dx, dw = ag_backward_shard_op(d_out, kept, w, sizes, group_name, backend, label, ring_tokens, ring_slots)
+        dx, dw = ag_backward_shard_op(d_out, kept, w, sizes, rank, group_name, backend, label, ring_tokens, ring_slots)
     else:
-        dx = matmul_rs_op(d_out, w.t(), sizes, group_name, backend, label, save_input, ring_tokens, ring_slots)
+        dx = matmul_rs_op(d_out, w.t(), *ctx.args)
         dw = _weight_grad(kept, d_out)
-    return (
-        dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
-        None, None, None, None, None, None, None,
-    )  # fmt: skip
+    return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, *[None] * 8)
 
 
 ag_matmul_op.register_autograd(_ag_backward, setup_context=_ag_setup)
@@ -141,6 +158,7 @@ def ag_backward_shard_op(
     x_local: torch.Tensor,
     w: torch.Tensor,
     sizes: list[int],
+    rank: int,
     group_name: str,
     backend: str,
     label: str,
@@ -150,19 +168,20 @@ def ag_backward_shard_op(
     """Backward of a ``"shard"`` all-gather⊗GEMM: ``(dx, dw)`` with ``dx = reduce_scatter(d_out @ w^T)``
     ``(B, L_r, K)`` and ``dw = gather(x)^T d_out`` ``(K, N)``, the input re-gathered piece by piece."""
     pg, impl, ring = _resolve_process_group(group_name), _impl(backend), _ring(ring_tokens, ring_slots)
+    _check_rank(rank, pg, sizes, x_local.shape[1], "ag_matmul backward")
     B, _, K = x_local.shape
     pieces = impl.gather_stream(x_local, sizes, pg, ring)
     with named_failures(f"ag_matmul backward {label}"):
         dx, dw = stream.ag_backward(
             pieces, d_out, lambda: impl.matmul_rs(d_out, w.t(), sizes, pg, ring), w.dtype, impl.OVERLAPS_DGRAD
         )
-    _record("reduce_scatter", pg, sizes, B, K, d_out.element_size(), label)
-    _record("all_gather", pg, sizes, B, K, x_local.element_size(), label)
+    _record("reduce_scatter", pg, sizes, rank, B, K, d_out.element_size(), label)
+    _record("all_gather", pg, sizes, rank, B, K, x_local.element_size(), label)
     return dx, dw
 
 
 @ag_backward_shard_op.register_fake
-def _(d_out, x_local, w, sizes, group_name, backend, label, ring_tokens, ring_slots):
+def _(d_out, x_local, w, sizes, rank, group_name, backend, label, ring_tokens, ring_slots):
     B, L_r, K = x_local.shape
     return _seq_major(B, L_r, K, x_local), w.new_empty(w.shape)
 
@@ -175,6 +194,7 @@ def matmul_rs_op(
     x: torch.Tensor,
     w: torch.Tensor,
     sizes: list[int],
+    rank: int,
     group_name: str,
     backend: str,
     label: str,
@@ -184,16 +204,16 @@ def matmul_rs_op(
 ) -> torch.Tensor:
     """``reduce_scatter(x @ w)``: ``(B, L, K_r), (K_r, N)`` -> ``(B, L_r, N)``."""
     pg = _resolve_process_group(group_name)
+    _check_rank(rank, pg, sizes, None, "matmul_rs")
     ring = _ring(ring_tokens, ring_slots) if save_input == "shard" else None
     with named_failures(f"matmul_rs {label}"):
         out = _impl(backend).matmul_rs(x, w, sizes, pg, ring)
-    _record("reduce_scatter", pg, sizes, x.shape[0], w.shape[1], x.element_size(), label)
+    _record("reduce_scatter", pg, sizes, rank, x.shape[0], w.shape[1], x.element_size(), label)
     return out
 
 
 @matmul_rs_op.register_fake
-def _(x, w, sizes, group_name, backend, label, save_input, ring_tokens, ring_slots):
-    rank = group_rank(_resolve_process_group(group_name))
+def _(x, w, sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots):
     return _seq_major(x.shape[0], sizes[rank], w.shape[1], x)
 
 
@@ -205,16 +225,13 @@ def _rs_setup(ctx, inputs, output):
 
 def _rs_backward(ctx, d_out):
     x, w = ctx.saved_tensors
-    sizes, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
+    sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
     if save_input == "shard":
-        dx, dw = rs_backward_shard_op(d_out, x, w, sizes, group_name, backend, label, ring_tokens, ring_slots)
+        dx, dw = rs_backward_shard_op(d_out, x, w, sizes, rank, group_name, backend, label, ring_tokens, ring_slots)
     else:
-        dx, d_full = ag_matmul_op(d_out, w.t(), sizes, group_name, backend, label, "gathered", 0, ring_slots)
+        dx, d_full = ag_matmul_op(d_out, w.t(), *ctx.args)
         dw = _weight_grad(x, d_full) if ctx.needs_input_grad[1] else None
-    return (
-        dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None,
-        None, None, None, None, None, None, None,
-    )  # fmt: skip
+    return (dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None, *[None] * 8)
 
 
 matmul_rs_op.register_autograd(_rs_backward, setup_context=_rs_setup)
@@ -226,6 +243,7 @@ def rs_backward_shard_op(
     x: torch.Tensor,
     w: torch.Tensor,
     sizes: list[int],
+    rank: int,
     group_name: str,
     backend: str,
     label: str,
@@ -235,13 +253,51 @@ def rs_backward_shard_op(
     """Backward of a ``"shard"`` GEMM⊗reduce-scatter: ``dx = gather(d_out) @ w^T`` ``(B, L, K_r)`` and
     ``dw = x^T gather(d_out)`` ``(K_r, N)``, the output gradient gathered piece by piece."""
     pg, impl = _resolve_process_group(group_name), _impl(backend)
+    _check_rank(rank, pg, sizes, d_out.shape[1], "matmul_rs backward")
     pieces = impl.gather_stream(d_out, sizes, pg, _ring(ring_tokens, ring_slots))
     with named_failures(f"matmul_rs backward {label}"):
         dx, dw = stream.rs_backward(pieces, x, w)
-    _record("all_gather", pg, sizes, d_out.shape[0], d_out.shape[2], d_out.element_size(), label)
+    _record("all_gather", pg, sizes, rank, d_out.shape[0], d_out.shape[2], d_out.element_size(), label)
     return dx, dw
 
 
 @rs_backward_shard_op.register_fake
-def _(d_out, x, w, sizes, group_name, backend, label, ring_tokens, ring_slots):
+def _(d_out, x, w, sizes, rank, group_name, backend, label, ring_tokens, ring_slots):
     return _seq_major(x.shape[0], x.shape[1], x.shape[2], x), w.new_empty(w.shape)
+
+
+def _autocast_kernel(op, device_type: str):
+    """Cast like ``torch.matmul`` under autocast: floating inputs on ``device_type`` other than fp64 go to the
+    autocast dtype; then the op runs with autocast off, so its backends' matmuls keep that dtype."""
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [
+            a.to(dtype)
+            if isinstance(a, torch.Tensor)
+            and a.is_floating_point()
+            and a.dtype != torch.float64
+            and a.device.type == device_type
+            else a
+            for a in args
+        ]
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*cast)
+
+    return kernel
+
+
+_AUTOCAST_LIB = torch.library.Library("odysseus", "FRAGMENT")  # holds the registrations for the process
+
+
+def _register_autocast() -> None:
+    """``torch.library.register_autocast`` casts to one fixed dtype; these ops follow the autocast context's."""
+    for op, name in ((ag_matmul_op, "ag_matmul"), (matmul_rs_op, "matmul_rs")):
+        for device_type in ("cpu", "cuda"):
+            if torch.amp.is_autocast_available(device_type):
+                key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+                _AUTOCAST_LIB.impl(name, _autocast_kernel(op, device_type), key, with_keyset=True)
+
+
+_register_autocast()

@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..recompute import recompute
 from ..validation import check_input
 from . import registry
-from .module import ParamSpec
+from .module import ParamSpec, deepcopy_sharing_group, track
 
 
 class ParallelBlock(nn.Module):
@@ -21,19 +22,35 @@ class ParallelBlock(nn.Module):
 
     ``weights``: a dense block's state dict to take this rank's share of (default: fresh weights, see
     :class:`~odysseus.strategies.module.ParallelModule`); other keyword arguments (``backend``, ``seed``,
-    ``check_finite``, ``device``, ``dtype``...) go to the attention and FFN modules.
+    ``check_finite``, ``save_input``, ``ffn_tile``, ``device``, ``dtype``...) go to the attention and FFN modules.
+    ``checkpoint=True``: the block keeps only its input for backward and recomputes the rest
+    (:func:`odysseus.recompute.recompute`; collectives re-run there are recorded under the ``"recompute"``
+    phase); ``offload=True`` also moves that input to host memory (pinned on CUDA) until backward.
     :meth:`from_dense` takes the share of a reference block (``parallelize`` calls it).
     """
 
-    def __init__(self, config, strategy: str, group=None, *, weights: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        config,
+        strategy: str,
+        group=None,
+        *,
+        weights: dict | None = None,
+        checkpoint: bool = False,
+        offload: bool = False,
+        **kwargs,
+    ):
         super().__init__()
+        if offload and not checkpoint:
+            raise ValueError("offload=True offloads the inputs a checkpointed block keeps: it needs checkpoint=True")
+        self.checkpoint, self.offload = checkpoint, offload
         self.spec = registry.get(strategy)
         self.config, self.strategy = config, strategy
         attn_cls, ffn_cls = self.spec.modules()
         weights = weights or {}
 
         def sub(prefix: str) -> dict | None:
-            got = {k[len(prefix) : -len(".weight")]: v for k, v in weights.items() if k.startswith(prefix)}
+            got = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             return got or None
 
         self.input_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -50,6 +67,11 @@ class ParallelBlock(nn.Module):
                     norm.weight.copy_(weights[f"{name}.weight"])
             self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
         self.pg = self.self_attn.pg
+        track(self)
+
+    def __deepcopy__(self, memo: dict) -> ParallelBlock:
+        """A copy with its own weights on the same process group (an EMA model, say)."""
+        return deepcopy_sharing_group(self, memo)
 
     @classmethod
     def from_dense(cls, block: reference.TransformerBlock, strategy: str, group=None, **kwargs) -> ParallelBlock:
@@ -63,8 +85,13 @@ class ParallelBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         check_input(x, self.input_layernorm.weight, self.config.hidden_size, f"ParallelBlock[{self.strategy}]")
+        if self.checkpoint:
+            return recompute(self._block, x, position_ids, offload=self.offload)
+        return self._block(x, position_ids)
+
+    def _block(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), position_ids)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def extra_repr(self) -> str:
-        return f"strategy={self.strategy!r}"
+        return f"strategy={self.strategy!r}, checkpoint={self.checkpoint}, offload={self.offload}"

@@ -3,7 +3,8 @@
 QKV is split by columns (this rank's query heads and the kv heads they read), O by rows. The region
 (:mod:`.regions`) supplies the entry (identity, or all-gather⊗GEMM of the sequence shards) and the exit
 (all-reduce, or GEMM⊗reduce-scatter). Odysseus' attention is TP-SP's: :data:`OdysseusAttention` is
-:class:`TPSPAttention`.
+:class:`TPSPAttention`. Biases: q/k/v's are split with their rows; o_proj's is added once, after the sum
+over ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import torch
 
 from ..attention import local_attention
 from ..layout import HeadSplit, rows
-from ..rope import rotate_qk
+from ..packing import check_window, document_ids
+from ..rope import RopeFrequencies, rotate_qk
 from ..validation import check_input
 from .module import RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
@@ -23,7 +25,8 @@ class HeadSplitAttention(RegionModule):
 
     ``forward(x, position_ids=None) -> same layout as x``; ``x`` is ``(batch, seq, hidden)`` in a replicated
     region and ``(batch, seq_local, hidden)`` in a sequence region. ``position_ids`` follow ``x``'s layout and
-    default to the true global positions.
+    default to the true global positions; given ones that restart at 0 mark packed documents
+    (:mod:`odysseus.packing`), found from the positions of the whole sequence.
     """
 
     region_type = SequenceRegion
@@ -32,23 +35,33 @@ class HeadSplitAttention(RegionModule):
         super().__init__(config, group, **kwargs)
         hd = config.head_dim
         self.heads = HeadSplit.build(config, self.world, self.rank)
+        self.rope = RopeFrequencies.of(config)
         kv_sync = "sum" if self.heads.shared_kv else "none"
         self.add_linear("q_proj", 0, rows(self.heads.q, hd))
         self.add_linear("k_proj", 0, rows(self.heads.kv, hd), kv_sync)
         self.add_linear("v_proj", 0, rows(self.heads.kv, hd), kv_sync)
-        self.add_linear("o_proj", 1, rows(self.heads.q, hd))
+        o_bias_sync = "sum" if self.region.sequence_split and self.world > 1 else "none"
+        self.add_linear("o_proj", 1, rows(self.heads.q, hd), row_bias_sync=o_bias_sync)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
-        span = self.region.open(x)
-        w_qkv = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).t()
+        span = self.region.open(x, position_ids)
+        check_window(c.sliding_window, span.total, type(self).__name__)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        w_qkv = torch.cat([p.weight for p in projections]).t()
         qkv = span.gather_matmul(x, w_qkv, "attn.qkv")
-        widths = [w.shape[0] for w in (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)]
+        if c.qkv_bias:
+            qkv = qkv + torch.cat([p.bias for p in projections])
+        widths = [p.weight.shape[0] for p in projections]
         q, k, v = (t.unflatten(-1, (-1, c.head_dim)) for t in qkv.split(widths, -1))
-        q, k = rotate_qk(q, k, span.positions(position_ids, x.shape[0], x.device), c.head_dim, c.rope_theta)
-        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal)
-        return span.matmul_scatter(o.flatten(2), self.o_proj.weight.t(), "attn.out")
+        pos = span.positions(position_ids, x.shape[0], x.device)
+        q, k = rotate_qk(q, k, pos, self.rope)
+        documents = None if position_ids is None else document_ids(pos)
+        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal, documents)
+        out = span.matmul_scatter(o.flatten(2), self.o_proj.weight.t(), "attn.out")
+        # The bias of a row-split projection is added once, to the sum over ranks, not to each partial product.
+        return out + self.o_proj.bias if c.o_bias else out
 
 
 class TPAttention(HeadSplitAttention):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import copy
+import weakref
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 
 from ..comm import group_rank, group_size, meta_group, resolve_group
 from ..config import TransformerConfig
-from ..layout import dense_shapes
+from ..layout import dense_shapes, has_bias
 from ..overlap import DEFAULT_RING, Ring, check_backend
 from ..overlap.ops import check_save_input
 from ..reference import seeded_normal
@@ -30,15 +32,48 @@ class ParamSpec:
     sync: str = "none"
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # every parallel module and block alive in this process
+
+
+def track(module: nn.Module) -> None:
+    """Remember a module holding ``param_specs`` and ``pg``, so a bare list of parameters can be classified."""
+    _LIVE.add(module)
+
+
+def live_specs() -> Iterator[tuple[nn.Module, str, ParamSpec]]:
+    """(module, parameter name, spec) of every live parallel module (see :func:`track`)."""
+    for m in list(_LIVE):
+        for name, spec in getattr(m, "param_specs", {}).items():
+            yield m, name, spec
+
+
+def deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
+    """``copy.deepcopy`` of a module that holds a process group: everything is copied but the group, which the
+    copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks)."""
+    if module.pg is not None:
+        memo.setdefault(id(module.pg), module.pg)
+    new = type(module).__new__(type(module))
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__dict__, memo))
+    track(new)
+    return new
+
+
 class ParallelModule(nn.Module):
     """Base of every strategy module: the group, this rank's place in it, and :class:`ParamSpec` per parameter.
 
-    ``weights`` maps linear-layer names (``q_proj``...) to dense ``(out, in)`` tensors to slice; without
-    it, each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``), so a
-    fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world size.
+    ``weights`` maps the dense parameter names (``q_proj.weight``, ``q_proj.bias``...) to the dense
+    tensors to take this rank's share of; it must hold a bias exactly where the config has one. Without it,
+    each dense weight is drawn by :func:`odysseus.reference.seeded_normal` (``seed``, ``std``) and biases
+    are zero, so a fresh parallel module equals ``init_weights(reference_module, std, seed)`` on every world
+    size.
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
     where the module exchanges lengths anyway). ``save_input`` (``"gathered"`` or ``"shard"``) and ``ring``
     choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
+    ``check_inputs=True`` makes every forward compare a fingerprint of the ranks' inputs, so that the whole
+    sequence fed to every rank of a sequence-split module (or shards fed to a TP one) raises on every rank
+    (it synchronises the host with the device). ``ffn_tile``: the FFNs run that many tokens per rank at a
+    time, recomputing each tile in backward (:mod:`odysseus.strategies.ffn`); attention modules ignore it.
     """
 
     def __init__(
@@ -53,6 +88,8 @@ class ParallelModule(nn.Module):
         check_finite: bool = False,
         save_input: str = "gathered",
         ring: Ring | None = None,
+        check_inputs: bool = False,
+        ffn_tile: int | None = None,
         device=None,
         dtype=None,
     ):
@@ -63,31 +100,72 @@ class ParallelModule(nn.Module):
         self.pg = resolve_group(group)
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
-        self.check_finite = check_finite
+        self.check_finite, self.check_inputs = check_finite, check_inputs
         self.save_input, self.ring = check_save_input(save_input), ring or DEFAULT_RING
+        if ffn_tile is not None and ffn_tile < 1:
+            raise ValueError(f"ffn_tile={ffn_tile} must be a positive number of tokens (or None: no tiling)")
+        self.ffn_tile = ffn_tile
         self.param_specs: dict[str, ParamSpec] = {}
-        self._weights, self._seed, self._std = weights, seed, std
+        # A private copy of the mapping: add_linear takes each dense weight out once it is sliced, so no
+        # reference to the dense tensors outlives construction.
+        self._weights, self._seed, self._std = None if weights is None else dict(weights), seed, std
         self._device, self._dtype = device, dtype
         meta_group(self.pg)  # collective on first use: every rank builds its modules, so do it here
+        track(self)
 
-    def add_linear(self, name: str, dim: int | None = None, ranges=(), sync: str = "none") -> None:
-        """Create ``self.<name>`` holding this rank's slice of the dense linear weight ``name``."""
+    def __deepcopy__(self, memo: dict) -> ParallelModule:
+        return deepcopy_sharing_group(self, memo)
+
+    def add_linear(
+        self, name: str, dim: int | None = None, ranges=(), sync: str = "none", row_bias_sync: str = "none"
+    ) -> None:
+        """Create ``self.<name>`` holding this rank's slice of the dense linear layer ``name`` (and its bias).
+
+        ``dim=0`` (split by output rows): the bias is split with the rows. ``dim=1`` (split by input columns, a
+        partial product summed over ranks): the whole bias sits on every rank and the caller adds it once,
+        after the sum; ``row_bias_sync="sum"`` where each rank adds it to its own tokens only (its gradient is
+        then partial). ``dim=None``: weight and bias whole, both with ``sync``.
+        """
         shape = dense_shapes(self.config)[name]
-        if self._weights is not None:
-            dense = self._weights[name].detach()
-            if tuple(dense.shape) != shape:
-                raise ValueError(f"{name}: dense weight has shape {tuple(dense.shape)}, expected {shape}")
-        else:
-            dense = seeded_normal(name, shape, self._seed, self._std)
+        biased = has_bias(self.config, name)
+        weight, bias = self._dense(name, shape, biased)
         if dim is not None:
             s, e = ranges[self.rank]
-            dense = dense.narrow(dim, s, e - s)
+            weight = weight.narrow(dim, s, e - s)
+            if dim == 0 and bias is not None:
+                bias = bias.narrow(0, s, e - s)
+        lin = nn.Linear(weight.shape[1], weight.shape[0], bias=biased, device="meta")
+        lin.weight = self._param(weight)
+        self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+        if bias is not None:
+            lin.bias = self._param(bias)
+            self.param_specs[f"{name}.bias"] = _bias_spec(dim, ranges, sync, row_bias_sync, shape[0], self.world)
+        setattr(self, name, lin)
+
+    def _dense(self, name: str, shape: tuple[int, int], biased: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The dense weight and bias of ``name``: from ``weights``, or freshly drawn (bias zero)."""
+        if self._weights is None:
+            weight = seeded_normal(name, shape, self._seed, self._std)
+            return weight, weight.new_zeros(shape[0]) if biased else None
+        # Taken out of the private copy: no reference to the dense tensors outlives construction.
+        weight = self._weights.pop(f"{name}.weight", None)
+        if weight is None:
+            raise ValueError(f"{name}.weight is missing from the weights (keys left: {sorted(self._weights)})")
+        bias = self._weights.pop(f"{name}.bias", None)
+        if biased != (bias is not None):
+            flag = {"o_proj": "o_bias"}.get(name, "qkv_bias" if name[0] in "qkv" else "mlp_bias")
+            raise ValueError(
+                f"{name}.bias is {'missing from' if biased else 'in'} the weights but the config has {flag}={biased}"
+            )
+        for what, t, want in (("weight", weight, shape), ("bias", bias, shape[:1])):
+            if t is not None and tuple(t.shape) != want:
+                raise ValueError(f"{name}: dense {what} has shape {tuple(t.shape)}, expected {want}")
+        return weight.detach(), None if bias is None else bias.detach()
+
+    def _param(self, dense: torch.Tensor) -> nn.Parameter:
         device = self._device if self._device is not None else dense.device
         dtype = self._dtype if self._dtype is not None else dense.dtype
-        lin = nn.Linear(dense.shape[1], dense.shape[0], bias=False, device="meta")
-        lin.weight = nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
-        setattr(self, name, lin)
-        self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
+        return nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world={self.world}, backend={self.backend!r}"
@@ -95,8 +173,7 @@ class ParallelModule(nn.Module):
     @classmethod
     def from_dense(cls, ref: nn.Module, group=None, **kwargs) -> ParallelModule:
         """This rank's share of the reference module ``ref`` (same device and dtype as ``ref``)."""
-        weights = {n: m.weight for n, m in ref.named_children() if isinstance(m, nn.Linear)}
-        return cls(ref.config, group, weights=weights, **kwargs)
+        return cls(ref.config, group, weights=dict(ref.state_dict()), **kwargs)
 
 
 class RegionModule(ParallelModule):
@@ -118,3 +195,17 @@ class RegionModule(ParallelModule):
 
     def extra_repr(self) -> str:
         return f"{self.region!r}, {super().extra_repr()}"
+
+
+def _bias_spec(dim, ranges, sync: str, row_bias_sync: str, rows: int, world: int) -> ParamSpec:
+    if dim == 0:
+        return ParamSpec(0, tuple(ranges), sync)
+    if dim is None:
+        return ParamSpec(None, (), sync)
+    if row_bias_sync == "none":
+        return ParamSpec()
+    # A row-split layer's bias, whole on every rank, each adding it to its own tokens. Described as every rank
+    # holding all rows of a split dim rather than as replicated (dim=None): finalize_grads sums it all the same,
+    # and zero3, which shards whole submodules holding replicated weights, then leaves the split weight beside
+    # it alone.
+    return ParamSpec(0, ((0, rows),) * world, row_bias_sync)

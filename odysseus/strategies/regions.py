@@ -7,9 +7,15 @@ A region is bound once, at construction, to the module's group and overlap backe
 - :class:`SequenceRegion` (TP-SP, Odysseus, Ulysses): each rank holds its ``shard_sequence`` shard.
   Entry: all-gather⊗GEMM; exit: GEMM⊗reduce-scatter (:mod:`odysseus.overlap`, which may hide them).
 
-``region.open(x)`` checks the input's layout once per forward call and returns a :class:`Span`, which
-carries the lengths the entry and exit need. So TP and the sequence-split strategies run the same module
-code; only the region differs.
+``region.open(x, position_ids)`` checks the input's layout once per forward call and returns a
+:class:`Span`, which carries the lengths the entry and exit need. So TP and the sequence-split strategies
+run the same module code; only the region differs.
+
+The check is one host-side exchange on every rank (:func:`odysseus.comm.exchange_lengths`), before any
+collective of the call: the lengths (the :func:`shard_sequence` rule, or equal lengths for TP), and the
+verdicts of the checks whose outcome may differ between ranks (position ids, a wrapping
+``DistributedDataParallel``, NaN/Inf with ``check_finite``, the inputs' fingerprints with
+``check_inputs``), so that a failure raises on every rank at once instead of leaving the others waiting.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ import torch
 
 from .. import comm
 from ..comm import exchange_lengths
-from ..layout import offsets
+from ..comm.groups import fingerprint
+from ..comm.verdict import attempt
+from ..layout import offsets, shard_sizes
 from ..overlap import ag_matmul, matmul_rs
-from ..validation import check_finite_here, normalize_position_ids
+from ..validation import check_not_in_ddp, normalize_position_ids
 
 
 class Span:
@@ -51,18 +59,52 @@ class Span:
         """Positions ``(batch or 1, L)`` of the whole sequence; given ones follow the input's layout."""
         return self.region.positions(self, position_ids, batch, device)
 
+    def tiles(self, tokens: int) -> list[tuple[Span, int, int]]:
+        """This call cut into tiles of about ``tokens`` tokens per rank, for token-wise work (an FFN):
+        ``(span of the tile, first, end)`` with ``[first, end)`` this rank's rows of the tile.
+
+        Every rank's rows are cut into the same number of pieces (:func:`odysseus.layout.shard_sizes`), so
+        the ranks run the tiles' collectives in step; a tile holds the pieces of the same index.
+        """
+        count = max(1, min(-(-max(self.sizes) // tokens), min(self.sizes)))  # no rank gets an empty piece
+        pieces = [shard_sizes(n, count) for n in self.sizes]
+        mine = offsets(pieces[self.region.rank])
+        return [(Span(self.region, [p[t] for p in pieces]), mine[t], mine[t + 1]) for t in range(count)]
+
 
 class Region:
-    """Base: the module's group, rank and overlap settings; subclasses define the layout and its collectives."""
+    """Base: the module's group, rank and settings; subclasses define the layout and its collectives.
+
+    From the module (:class:`~odysseus.strategies.module.ParallelModule`): the overlap ``backend``,
+    ``save_input`` and ``ring``; ``check_finite`` (reject NaN/Inf inputs) and ``check_inputs`` (compare the
+    ranks' inputs, a cheap fingerprint that synchronises the host with the device, to catch the whole
+    sequence fed to every rank of a sequence-split module, or shards fed to a TP one, whose lengths alone
+    can look right).
+    """
 
     sequence_split: bool
 
     def __init__(self, module, who: str):
         self.pg, self.rank, self.backend, self.who = module.pg, module.rank, module.backend, who
-        self.check_finite, self.save_input, self.ring = module.check_finite, module.save_input, module.ring
+        self.check_finite, self.check_inputs = module.check_finite, module.check_inputs
+        self.save_input, self.ring = module.save_input, module.ring
 
-    def open(self, x: torch.Tensor) -> Span:
-        raise NotImplementedError
+    @torch.compiler.disable  # host-side checks and ints: one graph break, as the exchange always was
+    def open(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> Span:
+        """Check ``x: (batch, seq_here, hidden)`` and ``position_ids`` (in ``x``'s layout) on every rank at once."""
+
+        def local_checks() -> None:
+            check_not_in_ddp(self.pg, self.who)
+            if position_ids is not None:
+                normalize_position_ids(position_ids, x.shape[0], x.shape[1], 0, x.device)
+
+        _, error = attempt(local_checks)
+        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
+        prints = fingerprint(x) if self.check_inputs else None
+        sizes = exchange_lengths(
+            x.shape[1], self.pg, self.who, finite, replicated=not self.sequence_split, prints=prints, error=error
+        )
+        return Span(self, sizes)
 
     def __repr__(self) -> str:
         return type(self).__name__
@@ -72,11 +114,6 @@ class ReplicatedRegion(Region):
     """Every rank holds the whole sequence (TP)."""
 
     sequence_split = False
-
-    def open(self, x: torch.Tensor) -> Span:
-        if self.check_finite:
-            check_finite_here(x, self.who, self.rank)
-        return Span(self, [x.shape[1]] * comm.group_size(self.pg))
 
     def gather_matmul(self, span: Span, x: torch.Tensor, w: torch.Tensor, label: str) -> torch.Tensor:
         return comm.copy_to_tp(x, self.pg, label) @ w
@@ -92,10 +129,6 @@ class SequenceRegion(Region):
     """Each rank holds its ``shard_sequence`` shard (TP-SP, Odysseus, Ulysses)."""
 
     sequence_split = True
-
-    def open(self, x: torch.Tensor) -> Span:
-        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
-        return Span(self, exchange_lengths(x.shape[1], self.pg, self.who, finite))
 
     # The backend is resolved by odysseus.overlap once per (group, device, dtype) and cached there ("auto"
     # may probe symm the first time); the region only carries the user's choice, validated at construction.

@@ -51,7 +51,8 @@ class StrategySpec:
     """How the FFN moves activations: ``all_reduce``, ``gather_scatter`` or ``none`` (own tokens, whole
     weights)."""
     length_exchanges: int
-    """Host-side exchanges of the shard lengths per block forward (one per module that checks its layout)."""
+    """Host-side exchanges of the sequence lengths per block forward (one per module that checks its layout;
+    TP checks that every rank holds the whole sequence)."""
 
     @property
     def overlapped(self) -> bool:
@@ -77,7 +78,7 @@ def _load(path: str) -> type:
 SPECS: tuple[StrategySpec, ...] = (
     StrategySpec(
         name="tp", attention="head_split:TPAttention", ffn="ffn:TPFFN", sequence_split=False, replicated=(),
-        attention_comm=ALL_REDUCE, ffn_comm=ALL_REDUCE, length_exchanges=0,
+        attention_comm=ALL_REDUCE, ffn_comm=ALL_REDUCE, length_exchanges=2,
     ),
     StrategySpec(
         name="tp-sp", attention="head_split:TPSPAttention", ffn="ffn:TPSPFFN", sequence_split=True, replicated=(),

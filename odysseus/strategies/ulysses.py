@@ -14,8 +14,9 @@ import torch
 from .. import comm
 from ..attention import local_attention
 from ..layout import HeadSplit
-from ..rope import rotate_qk
-from ..validation import check_input, normalize_position_ids
+from ..packing import check_window, document_ids
+from ..rope import RopeFrequencies, rotate_qk
+from ..validation import check_input
 from .module import RegionModule
 from .regions import SequenceRegion
 
@@ -24,7 +25,8 @@ class UlyssesAttention(RegionModule):
     """``forward(x: (batch, seq_local, hidden), position_ids=None) -> (batch, seq_local, hidden)``.
 
     ``position_ids``, if given, are this shard's ``(batch or 1, seq_local)``; by default the true global
-    positions of the shard.
+    positions of the shard. Given ones are all-gathered: attention runs on the whole sequence, so packed
+    documents (positions restarting at 0) are found from the positions of all shards.
     """
 
     region_type = SequenceRegion
@@ -32,6 +34,7 @@ class UlyssesAttention(RegionModule):
     def __init__(self, config, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
         self.heads = HeadSplit.build(config, self.world, self.rank)
+        self.rope = RopeFrequencies.of(config)
         sync = "sum" if self.world > 1 else "none"
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             self.add_linear(name, sync=sync)
@@ -40,15 +43,19 @@ class UlyssesAttention(RegionModule):
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         B, L_r, _ = x.shape
-        span = self.region.open(x)
-        pos = normalize_position_ids(position_ids, B, L_r, span.offset, x.device)
+        span = self.region.open(x, position_ids)
+        check_window(c.sliding_window, span.total, type(self).__name__)
+        every = span.positions(position_ids, B, x.device)  # (B or 1, L): the whole sequence's positions
+        pos = every[:, span.offset : span.offset + L_r]
+        longest = every.max() if self.rope.long_inv_freq is not None else None  # longrope reads the whole sequence
         q = self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim))
         k = self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
-        q, k = rotate_qk(q, k, pos, c.head_dim, c.rope_theta)
+        q, k = rotate_qk(q, k, pos, self.rope, longest)
         v = self.v_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
         q = comm.seq_to_heads(q, span.sizes, self.heads.q, self.pg, "attn.q")
         k = comm.seq_to_heads(k, span.sizes, self.heads.kv, self.pg, "attn.k")
         v = comm.seq_to_heads(v, span.sizes, self.heads.kv, self.pg, "attn.v")
-        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal)
+        documents = None if position_ids is None else document_ids(every)
+        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal, documents)
         o = comm.heads_to_seq(o, span.sizes, self.heads.q, c.num_heads, self.pg, "attn.o")
         return self.o_proj(o.flatten(2))
