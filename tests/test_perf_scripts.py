@@ -3,6 +3,7 @@ checks against the closed forms fail when a closed form is wrong."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -91,6 +92,19 @@ def test_memory_check_fails_on_a_wrong_closed_form(monkeypatch):
     real = memory.saved_activation_bytes
     monkeypatch.setattr(memory, "saved_activation_bytes", lambda case: real(case) + (case.variant.name == "odysseus"))
     with pytest.raises(AssertionError, match="odysseus at N=2.*'saved'"):
+        memory.verify([2], common.SHAPES[:1])
+
+
+def test_memory_check_fails_on_a_peak_beyond_the_tolerance(monkeypatch):
+    real = memory.block_peak
+
+    def off(case, backend):  # 6% too much for TP-SP keeping the shard on the naive backend only
+        peak = real(case, backend)
+        wrong = case.variant.name == "tp-sp" and case.save_input == "shard" and backend == "naive"
+        return dataclasses.replace(peak, bytes=round(peak.bytes * 1.06)) if wrong else peak
+
+    monkeypatch.setattr(memory, "block_peak", off)
+    with pytest.raises(AssertionError, match=r"tp-sp at N=2, rank 0, shard/naive.*\+6\.0% \(tolerance 5%\)"):
         memory.verify([2], common.SHAPES[:1])
 
 

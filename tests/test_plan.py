@@ -282,3 +282,100 @@ def test_case_takes_a_variant_or_its_name():
     assert case.shape.tokens == 512 and case.shape.q_heads == 4 and case.at(0).rank == 0
     with pytest.raises(ValueError, match="no whole weights"):
         plan.Case("tp+zero3", cfg, 1, 4096, 8)
+
+
+# --- save_input="shard": memory for one more all-gather in backward -----------------------------------
+
+
+def _shard_mode_records(rank, world, B, L):
+    out = {}
+    for name in ("tp-sp", "odysseus"):
+        par = odysseus.parallelize(make_block(torch.float32, **ODD), name, backend="pipelined", save_input="shard")
+        x = odysseus.shard_sequence(torch.randn(B, L, ODD["hidden_size"])).requires_grad_()
+        with odysseus.CommLedger() as ledger:
+            par(x).square().sum().backward()
+            odysseus.finalize_grads(par)
+        out[name] = [(r.phase, r.op, r.category, r.bytes_received) for r in ledger.records if r.category != "metadata"]
+    return out
+
+
+def test_shard_mode_records_match_a_real_run():
+    """With save_input="shard" the planner's records (one more backward all-gather per all-gather⊗GEMM) are
+    what the ledger records, on every rank of an uneven split with a shared kv head."""
+    B, L, world, cfg = 2, 61, 3, odysseus.TransformerConfig(**ODD)
+    for rank, measured in enumerate(run_ranks(world, _shard_mode_records, B, L)):
+        for name, got in measured.items():
+            case = plan.Case(name, cfg, B, L, world, rank, dtype_bytes=4, save_input="shard")
+            assert sorted(plan.strategy_records(case)) == sorted(got), (name, rank)
+            assert plan.block_cost(case, HARDWARE["h100-nvlink"], Assumptions()).comm_bytes == sum(b for *_, b in got)
+
+
+def test_shard_mode_keeps_the_shard_and_regathers_it_by_hand():
+    """Llama-2-7B at 64K over 8: each all-gather⊗GEMM input (d wide) is kept as this rank's 8K tokens instead
+    of all 64K, and regathered once in backward: TP-SP has two such GEMMs, Odysseus one. The regather hides
+    behind the weight-gradient GEMM by the backend's overlap fraction."""
+    cfg, L, N, e = MODELS["llama2-7b"].config(), 65536, 8, 2
+    d, hw, a = cfg.hidden_size, HARDWARE["a100-nvlink"], Assumptions()
+    for name, gemms in (("tp-sp", 2), ("odysseus", 1), ("odysseus+zero3", 1), ("ulysses", 0), ("tp", 0)):
+        gathered, shard = (plan.Case(name, cfg, 1, L, N, save_input=m) for m in ("gathered", "shard"))
+        kept = plan.saved_activation_bytes(gathered) - plan.saved_activation_bytes(shard)
+        assert kept == gemms * (L - L // N) * d * e, name
+        extra = sorted(set(plan.strategy_records(shard)) - set(plan.strategy_records(gathered)))
+        assert len(plan.strategy_records(shard)) - len(plan.strategy_records(gathered)) == gemms, name
+        assert all(r == ("backward", "all_gather", "activation", (L - L // N) * d * e) for r in extra), extra
+        for backend in ("naive", "symm"):
+            costs = [plan.block_cost(c, hw, a, backend).exposed_comm_s for c in (shard, gathered)]
+            t = plan.comm_time((L - L // N) * d * e, "all_gather", N, hw, a)
+            hidden = 0 if backend == "naive" else a.overlap[backend] * t  # the wgrad GEMM is longer than t here
+            assert costs[0] - costs[1] == pytest.approx(gemms * (t - hidden), rel=1e-9), (name, backend)
+
+
+def test_llama2_7b_fits_at_64k_on_8_a100_without_recompute_when_keeping_the_shard():
+    """Issue 13's question: TP-SP and Odysseus+ZeRO3 fit Llama-2-7B at 64K on 8 x A100-80GB without
+    recomputation once the all-gather⊗GEMMs keep only the shard; keeping the gathered input they do not."""
+    kw = dict(recompute="never", strategies=("tp-sp", "odysseus+zero3", "tp"))
+    by = {m: {p.strategy: p for p in plan.predict("llama2-7b", 65536, 8, "a100-nvlink", save_input=m, **kw)}
+          for m in ("gathered", "shard", "auto")}  # fmt: skip
+    for name in ("tp-sp", "odysseus+zero3"):
+        assert not by["gathered"][name].fits and by["shard"][name].fits and not by["shard"][name].recompute
+        assert by["auto"][name].save_input == "shard" and by["auto"][name].fits
+        saving = by["gathered"][name].memory["activations"] - by["shard"][name].memory["activations"]
+        assert saving == pytest.approx(32 * (65536 - 8192) * 4096 * 2 * (2 if name == "tp-sp" else 1))
+    assert not by["shard"]["tp"].fits and by["auto"]["tp"].save_input == "gathered"  # nothing to shard
+    small = {p.strategy: p for p in plan.predict("llama2-7b", 4096, 8, "a100-nvlink", save_input="auto")}
+    assert small["tp-sp"].save_input == "gathered"  # it fits: no extra traffic
+    argv = ["--model", "llama2-7b", "--seq", "65536", "--gpus", "8", "--hardware", "a100-nvlink"]
+    out = subprocess.run(
+        [sys.executable, "-m", "odysseus.plan", *argv, "--recompute", "never", "--save-input", "shard"],
+        check=True, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    ).stdout  # fmt: skip
+    assert "| tp-sp | yes | no | shard |" in out and "| odysseus+zero3 | yes | no | shard |" in out, out
+
+
+def test_symm_workspaces_and_the_block_peak_enter_the_memory_model():
+    """symm's persistent workspaces for Llama-2-7B at 64K over 8 (bf16): the all-gather stage holds one
+    rank's 8K x 4096 chunk, the reduce-scatter receive buffer 8 of them; both are powers of two here."""
+    m, cfg = MODELS["llama2-7b"], MODELS["llama2-7b"].config()
+    case = plan.Case("tp-sp", cfg, 1, 65536, 8, save_input="shard")
+    assert plan.symm_workspace_bytes(case) == (8192 * 4096 + 8 * 8192 * 4096) * 2
+    a = Assumptions()
+    symm = plan.memory_bytes(m, case, a, False, "symm")
+    pipelined = plan.memory_bytes(m, case, a, False, "pipelined")
+    assert symm["transient"] - pipelined["transient"] == plan.symm_workspace_bytes(case)
+    # One block's backward beyond its saved tensors and gradients outweighs the logits here: SwiGLU's fp32
+    # recomputation over this rank's 1376 FFN columns of all 64K tokens.
+    peak = plan.block_peak(case, "pipelined")
+    assert peak.moment == "SwiGLU backward"
+    block = peak.bytes - plan.saved_activation_bytes(case) - peak.gradients[peak.moment]
+    assert block == 8 * 4 * 65536 * 1376 and pipelined["transient"] == block
+
+
+def test_case_checks_its_memory_options():
+    cfg = MODELS["llama2-7b"].config()
+    with pytest.raises(ValueError, match="unknown save_input 'all'"):
+        plan.Case("tp-sp", cfg, 1, 4096, 8, save_input="all")
+    with pytest.raises(ValueError, match="ring_slots=0"):
+        plan.Case("tp-sp", cfg, 1, 4096, 8, ring_slots=0)
+    with pytest.raises(ValueError, match="save_input='x'"):
+        plan.predict("llama2-7b", 4096, 8, "h100-nvlink", save_input="x")
+    assert plan.Case("tp-sp", cfg, 1, 4096, 8).piece_tokens() == 128  # a quarter of 512 tokens

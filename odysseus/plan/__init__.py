@@ -18,10 +18,11 @@ from .forms import (
     expected_collectives,
     expected_records,
     parameter_bytes,
-    saved_activation_bytes,
     strategy_records,
+    weight_numel,
     zero3_records,
 )
+from .memory import Peak, block_peak, saved_activation_bytes, saved_parts, symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
 
@@ -35,10 +36,12 @@ __all__ = [
     "Cost",
     "Hardware",
     "Model",
+    "Peak",
     "Prediction",
     "RankShape",
     "Record",
     "attention_flops",
+    "block_peak",
     "block_cost",
     "bytes_per_rank",
     "calibrate",
@@ -54,6 +57,9 @@ __all__ = [
     "parameter_bytes",
     "predict",
     "saved_activation_bytes",
+    "saved_parts",
     "strategy_records",
+    "symm_workspace_bytes",
+    "weight_numel",
     "zero3_records",
 ]

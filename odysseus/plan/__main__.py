@@ -18,8 +18,11 @@ What it counts, per rank and per training step of one micro-batch (see docs/PLAN
   mesh (``--dp``) the gradients are also all-reduced over the replicas, across nodes at the NIC's bandwidth
   once the job spans nodes (``odysseus.plan.data_parallel``); throughput is tokens/s per GPU of the job.
 - **Memory**: parameters, gradients and optimizer states of this rank, activations saved for backward
-  (checked against ``SavedActivations`` by ``perf/memory.py``), the logits, and FSDP2's gathered
-  buffers. Where activations do not fit, full activation recomputation (one more forward) is tried.
+  (checked against ``SavedActivations`` by ``perf/memory.py``), and the largest transient: the logits, one
+  block's backward (``odysseus.plan.block_peak``, checked against ``odysseus.memtrack.MemoryTracker``) or
+  ``finalize_grads``' buffers, plus FSDP2's prefetched weights and symm's workspaces. Where activations
+  do not fit, keeping only the shard (``--save-input auto``) and then full activation recomputation (one
+  more forward) are tried.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ import dataclasses
 import json
 import math
 
+from ..strategies.registry import Variant
 from .calibrate import calibrate, calibration_report
 from .predict import Prediction, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, get_hardware
+
+
+def registry_overlapped(name: str) -> bool:
+    """The variant runs all-gather⊗GEMMs, so ``save_input`` applies to it."""
+    return Variant.parse(name).spec.overlapped
 
 
 def _fmt_gb(b: float) -> str:
@@ -41,17 +50,19 @@ def _fmt_gb(b: float) -> str:
 def format_table(preds: list[Prediction]) -> str:
     """A markdown table of the ranking."""
     lines = [
-        "| # | strategy | fits | recompute | step ms | tok/s/GPU | compute ms | exposed comm ms | link ms "
+        "| # | strategy | fits | recompute | save_input | step ms | tok/s/GPU | compute ms | exposed comm ms | link ms "
         "| GB recv/rank | params+grads+optim GB | activations GB | transient GB | peak GB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in preds:
         if not p.feasible:
-            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | | {p.note} |")
+            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | | | {p.note} |")
             continue
         m, c = p.memory, p.cost
+        keeps = p.save_input if registry_overlapped(p.strategy) else "-"
         lines.append(
             f"| {p.rank or '-'} | {p.strategy} | {'yes' if p.fits else 'NO'} | {'yes' if p.recompute else 'no'} "
+            f"| {keeps} "
             f"| {p.step_s * 1e3:.0f} | {p.tokens_per_s_per_gpu:,.0f} "
             f"| {c.compute_s * 1e3:.0f} | {c.exposed_comm_s * 1e3:.0f} | {c.link_s * 1e3:.0f} "
             f"| {c.comm_bytes / 1e9:.1f} | {_fmt_gb(m['params'] + m['grads'] + m['optimizer'])} "
@@ -78,6 +89,15 @@ def main(argv: list[str] | None = None) -> None:
         help="odysseus.overlap backend of TP-SP/Odysseus: sets how much of their all-gathers/reduce-scatters hide",
     )
     p.add_argument("--recompute", default="auto", choices=("auto", "never", "always"))
+    p.add_argument(
+        "--save-input",
+        default="gathered",
+        choices=("gathered", "shard", "auto"),
+        help="what TP-SP/Odysseus all-gather⊗GEMMs keep for backward: the gathered input, only this rank's "
+        "shard (re-gathered in backward), or auto (gathered where it fits, else shard)",
+    )
+    p.add_argument("--ring-tokens", type=int, help="save_input=shard: tokens per streamed piece (default L_r/4)")
+    p.add_argument("--ring-slots", type=int, default=2, help="save_input=shard: pieces in flight")
     p.add_argument("--grad-overlap", type=float, help="fraction of gradient all-reduce hidden behind backward")
     p.add_argument("--calibrate", metavar="BENCH_JSON", help="fit rate/bandwidth/latency to a bench_layer.py run")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
@@ -103,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--model, --seq and --sp (or --gpus) are required (unless only --calibrate is given)")
     preds = predict(
         args.model, args.seq, sp, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a,
-        dp=args.dp,
+        dp=args.dp, save_input=args.save_input, ring_tokens=args.ring_tokens, ring_slots=args.ring_slots,
     )  # fmt: skip
     if args.json:
         # inf (step time of an infeasible strategy) is not JSON: write null.
@@ -113,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     mesh = f"{args.dp} replicas x {sp}" if args.dp > 1 else f"{sp}"
     print(
         f"{args.model}, {args.batch} x {args.seq} tokens per replica over {mesh} x {hw.name} "
-        f"(backend {backend}, recompute {args.recompute}); per rank, one step of the whole model\n"
+        f"(backend {backend}, recompute {args.recompute}, save_input {args.save_input}); per rank, one step of "
+        "the whole model\n"
     )
     print(format_table(preds))
     win = preds[0]

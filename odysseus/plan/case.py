@@ -25,11 +25,17 @@ class RankShape:
     """This rank's FFN columns where the FFN is split."""
 
 
+SAVE_INPUT = ("gathered", "shard")
+"""What an all-gather⊗GEMM keeps for backward (``odysseus.overlap.ops``): the gathered input or this rank's shard."""
+
+
 @dataclass(frozen=True)
 class Case:
     """One rank of one block: the strategy (a :class:`Variant` or its name, ``"odysseus+zero3"``), the block's
-    shape, ``batch`` sequences of ``seq`` tokens split over ``world`` ranks, and ``dtype_bytes`` per element
-    of activations and weights."""
+    shape, ``batch`` sequences of ``seq`` tokens split over ``world`` ranks, ``dtype_bytes`` per element
+    of activations and weights, and the overlap ops' options: ``save_input`` and the ring of slots every
+    gather streams through in ``"shard"`` mode (``ring_tokens`` per piece, None: a quarter of the largest
+    shard; ``ring_slots`` pieces in flight), as ``odysseus.parallelize`` takes them."""
 
     variant: Variant
     config: TransformerConfig
@@ -38,10 +44,26 @@ class Case:
     world: int
     rank: int = 0
     dtype_bytes: int = 2
+    save_input: str = "gathered"
+    ring_tokens: int | None = None
+    ring_slots: int = 2
 
     def __post_init__(self) -> None:
         if isinstance(self.variant, str):
             object.__setattr__(self, "variant", Variant.parse(self.variant))
+        if self.save_input not in SAVE_INPUT:
+            raise ValueError(f"unknown save_input {self.save_input!r}; expected one of {SAVE_INPUT}")
+        if self.ring_slots < 1 or (self.ring_tokens is not None and self.ring_tokens < 1):
+            raise ValueError(f"ring_tokens={self.ring_tokens}, ring_slots={self.ring_slots}: both must be >= 1")
+
+    @property
+    def keeps_shard(self) -> bool:
+        """The all-gather⊗GEMMs keep only this rank's shard (``save_input="shard"`` on a strategy that runs them)."""
+        return self.save_input == "shard" and self.spec.overlapped
+
+    def piece_tokens(self) -> int:
+        """Tokens per piece of a streamed gather (``odysseus.overlap.stream.Ring.piece_tokens``)."""
+        return self.ring_tokens or max(1, -(-max(shard_sizes(self.seq, self.world)) // 4))
 
     @property
     def spec(self) -> StrategySpec:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .data_parallel import dp_step_records
-from .forms import ffn_split, heads_split, strategy_records
+from .forms import expected_collectives, ffn_split, heads_split, zero3_records
 from .presets import Assumptions, Hardware, Model
 
 # The parts whose collectives run inside an all-gather⊗GEMM or a GEMM⊗reduce-scatter op can hide behind it.
@@ -109,14 +109,10 @@ def comm_time(
     return t / eff + a.collective_latency_s * (2 if op == "all_reduce" else 1)
 
 
-# Which fused GEMMs a collective can hide behind: all-gathers feed QKV/up forward and out/down backward
-# (the dgrad of the GEMM, same flops), reduce-scatters the reverse.
-_PARTNERS = {
-    ("forward", "all_gather"): ("attn.qkv", "ffn.up"),
-    ("forward", "reduce_scatter"): ("attn.out", "ffn.down"),
-    ("backward", "all_gather"): ("attn.out", "ffn.down"),
-    ("backward", "reduce_scatter"): ("attn.qkv", "ffn.up"),
-}
+# A fused collective hides behind the GEMM of its label: forward, the all-gather feeds QKV/up and the
+# reduce-scatter follows out/down; backward, the reduce-scatter follows QKV/up's input-gradient GEMM and the
+# all-gather feeds out/down's; with save_input="shard" the re-gather of QKV/up's input feeds their
+# weight-gradient GEMMs. Each of these GEMMs does the forward GEMM's flops.
 
 
 def block_cost(
@@ -141,10 +137,11 @@ def block_cost(
     cost = Cost(compute_s=passes * fwd + bwd, flops=(passes + 2) * gemm_f + (passes + 2.5) * attn_f)
 
     gemm_s = {g.name: g.flops / gemm_rate for g in gemms if g.fused}
-    partners = {k: [gemm_s[n] for n in v if n in gemm_s] for k, v in _PARTNERS.items()}
     f = a.overlap[backend]
     budget = {"forward": passes * fwd, "backward": bwd}
-    for phase, op, category, nbytes in strategy_records(case):
+    records = [(x.phase, x.op, x.category, x.bytes_received, x.label) for x in expected_collectives(case)]
+    records += [(*r, "") for r in (zero3_records(case) if case.variant.zero3 else [])]
+    for phase, op, category, nbytes, label in records:
         t = comm_time(nbytes, op, case.world, hw, a)
         reps = passes if category == "activation" and phase == "forward" else 1
         cost.link_s += reps * t
@@ -152,8 +149,7 @@ def block_cost(
         cost.collectives += reps
         if category == "activation":
             # Unfused all-reduces and all-to-alls have no partner: they sit between dependent computations.
-            hide = partners[(phase, op)].pop(0) if partners.get((phase, op)) else 0.0
-            exposed = t - f * min(t, hide)
+            exposed = t - f * min(t, gemm_s.get(label, 0.0))
         else:
             # Weight gathers and gradient syncs run in the background of the compute of their phase (FSDP2
             # prefetches the next block's gather under this one's forward and reduce-scatters during

@@ -1,7 +1,7 @@
 """The exact closed forms of one block on one rank: the collectives it issues with their bytes, and the
-bytes it keeps (saved activations, parameters). ``tests/test_volume.py`` checks the collectives against the
-CommLedger record for record; ``perf/comm_volume.py`` checks them and FSDP2's against a real run, and
-``perf/memory.py`` the memory forms against ``SavedActivations`` and the parameters' storage.
+bytes of its weights. ``tests/test_volume.py`` checks the collectives against the CommLedger record for
+record; ``perf/comm_volume.py`` checks them and FSDP2's against a real run, and ``perf/memory.py`` the
+weight forms against the parameters' storage (activation memory and the peak: :mod:`odysseus.plan.memory`).
 
 Notation: ``L_j`` tokens on rank j (``shard_sequence`` rule), ``L = sum L_j``, batch ``B``, width ``d``,
 ``H``/``KV`` query/kv heads of width ``hd``, FFN width ``i``, world ``N``, ``e`` bytes per element; rank r
@@ -10,7 +10,8 @@ rank r (even shapes in brackets, with ``D = B*L*d*e``):
 
 - all-reduce (TP): 2 per part (attention, FFN), each counted as reduce-scatter + all-gather [``8 (N-1)/N * D``].
 - all-gather + reduce-scatter (TP-SP; Odysseus' attention): 2 of each per part, ``B*(L-L_r)*d`` and
-  ``(N-1)*B*L_r*d`` [``4 (N-1)/N * D`` per part].
+  ``(N-1)*B*L_r*d`` [``4 (N-1)/N * D`` per part]; with ``save_input="shard"`` one more all-gather per part in
+  backward (the input of its first GEMM, re-gathered for the weight gradient) [``5 (N-1)/N * D``].
 - all-to-all (Ulysses): q and the output move ``(N-1)/N`` of this rank's tokens times ``h_r*hd``, k and v
   ``kv_r*hd`` [``(4 + 4*KV/H) (N-1)/N**2 * D``].
 - gradient sync: one all-reduce of the weights every rank holds whole, the norms where the sequence is
@@ -71,8 +72,11 @@ def _part_collectives(case: Case, kind: str, part: str) -> list[Collective]:
         sizes = shard_sizes(case.seq, N)
         ag = ("all_gather", *gather_bytes(sizes, r, B * d * e))
         rs = ("reduce_scatter", *scatter_bytes(sizes, r, B * d * e))
-        # all-gather before the first GEMM, reduce-scatter after the last; backward runs the duals.
+        # all-gather before the first GEMM, reduce-scatter after the last; backward runs the duals. Keeping
+        # only the shard (save_input="shard") re-gathers the first GEMM's input for its weight gradient.
         order = (("forward", first, ag), ("backward", first, rs), ("forward", last, rs), ("backward", last, ag))
+        if case.save_input == "shard":
+            order += (("backward", first, ag),)
         return [Collective(phase, op, "activation", label, sent, got) for phase, label, (op, sent, got) in order]
     if kind == ALL_TO_ALL:
         return _all_to_all_collectives(case)
@@ -206,70 +210,46 @@ def strategy_records(case: Case, reshard: bool = True) -> list[Record]:
     return expected_records(case) + (zero3_records(case, reshard) if case.variant.zero3 else [])
 
 
-# --- memory -------------------------------------------------------------------------------------------
+# --- weights (activation memory: odysseus.plan.memory) -----------------------------------------------
 
 
-def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
-    """What local attention keeps: q, k, v as SDPA/flash sees them, the output and the fp32 log-sum-exp.
+def weight_numel(case: Case) -> dict[str, tuple[int, int]]:
+    """(parameter, gradient) elements on ``case.rank`` of the ``attention``, ``ffn`` and ``norms`` weights of one
+    block. A part FSDP2 shards (ZeRO-3) keeps each parameter in a zero-padded buffer of ceil(dim0/N) rows, so
+    its parameter count includes the padding; its gradient is the unpadded shard."""
+    c, s, dense = case.config, case.shape, dense_numel(case.config)
+    d, hd = c.hidden_size, c.head_dim
+    attn = (2 * s.q_heads + 2 * s.kv_heads) * hd * d if heads_split(case) else sum(dense[n] for n in ATTENTION_WEIGHTS)
+    ffn = 3 * s.ffn_cols * d if ffn_split(case) else sum(dense[n] for n in FFN_WEIGHTS)
+    out = {"attention": (attn, attn), "ffn": (ffn, ffn), "norms": (2 * d, 2 * d)}
+    if not case.variant.zero3:
+        return out
+    whole = set(case.spec.replicated)
+    sharded = {"ffn": set(FFN_WEIGHTS) <= whole, "attention": set(ATTENTION_WEIGHTS) <= whole}
+    sharded["norms"] = case.spec.sequence_split
+    for part, unit in zip(("ffn", "norms", "attention"), _fsdp_units_by_part(case)):
+        if sharded[part]:
+            shards = [_fsdp_local(dim0, rest, case.world, case.rank) for dim0, rest in unit]
+            out[part] = (sum(p for p, _ in shards), sum(u for _, u in shards))
+    return out
 
-    ``qkv_width``: v is a view of the fused QKV output of that many columns (heads split), so its whole
-    storage stays alive; None: v is its own tensor. Non-uniform GQA expands k and v to one per query head
-    (``index_select``, which keeps its index).
-    """
-    B, hd, e, s = case.batch, case.config.head_dim, case.dtype_bytes, case.shape
-    core = B * tokens * s.q_heads * hd * e * 2 + B * s.q_heads * tokens * 4  # rotated q, output, lse
-    if not s.uniform:
-        return core + 2 * B * tokens * s.q_heads * hd * e + 8 * s.q_heads
-    k = B * tokens * s.kv_heads * hd * e
-    return core + k + (B * tokens * qkv_width * e if qkv_width is not None else k)
 
-
-def saved_activation_bytes(case: Case) -> int:
-    """Bytes one block's forward keeps for backward on ``case.rank`` (what ``SavedActivations`` measures).
-
-    Derived from the modules: RMSNorm keeps its fp32 input, the rsqrt and the normalised input;
-    each GEMM keeps its input (the gathered full sequence where weights are split) and the concatenated
-    weight copy (``torch.cat`` of q/k/v or gate/up, split weights); RoPE keeps cos/sin; attention keeps q, k,
-    v, the output and the log-sum-exp; SwiGLU keeps gate, up, silu(gate) and their product. A ZeRO-3
-    variant keeps what its strategy keeps.
-    """
-    c, B, e, L, s = case.config, case.batch, case.dtype_bytes, case.seq, case.shape
-    d, hd, i = c.hidden_size, c.head_dim, c.intermediate_size
-    norms = 2 * B * (s.tokens if case.spec.sequence_split else L) * (4 * d + 4 + e * d)
-    if heads_split(case):  # projections of this rank's heads on the full sequence, attention on them
-        width = (s.q_heads + 2 * s.kv_heads) * hd
-        attn = B * L * d * e + d * width * e + 2 * L * hd * e + _attention_core_bytes(case, L, width)
-    else:  # projections on the shard, attention on all tokens of this rank's heads
-        attn = B * s.tokens * d * e + 2 * s.tokens * hd * e + B * s.tokens * c.num_heads * hd * e
-        attn += _attention_core_bytes(case, L, None)
-    if ffn_split(case):
-        ffn = B * L * (d + 4 * s.ffn_cols) * e + d * 2 * s.ffn_cols * e
-    else:
-        ffn = B * s.tokens * (d + 4 * i) * e
-    return norms + attn + ffn
+def _fsdp_units_by_part(case: Case) -> list[list[tuple[int, int]]]:
+    """The dense ``(dim0, rest)`` of the FFN's, the two norms' and the attention's parameters, in that order."""
+    shapes, d = dense_shapes(case.config), case.config.hidden_size
+    return [[shapes[n] for n in FFN_WEIGHTS], [(d, 1), (d, 1)], [shapes[n] for n in ATTENTION_WEIGHTS]]
 
 
 def parameter_bytes(case: Case) -> dict[str, int]:
     """One block's ``params``, ``grads`` and ``adamw`` (2 states in the parameter dtype) bytes on ``case.rank``.
 
     ZeRO-3 variants: FSDP2 keeps each sharded parameter in a zero-padded buffer of ceil(dim0/N) rows, so
-    ``params`` counts the padding; gradients and optimizer states are the unpadded shard. Batch and
-    sequence do not matter.
+    ``params`` counts the padding; gradients and optimizer states are the unpadded shard
+    (:func:`weight_numel`). Batch and sequence do not matter.
     """
-    c, e, s, dense = case.config, case.dtype_bytes, case.shape, dense_numel(case.config)
-    d, hd = c.hidden_size, c.head_dim
-    attn = (2 * s.q_heads + 2 * s.kv_heads) * hd * d if heads_split(case) else sum(dense[n] for n in ATTENTION_WEIGHTS)
-    ffn = 3 * s.ffn_cols * d if ffn_split(case) else sum(dense[n] for n in FFN_WEIGHTS)
-    local = attn + ffn + 2 * d
-    if not case.variant.zero3:
-        return {"params": local * e, "grads": local * e, "adamw": 2 * local * e}
-    units = _fsdp_units(case)
-    padded = unpadded = local - sum(dim0 * rest for unit in units for dim0, rest in unit)  # what FSDP2 leaves
-    for unit in units:
-        for dim0, rest in unit:
-            p, u = _fsdp_local(dim0, rest, case.world, case.rank)
-            padded, unpadded = padded + p, unpadded + u
-    return {"params": padded * e, "grads": unpadded * e, "adamw": 2 * unpadded * e}
+    e, parts = case.dtype_bytes, weight_numel(case).values()
+    params, grads = sum(p for p, _ in parts), sum(g for _, g in parts)
+    return {"params": params * e, "grads": grads * e, "adamw": 2 * grads * e}
 
 
 def fsdp_gathered_numel(case: Case) -> int:

@@ -1,8 +1,10 @@
 """Peak memory per rank of a whole model step, and the ranking of the strategies (:func:`predict`).
 
 Memory counts parameters, gradients and optimizer states of this rank, the activations saved for
-backward (:func:`~odysseus.plan.forms.saved_activation_bytes`), the logits and FSDP2's gathered buffers.
-Where activations do not fit, full activation recomputation (one more forward) is tried.
+backward (:func:`~odysseus.plan.memory.saved_activation_bytes`) and the largest transient (the logits, one
+block's backward from :func:`~odysseus.plan.memory.block_peak`, or ``finalize_grads``' buffers), with
+FSDP2's prefetched weights and symm's workspaces. Where activations do not fit, keeping only the shard
+(``save_input="auto"``) and full activation recomputation (one more forward) are tried, in that order.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from ..layout import shard_sizes
 from ..strategies.registry import VARIANTS, Variant
 from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
-from .forms import fsdp_gathered_numel, parameter_bytes, saved_activation_bytes
+from .forms import fsdp_gathered_numel, parameter_bytes
+from .memory import block_peak, saved_activation_bytes, symm_workspace_bytes, sync_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total")
@@ -43,6 +46,8 @@ class Prediction:
     """1-based place in the ranking (0: not ranked)."""
     reason: str = ""
     """For the winner: why it wins."""
+    save_input: str = "gathered"
+    """What the all-gather⊗GEMMs keep for backward (``"shard"`` adds one all-gather per op in backward)."""
     tokens_per_s_per_gpu: float = 0.0
     """Training throughput of the whole job divided by its GPUs: each replica's ``batch x seq`` tokens per
     step over its ``sp`` GPUs."""
@@ -53,9 +58,17 @@ class Prediction:
         return "comm" if self.cost.time_s - self.cost.compute_s > self.cost.compute_s else "compute"
 
 
-def memory_bytes(model: Model, case: Case, assumptions: Assumptions, recompute: bool) -> dict[str, float]:
+def memory_bytes(
+    model: Model, case: Case, assumptions: Assumptions, recompute: bool, backend: str = "symm"
+) -> dict[str, float]:
     """Peak bytes on ``case.rank`` for a whole model step, by part (see :class:`Prediction`);
-    ``case.config`` is one block of ``model``."""
+    ``case.config`` is one block of ``model``.
+
+    ``transient`` is the largest of: the logits (with every block's activations), one block's backward
+    beyond its saved tensors and gradients (:func:`~odysseus.plan.memory.block_peak` on ``backend``), and
+    ``finalize_grads``' buffers for every block (after the activations are gone); plus, under ZeRO-3, the
+    next block's weights FSDP2 prefetches, and with ``backend="symm"`` its persistent workspaces.
+    """
     a, c, N, e = assumptions, case.config, case.world, case.dtype_bytes
     zero3 = case.variant.zero3
     per_layer = parameter_bytes(dataclasses.replace(case, dtype_bytes=1))["params"]  # element counts
@@ -72,9 +85,15 @@ def memory_bytes(model: Model, case: Case, assumptions: Assumptions, recompute: 
         out["activations"] = model.num_layers * case.batch * tokens * d * e + saved
     else:
         out["activations"] = model.num_layers * saved
-    transient = case.batch * case.seq * -(-V // N) * a.logits_bytes  # logits, vocab- or sequence-split: L*V/N each
-    if zero3:  # one block's gathered weights + the prefetched next block's, and its gathered gradients
-        transient += fsdp_gathered_numel(case) * (2 * a.param_bytes + a.grad_bytes)
+    peak = block_peak(case, backend)
+    block = max(v - peak.gradients[k] for k, v in peak.moments.items() if k != "finalize_grads") - saved
+    logits = case.batch * case.seq * -(-V // N) * a.logits_bytes  # vocab- or sequence-split: L*V/N each
+    sync = model.num_layers * sync_bytes(case)  # one flat all-reduce buffer for every block's gradients
+    transient = max(logits, block, sync - out["activations"])
+    if zero3:  # the next block's weights, prefetched while this one computes
+        transient += fsdp_gathered_numel(case) * a.param_bytes
+    if backend == "symm" and case.spec.overlapped and N > 1:
+        transient += symm_workspace_bytes(case)
     out["transient"] = transient
     out["total"] = sum(out.values())
     return out
@@ -90,6 +109,9 @@ def predict(
     strategies: Sequence[Variant | str] = VARIANTS,
     backend: str = "symm",
     recompute: str = "auto",
+    save_input: str = "gathered",
+    ring_tokens: int | None = None,
+    ring_slots: int = 2,
     assumptions: Assumptions | None = None,
     dtype_bytes: int = 2,
     dp: int = 1,
@@ -103,7 +125,11 @@ def predict(
     depend on ``dp``). ``strategies``: variants or their names.
     ``backend``: the ``odysseus.overlap`` backend whose overlap fraction applies to fused collectives.
     ``recompute``: ``"auto"`` recomputes activations only where they do not fit otherwise,
-    ``"never"``/``"always"`` force it. The first entry of the list carries the reason it won in ``reason``.
+    ``"never"``/``"always"`` force it. ``save_input`` (``odysseus.parallelize``'s option, for the strategies
+    that run all-gather⊗GEMMs): ``"gathered"``, ``"shard"``, or ``"auto"``: the gathered input where it fits,
+    else only the shard, both tried before recomputation. ``ring_tokens``/``ring_slots``: the ring of
+    ``"shard"`` mode (``odysseus.overlap.Ring``). The first entry of the list carries the reason it won in
+    ``reason``.
     """
     model = get_model(model) if isinstance(model, str) else model
     hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
@@ -113,27 +139,32 @@ def predict(
             raise ValueError(f"{name}={value!r} must be a positive int")
     if recompute not in ("auto", "never", "always"):
         raise ValueError(f"recompute={recompute!r}; expected 'auto', 'never' or 'always'")
+    if save_input not in ("gathered", "shard", "auto"):
+        raise ValueError(f"save_input={save_input!r}; expected 'gathered', 'shard' or 'auto'")
     if seq < gpus:
         raise ValueError(f"seq={seq} tokens cannot be split over gpus={gpus}")
     capacity = hw.memory_bytes * a.usable_memory_fraction
     options = {"auto": (False, True), "never": (False,), "always": (True,)}[recompute]
+    keeps = {"auto": ("gathered", "shard")}.get(save_input, (save_input,))
     out = []
     for variant in strategies:
-        case = Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes)
+        case = Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes, keeps[0], ring_tokens, ring_slots)
         why = heads_feasible(case.config, gpus)
         if why is None and dp * gpus > hw.max_gpus:
             why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
         if why is not None:
             out.append((Prediction(case.variant.name, False, False, False, math.inf, Cost(), {}, note=why), case))
             continue
-        for rc in options:
-            mem = _peak_memory(model, case, a, rc)
+        tries = [(rc, k) for rc in options for k in (keeps if case.spec.overlapped else keeps[:1])]
+        for rc, keep in tries:  # the first that fits: keeping less, then recomputing
+            case = dataclasses.replace(case, save_input=keep)
+            mem = _peak_memory(model, case, a, rc, backend)
             fits = mem["total"] <= capacity
-            if fits or rc == options[-1]:
+            if fits:
                 break
         cost = model_step(model, case, hw, a, backend, rc, dp)
         note = "" if fits else f"needs {mem['total'] / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
-        pred = Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note)
+        pred = Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note, save_input=case.save_input)
         pred.tokens_per_s_per_gpu = batch * seq / (cost.time_s * gpus)
         out.append((pred, case))
     ranked = sorted(out, key=lambda pc: (not pc[0].feasible, not pc[0].fits, pc[0].step_s))
@@ -144,9 +175,9 @@ def predict(
     return [p for p, _ in ranked]
 
 
-def _peak_memory(model: Model, case: Case, a: Assumptions, recompute: bool) -> dict[str, float]:
+def _peak_memory(model: Model, case: Case, a: Assumptions, recompute: bool, backend: str) -> dict[str, float]:
     """Each part's largest value over the ranks: rank 0 holds the largest shards, the last the smallest."""
-    per_rank = [memory_bytes(model, case.at(r), a, recompute) for r in (0, case.world - 1)]
+    per_rank = [memory_bytes(model, case.at(r), a, recompute, backend) for r in (0, case.world - 1)]
     return {k: max(m[k] for m in per_rank) for k in _PARTS}
 
 
@@ -166,7 +197,7 @@ def _reason(
     if faster:
         best = min(faster, key=unconstrained.get)
         loser, case = ranked[best]
-        keep = _peak_memory(model, case, a, False)["total"]
+        keep = _peak_memory(model, case, a, False, backend)["total"]
         how = "does not fit at all" if not loser.fits else "must recompute activations to fit"
         return (
             f"memory: {loser.strategy} would take {unconstrained[best] * 1e3:.0f} ms with unlimited memory, but it "

@@ -1,0 +1,261 @@
+"""Activation memory of one block on one rank: what forward keeps for backward, and the peak of forward +
+backward + ``finalize_grads`` (16-bit activations).
+
+``saved_activation_bytes`` is exact (``SavedActivations`` in ``perf/memory.py``). ``block_peak`` is the most
+bytes alive at once beyond what existed before the block ran (its weights, its input, the gradient of its
+output), as :class:`odysseus.memtrack.MemoryTracker` measures it; ``perf/memory.py`` checks it on every
+strategy, ``save_input`` mode, CPU backend and ZeRO-3 variant. The peak is the largest of a few moments,
+each what is resident then (saved tensors not yet released, gradients made so far) plus that moment's
+transients, derived from the modules:
+
+- **SwiGLU backward**: the fused SwiGLU recomputes in fp32: copies of gate, up and the incoming gradient,
+  sigmoid, silu and three terms of the gate's gradient are alive together, ``8 x 4`` bytes per FFN element.
+- **RMSNorm backward** (autograd on the reference composition): five fp32 tensors of the norm's input size.
+- **input GEMM backward**, ``save_input="shard"``: the re-gather's receive slots and the weight gradient
+  accumulated in fp32 (a 16-bit and an fp32 copy of each piece's product, and the fp32 sum).
+- **FFN forward under ZeRO-3**: FSDP2's all-gather buffer and the unsharded FFN weights with the FFN's
+  activations.
+- **finalize_grads**: the zero-padded dense gradients of shared kv heads, the flat all-reduce buffer and
+  the new gradients, while the old ones are still referenced.
+
+The backend enters through its gathers: ``naive`` gathers a whole input at once, ``pipelined`` streams it
+through the ring's slots; ``symm`` stages a rank's chunk in a persistent symmetric workspace and receives
+reduce-scatter partials in slots for every source (:func:`symm_workspace_bytes`, once per process group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..layout import HeadSplit, shard_sizes
+from ..strategies.registry import GATHER_SCATTER
+from .case import Case
+from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
+
+FP32 = 4
+
+
+def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
+    """What local attention keeps: q, k, v as SDPA/flash sees them, the output and the fp32 log-sum-exp.
+
+    ``qkv_width``: v is a view of the fused QKV output of that many columns (heads split), so its whole
+    storage stays alive; None: v is its own tensor. Non-uniform GQA expands k and v to one per query head
+    (``index_select``, which keeps its index).
+    """
+    B, hd, e, s = case.batch, case.config.head_dim, case.dtype_bytes, case.shape
+    core = B * tokens * s.q_heads * hd * e * 2 + B * s.q_heads * tokens * FP32  # rotated q, output, lse
+    if not s.uniform:
+        return core + 2 * B * tokens * s.q_heads * hd * e + 8 * s.q_heads
+    k = B * tokens * s.kv_heads * hd * e
+    return core + k + (B * tokens * qkv_width * e if qkv_width is not None else k)
+
+
+def input_rows(case: Case, kind: str) -> int:
+    """Rows (batch x tokens) of the input a column-split GEMM keeps for its weight gradient, for a part whose
+    activations move as ``kind``: an all-gather⊗GEMM keeps the gathered sequence, or only this rank's shard
+    with ``save_input="shard"``; TP's GEMM keeps the whole sequence it holds."""
+    shard = kind == GATHER_SCATTER and case.save_input == "shard"
+    return case.batch * (case.shape.tokens if shard else case.seq)
+
+
+def norm_rows(case: Case) -> int:
+    """Rows (batch x tokens) each RMSNorm sees: this rank's shard where the sequence is split, else all."""
+    return case.batch * (case.shape.tokens if case.spec.sequence_split else case.seq)
+
+
+def ffn_rows_cols(case: Case) -> tuple[int, int]:
+    """(rows, columns) of this rank's FFN activations: every token of its columns, or its tokens of all."""
+    if ffn_split(case):
+        return case.batch * case.seq, case.shape.ffn_cols
+    return case.batch * case.shape.tokens, case.config.intermediate_size
+
+
+def saved_parts(case: Case) -> dict[str, int]:
+    """Bytes one block's forward keeps for backward, by part: ``norm`` (each of the two), ``attention``, ``ffn``.
+
+    Derived from the modules: RMSNorm keeps its fp32 input, the rsqrt and the normalised input; each GEMM
+    keeps its input (the gathered full sequence where weights are split, or only this rank's shard with
+    ``save_input="shard"``) and the concatenated weight copy (``torch.cat`` of q/k/v or gate/up, split
+    weights); RoPE keeps cos/sin; attention keeps q, k, v, the output and the log-sum-exp; the fused SwiGLU
+    (``odysseus.swiglu``) keeps gate and up, and the down projection their product.
+    """
+    c, B, e, L, s = case.config, case.batch, case.dtype_bytes, case.seq, case.shape
+    d, hd = c.hidden_size, c.head_dim
+    norm = norm_rows(case) * (FP32 * d + FP32 + e * d)
+    if heads_split(case):  # projections of this rank's heads on the full sequence, attention on them
+        width = (s.q_heads + 2 * s.kv_heads) * hd
+        attn = input_rows(case, case.spec.attention_comm) * d * e + d * width * e + 2 * L * hd * e
+        attn += _attention_core_bytes(case, L, width)
+    else:  # projections on the shard, attention on all tokens of this rank's heads
+        attn = B * s.tokens * d * e + 2 * s.tokens * hd * e + B * s.tokens * c.num_heads * hd * e
+        attn += _attention_core_bytes(case, L, None)
+    rows, cols = ffn_rows_cols(case)
+    if ffn_split(case):  # the gathered input (or shard), gate|up (one tensor), their product; the gate|up weights
+        ffn = input_rows(case, case.spec.ffn_comm) * d * e + 3 * rows * cols * e + d * 2 * cols * e
+    else:
+        ffn = rows * (d + 3 * cols) * e
+    return {"norm": norm, "attention": attn, "ffn": ffn}
+
+
+def saved_activation_bytes(case: Case) -> int:
+    """Bytes one block's forward keeps for backward on ``case.rank`` (what ``SavedActivations`` measures):
+    :func:`saved_parts` summed. A ZeRO-3 variant keeps what its strategy keeps (FSDP2 frees the gathered
+    weights after forward)."""
+    parts = saved_parts(case)
+    return 2 * parts["norm"] + parts["attention"] + parts["ffn"]
+
+
+# --- transients ----------------------------------------------------------------------------------------
+
+
+def swiglu_backward_bytes(case: Case) -> int:
+    """Most bytes the fused SwiGLU's backward adds at once: fp32 copies of gate, up and the gradient (16-bit
+    activations), sigmoid, silu, and ``d*u*sig``, ``1-sig`` and ``g*(1-sig)`` alive together."""
+    rows, cols = ffn_rows_cols(case)
+    return (5 + (3 if case.dtype_bytes < FP32 else 0)) * FP32 * rows * cols
+
+
+def norm_backward_bytes(case: Case) -> int:
+    """Most bytes an RMSNorm's backward adds at once, less the incoming gradient and the normalised input it
+    releases: the input gradient of ``x * rsqrt`` and four more fp32 tensors of the input's size (``mean``'s
+    and ``pow``'s backward)."""
+    n = norm_rows(case) * case.config.hidden_size
+    return 5 * FP32 * n - 2 * case.dtype_bytes * n
+
+
+def ring_slot_bytes(case: Case, width: int) -> int:
+    """The receive slots of one streamed gather of a ``width``-wide input (``save_input="shard"``):
+    ``min(slots, pieces) x tokens x B x width``, whatever the sequence length."""
+    sizes, rank, tokens = shard_sizes(case.seq, case.world), case.rank, case.piece_tokens()
+    pieces = sum(-(-n // tokens) for j, n in enumerate(sizes) if j != rank)
+    return max(1, min(case.ring_slots, pieces)) * tokens * case.batch * width * case.dtype_bytes
+
+
+def gather_held_bytes(case: Case, width: int, backend: str) -> tuple[int, int]:
+    """(while consumed, at the call) bytes of one gather of a ``width``-wide sequence-split input in
+    ``"shard"`` mode. pipelined and symm stream it through the ring's slots (pipelined also makes a
+    sequence-major copy of this rank's shard when ``B > 1``); naive gathers it whole in one collective,
+    padded to the largest shard, trimmed where the shards are uneven (the padded copies live during the call)."""
+    B, e, sizes = case.batch, case.dtype_bytes, shard_sizes(case.seq, case.world)
+    row = B * width * e
+    if backend != "naive":
+        held = ring_slot_bytes(case, width) + (case.shape.tokens * row if B > 1 and backend == "pipelined" else 0)
+        return held, held
+    m, mine = max(sizes), sizes[case.rank]
+    own = m if mine != m else (mine if B > 1 else 0)  # this rank's rows padded, or made contiguous
+    call = (case.world * m + (case.seq if len(set(sizes)) > 1 else 0) + own) * row
+    return case.seq * row, call
+
+
+def symm_workspace_bytes(case: Case) -> int:
+    """The symm backend's persistent symmetric workspaces for one process group (allocated once, shared by
+    every block and op of the group, grown to a power of two): the all-gather stage holds this rank's
+    largest chunk ``(L_r, B, d)``; the reduce-scatter receive buffer holds one slot per source rank
+    ``N x L_r x B x d``, rows and columns padded to 16 bytes. From ``odysseus.overlap.symm.reserve``."""
+    B, d, e, m = case.batch, case.config.hidden_size, case.dtype_bytes, max(shard_sizes(case.seq, case.world))
+    step = 16 // e
+    rows, cols = -(-m * B // step) * step, -(-d // step) * step
+
+    def grown(numel: int) -> int:
+        return 1 << max(numel - 1, 1).bit_length()
+
+    return (grown(m * B * d) + grown(case.world * rows * cols)) * e
+
+
+# --- the peak ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The peak of one block's forward + backward + ``finalize_grads`` on one rank (bytes beyond its start)."""
+
+    bytes: int
+    moment: str
+    """Where it falls (a key of ``moments``)."""
+    moments: dict[str, int]
+    """Every candidate moment and its bytes."""
+    gradients: dict[str, int]
+    """The block's own weight gradients included in each moment (a model counts them with its gradients)."""
+
+
+def _grads(case: Case) -> dict[str, int]:
+    e = case.dtype_bytes
+    return {part: g * e for part, (_, g) in weight_numel(case).items()}
+
+
+def _fsdp_ffn(case: Case) -> tuple[int, int]:
+    """(unsharded FFN weights, FSDP2's padded all-gather buffer of them) in bytes, under ZeRO-3 with whole FFN
+    weights; else zeros. On one rank FSDP2 gathers nothing: its unsharded copy outlives the step."""
+    if not (case.variant.zero3 and not ffn_split(case)) or case.world == 1:
+        return 0, 0
+    unit, e = _fsdp_units_by_part(case)[0], case.dtype_bytes
+    whole = sum(dim0 * rest for dim0, rest in unit)
+    padded = sum(_fsdp_local(dim0, rest, case.world, case.rank)[0] for dim0, rest in unit) * case.world
+    return whole * e, padded * e
+
+
+def sync_bytes(case: Case) -> int:
+    """``finalize_grads``: the zero-padded dense gradients of split weights several ranks hold (shared kv
+    heads), the flat all-reduce buffer, and the new gradients of whole weights, whose old gradients stay
+    referenced until it returns (a split weight's new gradient replaces its old one, which is freed)."""
+    if case.world == 1:
+        return 0
+    c, dense = case.config, dense_numel(case.config)
+    padded = flat = local = 0
+    if heads_split(case) and HeadSplit.build(c, case.world, case.rank).shared_kv:
+        padded = flat = dense["k_proj"] + dense["v_proj"]
+    if not case.variant.zero3:
+        whole = sum(dense[n] for n in case.spec.replicated) + (2 * c.hidden_size if case.spec.sequence_split else 0)
+        flat, local = flat + whole, local + whole
+    return (padded + flat + local) * case.dtype_bytes
+
+
+def _input_gemm_backward(case: Case, backend: str) -> int:
+    """Transient of the FFN's all-gather⊗GEMM backward with ``save_input="shard"``: the re-gathered input
+    held while the weight gradient accumulates in fp32 (each piece's product in 16 bits and in fp32, and the
+    running fp32 sum; naive gathers one piece, so there is no running sum), or the gather call's own copies."""
+    d, e = case.config.hidden_size, case.dtype_bytes
+    w = d * 2 * ffn_rows_cols(case)[1]
+    held, call = gather_held_bytes(case, d, backend)
+    return max(call, held + (e + (1 if backend == "naive" else 2) * FP32) * w)
+
+
+def block_peak(case: Case, backend: str = "pipelined") -> Peak:
+    """The most bytes alive at once during one block's forward + backward + ``finalize_grads`` on
+    ``case.rank``, beyond the weights, the input and the output's gradient (see the module docstring)."""
+    if backend not in ("naive", "pipelined", "symm"):
+        raise ValueError(f"unknown overlap backend {backend!r}; expected 'naive', 'pipelined' or 'symm'")
+    c, e, B = case.config, case.dtype_bytes, case.batch
+    d, n = c.hidden_size, norm_rows(case) * c.hidden_size
+    saved, parts, grads = saved_activation_bytes(case), saved_parts(case), _grads(case)
+    rows, cols = ffn_rows_cols(case)
+    ffn_whole, ffn_gathered = _fsdp_ffn(case)
+    d_down = cols * d * e  # the down projection's weight gradient, made before SwiGLU's backward runs
+    # After the FFN's backward: its saved tensors are released, its gradients made, and the gradient of the
+    # norm's output (n) is in hand; after the attention's, only the input norm's saved tensors remain, with the
+    # residual's gradient (n) beside the norm's.
+    after_ffn = saved - parts["ffn"] + grads["ffn"] + n * e
+    after_attention = parts["norm"] + grads["ffn"] + grads["attention"] + grads["norms"] // 2 + 2 * n * e
+    moments = {
+        "SwiGLU backward": saved + ffn_whole + d_down + swiglu_backward_bytes(case),
+        "post-attention norm backward": after_ffn + norm_backward_bytes(case),
+        "input norm backward": after_attention + norm_backward_bytes(case),
+        "finalize_grads": sum(grads.values()) + n * e + sync_bytes(case),
+    }
+    if ffn_whole:
+        moments["FFN forward (FSDP2 gather)"] = (
+            saved + B * case.shape.tokens * d * e + rows * cols * e + ffn_whole + ffn_gathered
+        )
+    if ffn_split(case) and case.spec.ffn_comm == GATHER_SCATTER and case.save_input == "shard" and case.world > 1:
+        resident = saved - rows * cols * e + d_down + B * case.shape.tokens * d * e
+        moments["FFN input GEMM backward"] = resident + _input_gemm_backward(case, backend)
+    made = {
+        "SwiGLU backward": d_down,
+        "post-attention norm backward": grads["ffn"],
+        "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"] // 2,
+        "finalize_grads": sum(grads.values()),
+        "FFN forward (FSDP2 gather)": 0,
+        "FFN input GEMM backward": d_down,
+    }
+    where = max(moments, key=moments.get)
+    return Peak(moments[where], where, moments, {k: made[k] for k in moments})
