@@ -137,7 +137,9 @@ def finalize_grads(module: nn.Module) -> None:
     for pg, params in groups.items():
         dense = []
         for p, spec, rank in params:
-            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            if p.grad is None:  # a rank whose tokens did not reach this weight still adds its zeros
+                p.grad = torch.zeros_like(p)
+            g = p.grad
             if spec.dim is not None:
                 s, e = spec.ranges[rank]
                 padded = g.new_zeros(_dense_shape(g, spec))
@@ -148,7 +150,7 @@ def finalize_grads(module: nn.Module) -> None:
             if spec.dim is not None:
                 s, e = spec.ranges[rank]
                 summed = summed.narrow(spec.dim, s, e - s)
-            p.grad = summed.clone()
+            p.grad.copy_(summed)  # in place: no second copy of the gradients while the flat buffer lives
     mesh = _mesh_of(module)
     if mesh is not None and mesh.data_parallel:
         _sum_over_replicas(module, mesh.dp)

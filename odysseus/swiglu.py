@@ -3,7 +3,8 @@
 Autograd's composition keeps ``gate`` (for silu's backward) and also ``silu(gate)`` and ``up`` (for the
 product's), one more tensor of the FFN's width per token than backward needs: ``silu(gate)`` is
 recomputed from ``gate``. The backward computes in at least fp32 and rounds once, so 16-bit gradients are
-no less accurate than autograd's.
+no less accurate than autograd's, and holds two fp32 tensors of the FFN's width at a time (12 bytes per
+element with the 16-bit results), where a plain fp32 recomputation holds eight.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ class _SwiGLU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
         compute = torch.promote_types(gate.dtype, torch.float32)
-        g, u, d = gate.to(compute), up.to(compute), grad.to(compute)
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        d_gate = d * u * sig * (1 + g * (1 - sig))  # silu'(g) = sig * (1 + g * (1 - sig))
-        return d_gate.to(gate.dtype), (d * silu).to(up.dtype)
+        # Two fp32 tensors of the FFN's width at a time: the 16-bit operands enter the fp32 products as they
+        # are (exact upcasts), and each gradient is built in place and rounded once.
+        sig = torch.sigmoid(gate.to(compute))
+        d_up = torch.mul(sig, gate).mul_(grad).to(up.dtype)  # d * silu(g)
+        # silu'(g) = sig * (1 + g * (1 - sig))
+        d_gate = torch.sub(1, sig).mul_(gate).add_(1).mul_(sig).mul_(up).mul_(grad).to(gate.dtype)
+        return d_gate, d_up
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

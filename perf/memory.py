@@ -87,7 +87,8 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
             par = odysseus.parallelize(ref, v.spec.name, backend=backend, save_input=mode)
             if v.zero3:
                 par = odysseus.zero3(par)
-            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().requires_grad_()
+            # Its own storage, as a layer input in a model is (a shard_sequence view would hold the whole x).
+            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().clone().requires_grad_()
             dy = torch.randn(xin.shape, generator=g, dtype=xin.dtype)
             par(xin).backward(dy)  # first calls initialise lazily (FSDP2, length exchanges): not measured
             finalize_grads(par)

@@ -90,7 +90,8 @@ def _block_peaks(rank, world, modes):
             par = odysseus.parallelize(ref, v.spec.name, backend="pipelined", save_input=mode)
             if v.zero3:
                 par = odysseus.zero3(par)
-            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().requires_grad_()
+            # Its own storage, as a layer input in a model is (a shard_sequence view would hold the whole x).
+            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().clone().requires_grad_()
             dy = torch.randn(xin.shape, generator=g, dtype=xin.dtype)
             par(xin).backward(dy)  # lazy initialisation happens outside the measured step
             par.zero_grad(set_to_none=True)

@@ -128,6 +128,10 @@ def _ag_setup(ctx, inputs, output):
     x_local, w, *args = inputs
     save_input = args[5]
     ctx.save_for_backward(output[1] if save_input == "gathered" else x_local, w)
+    # The kept input is an internal output: without this, autograd would hand backward a zero-filled
+    # (B, L, K) gradient for it.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.args = tuple(args)
 
 
@@ -138,7 +142,9 @@ def _weight_grad(x: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
 
 
 def _ag_backward(ctx, d_out, _d_kept):
-    # The kept tensor is an internal output (saved for dW); nothing downstream uses it.
+    # The kept tensor is an internal output (saved for dW, non-differentiable): _d_kept is None.
+    if d_out is None:  # the output was not used (grads are not materialised as zeros)
+        return (None,) * 10
     kept, w = ctx.saved_tensors
     sizes, rank, group_name, backend, label, save_input, ring_tokens, ring_slots = ctx.args
     if save_input == "shard":

@@ -22,7 +22,7 @@ from .forms import (
     weight_numel,
     zero3_records,
 )
-from .memory import Peak, block_peak, saved_activation_bytes, saved_parts, symm_workspace_bytes
+from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts, symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
 
@@ -56,6 +56,7 @@ __all__ = [
     "model_step",
     "parameter_bytes",
     "predict",
+    "kept_input_bytes",
     "saved_activation_bytes",
     "saved_parts",
     "strategy_records",

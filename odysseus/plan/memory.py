@@ -8,9 +8,11 @@ strategy, ``save_input`` mode, CPU backend and ZeRO-3 variant. The peak is the l
 each what is resident then (saved tensors not yet released, gradients made so far) plus that moment's
 transients, derived from the modules:
 
-- **SwiGLU backward**: the fused SwiGLU recomputes in fp32: copies of gate, up and the incoming gradient,
-  sigmoid, silu and three terms of the gate's gradient are alive together, ``8 x 4`` bytes per FFN element.
-- **RMSNorm backward** (autograd on the reference composition): five fp32 tensors of the norm's input size.
+- **SwiGLU backward** (``odysseus.swiglu``): the fp32 sigmoid, the gate's gradient built in fp32 and both
+  16-bit gradients, 12 bytes per FFN element.
+- **RMSNorm backward** (``odysseus.rmsnorm``): three fp32 tensors of the norm's input size (the recomputed
+  normalised input, the gradient, their product) and the weight's gradient. The input norm keeps the
+  block's input itself, which is not new memory.
 - **input GEMM backward**, ``save_input="shard"``: the re-gather's receive slots and the weight gradient
   accumulated in fp32 (a 16-bit and an fp32 copy of each piece's product, and the fp32 sum).
 - **FFN forward under ZeRO-3**: FSDP2's all-gather buffer and the unsharded FFN weights with the FFN's
@@ -81,7 +83,7 @@ def saved_parts(case: Case) -> dict[str, int]:
     """
     c, B, e, L, s = case.config, case.batch, case.dtype_bytes, case.seq, case.shape
     d, hd = c.hidden_size, c.head_dim
-    norm = norm_rows(case) * (FP32 * d + FP32 + e * d)
+    norm = norm_rows(case) * (e * d + FP32)
     if heads_split(case):  # projections of this rank's heads on the full sequence, attention on them
         width = (s.q_heads + 2 * s.kv_heads) * hd
         attn = input_rows(case, case.spec.attention_comm) * d * e + d * width * e + 2 * L * hd * e
@@ -97,6 +99,12 @@ def saved_parts(case: Case) -> dict[str, int]:
     return {"norm": norm, "attention": attn, "ffn": ffn}
 
 
+def kept_input_bytes(case: Case) -> int:
+    """The block's input, which its first norm keeps for backward (part of :func:`saved_activation_bytes`):
+    in a model it is the block below's output, so it exists before the block runs."""
+    return norm_rows(case) * case.config.hidden_size * case.dtype_bytes
+
+
 def saved_activation_bytes(case: Case) -> int:
     """Bytes one block's forward keeps for backward on ``case.rank`` (what ``SavedActivations`` measures):
     :func:`saved_parts` summed. A ZeRO-3 variant keeps what its strategy keeps (FSDP2 frees the gathered
@@ -109,18 +117,19 @@ def saved_activation_bytes(case: Case) -> int:
 
 
 def swiglu_backward_bytes(case: Case) -> int:
-    """Most bytes the fused SwiGLU's backward adds at once: fp32 copies of gate, up and the gradient (16-bit
-    activations), sigmoid, silu, and ``d*u*sig``, ``1-sig`` and ``g*(1-sig)`` alive together."""
+    """Most bytes the fused SwiGLU's backward (``odysseus.swiglu``) adds at once: the fp32 sigmoid and the
+    gate's fp32 gradient being built, with both gradients in the activations' dtype: 12 bytes per element
+    in bf16 (4 + 4 + 2 + 2), and in fp32 (the sigmoid and the two gradients)."""
     rows, cols = ffn_rows_cols(case)
-    return (5 + (3 if case.dtype_bytes < FP32 else 0)) * FP32 * rows * cols
+    return 12 * rows * cols
 
 
 def norm_backward_bytes(case: Case) -> int:
-    """Most bytes an RMSNorm's backward adds at once, less the incoming gradient and the normalised input it
-    releases: the input gradient of ``x * rsqrt`` and four more fp32 tensors of the input's size (``mean``'s
-    and ``pow``'s backward)."""
-    n = norm_rows(case) * case.config.hidden_size
-    return 5 * FP32 * n - 2 * case.dtype_bytes * n
+    """Most bytes the fused RMSNorm's backward (``odysseus.rmsnorm``) adds at once: the recomputed fp32
+    normalised input, the fp32 gradient being built, the fp32 product whose per-token mean it needs (and
+    that mean), and the norm's weight gradient, made first."""
+    rows, d = norm_rows(case), case.config.hidden_size
+    return 3 * FP32 * rows * d + FP32 * rows + d * case.dtype_bytes
 
 
 def ring_slot_bytes(case: Case, width: int) -> int:
@@ -196,26 +205,26 @@ def _fsdp_ffn(case: Case) -> tuple[int, int]:
 
 def sync_bytes(case: Case) -> int:
     """``finalize_grads``: the zero-padded dense gradients of split weights several ranks hold (shared kv
-    heads), the flat all-reduce buffer, and the new gradients of whole weights, whose old gradients stay
-    referenced until it returns (a split weight's new gradient replaces its old one, which is freed)."""
+    heads) and the flat all-reduce buffer of everything it sums (the sums are copied back into the
+    gradients in place)."""
     if case.world == 1:
         return 0
     c, dense = case.config, dense_numel(case.config)
-    padded = flat = local = 0
+    padded = flat = 0
     if heads_split(case) and HeadSplit.build(c, case.world, case.rank).shared_kv:
         padded = flat = dense["k_proj"] + dense["v_proj"]
     if not case.variant.zero3:
-        whole = sum(dense[n] for n in case.spec.replicated) + (2 * c.hidden_size if case.spec.sequence_split else 0)
-        flat, local = flat + whole, local + whole
-    return (padded + flat + local) * case.dtype_bytes
+        flat += sum(dense[n] for n in case.spec.replicated) + (2 * c.hidden_size if case.spec.sequence_split else 0)
+    return (padded + flat) * case.dtype_bytes
 
 
-def _input_gemm_backward(case: Case, backend: str) -> int:
-    """Transient of the FFN's all-gather⊗GEMM backward with ``save_input="shard"``: the re-gathered input
-    held while the weight gradient accumulates in fp32 (each piece's product in 16 bits and in fp32, and the
-    running fp32 sum; naive gathers one piece, so there is no running sum), or the gather call's own copies."""
+def _input_gemm_backward(case: Case, backend: str, width: int) -> int:
+    """Transient of an all-gather⊗GEMM's backward with ``save_input="shard"`` for a ``width``-column weight:
+    the re-gathered input held while the weight gradient accumulates in fp32 (each piece's product in 16
+    bits and in fp32, and the running fp32 sum; naive gathers one piece, so there is no running sum), or the
+    gather call's own copies."""
     d, e = case.config.hidden_size, case.dtype_bytes
-    w = d * 2 * ffn_rows_cols(case)[1]
+    w = d * width
     held, call = gather_held_bytes(case, d, backend)
     return max(call, held + (e + (1 if backend == "naive" else 2) * FP32) * w)
 
@@ -228,6 +237,9 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
     c, e, B = case.config, case.dtype_bytes, case.batch
     d, n = c.hidden_size, norm_rows(case) * c.hidden_size
     saved, parts, grads = saved_activation_bytes(case), saved_parts(case), _grads(case)
+    # The input norm keeps the block's input itself, which existed before the block ran: not new memory.
+    x = kept_input_bytes(case)
+    saved, parts = saved - x, {**parts, "norm": parts["norm"] - x}
     rows, cols = ffn_rows_cols(case)
     ffn_whole, ffn_gathered = _fsdp_ffn(case)
     d_down = cols * d * e  # the down projection's weight gradient, made before SwiGLU's backward runs
@@ -248,14 +260,26 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         )
     if ffn_split(case) and case.spec.ffn_comm == GATHER_SCATTER and case.save_input == "shard" and case.world > 1:
         resident = saved - rows * cols * e + d_down + B * case.shape.tokens * d * e
-        moments["FFN input GEMM backward"] = resident + _input_gemm_backward(case, backend)
+        moments["FFN input GEMM backward"] = resident + _input_gemm_backward(case, backend, 2 * cols)
+    o_grad = 0
+    shard = case.save_input == "shard" and case.world > 1
+    if heads_split(case) and case.spec.attention_comm == GATHER_SCATTER and shard:
+        # After the attention core's backward: the input norm's rsqrt, the QKV GEMM's kept shard and weight
+        # copy, the gradients of the FFN, the other norm and o_proj, the QKV output's gradient (every token
+        # of this rank's heads), the residual's and the GEMM's input gradient.
+        width = (case.shape.q_heads + 2 * case.shape.kv_heads) * c.head_dim
+        o_grad = grads["attention"] - d * width * e
+        resident = parts["norm"] + input_rows(case, GATHER_SCATTER) * d * e + d * width * e
+        resident += grads["ffn"] + grads["norms"] // 2 + o_grad + B * case.seq * width * e + 2 * n * e
+        moments["QKV input GEMM backward"] = resident + _input_gemm_backward(case, backend, width)
     made = {
         "SwiGLU backward": d_down,
-        "post-attention norm backward": grads["ffn"],
-        "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"] // 2,
+        "post-attention norm backward": grads["ffn"] + grads["norms"] // 2,
+        "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"],
         "finalize_grads": sum(grads.values()),
         "FFN forward (FSDP2 gather)": 0,
         "FFN input GEMM backward": d_down,
+        "QKV input GEMM backward": grads["ffn"] + grads["norms"] // 2 + o_grad,
     }
     where = max(moments, key=moments.get)
     return Peak(moments[where], where, moments, {k: made[k] for k in moments})

@@ -19,7 +19,7 @@ from ..strategies.registry import VARIANTS, Variant
 from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
 from .forms import fsdp_gathered_numel, parameter_bytes
-from .memory import block_peak, saved_activation_bytes, symm_workspace_bytes, sync_bytes
+from .memory import block_peak, kept_input_bytes, saved_activation_bytes, symm_workspace_bytes, sync_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total")
@@ -86,7 +86,9 @@ def memory_bytes(
     else:
         out["activations"] = model.num_layers * saved
     peak = block_peak(case, backend)
-    block = max(v - peak.gradients[k] for k, v in peak.moments.items() if k != "finalize_grads") - saved
+    # block_peak counts beyond the block's input, which is among its saved tensors.
+    block = max(v - peak.gradients[k] for k, v in peak.moments.items() if k != "finalize_grads")
+    block -= saved - kept_input_bytes(case)
     logits = case.batch * case.seq * -(-V // N) * a.logits_bytes  # vocab- or sequence-split: L*V/N each
     sync = model.num_layers * sync_bytes(case)  # one flat all-reduce buffer for every block's gradients
     transient = max(logits, block, sync - out["activations"])

@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import reference
 from ..recompute import recompute
+from ..rmsnorm import FusedRMSNorm
 from ..validation import check_input
 from . import registry
 from .module import ParamSpec, deepcopy_sharing_group, track
@@ -53,9 +54,9 @@ class ParallelBlock(nn.Module):
             got = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
             return got or None
 
-        self.input_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = FusedRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attn_cls(config, group, weights=sub("self_attn."), **kwargs)
-        self.post_attention_layernorm = reference.RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ffn_cls(config, group, weights=sub("mlp."), **kwargs)
         like = self.self_attn.q_proj.weight
         sync = "sum" if self.spec.sequence_split and self.self_attn.world > 1 else "none"
