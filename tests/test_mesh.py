@@ -232,6 +232,38 @@ def test_bad_meshes_are_refused_with_what_was_expected():
         assert len(errors) == 7, errors
 
 
+def _default_group_on_a_mesh_model(rank, world):
+    from odysseus.integrations.hf import causal_lm_loss, lm_head_loss
+
+    ids = torch.randint(0, 50, (1, L), generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, L, 96)
+    before = shard_sequence(x).shape[1]  # no mesh model yet: the default group is right
+    mesh = build_mesh("device_mesh", 2, 2)
+    par = odysseus.parallelize(make_block(**ODD), "odysseus", mesh, backend="naive")
+    errors = []
+    for who, call in (
+        ("shard_sequence", lambda: shard_sequence(x)),
+        ("gather_sequence", lambda: gather_sequence(x[:, :3])),
+        ("causal_lm_loss", lambda: causal_lm_loss(torch.randn(1, 15, 50), ids)),
+        ("lm_head_loss", lambda: lm_head_loss(torch.randn(1, 15, 96), torch.nn.Linear(96, 50), ids)),
+    ):
+        with pytest.raises(ValueError, match=f"{who} was called without a group.*2-D mesh \\(dp=2, sp=2\\)") as e:
+            call()
+        errors.append(str(e.value))
+    # With the mesh, the same calls run: the shard is 1/sp of the sequence.
+    local = shard_sequence(x, mesh)
+    out = par(local)
+    loss = causal_lm_loss(torch.randn(1, local.shape[1], 50), ids, mesh)
+    return before, local.shape[1], out.shape[1], bool(torch.isfinite(loss)), errors
+
+
+def test_sequence_functions_without_the_mesh_of_a_mesh_model_raise_on_every_rank():
+    for rank, (before, local, out, finite, errors) in enumerate(run_ranks(4, _default_group_on_a_mesh_model)):
+        assert before == (16 if rank == 0 else 15), before  # 61 tokens over the 4 ranks of the default group
+        assert local == (31 if rank % 2 == 0 else 30) and out == local and finite, (rank, local, out)
+        assert len(errors) == 4 and all("over all 4 ranks" in e for e in errors), errors
+
+
 # --- auto: symm within a host, pipelined across hosts -------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from .autograd import (
 )
 from .groups import check_layout, exchange_lengths, group_rank, group_size, meta_group, resolve_group
 from .ledger import CommLedger, CommRecord, record
+from .mesh import check_default_group
 from .sizes import head_ranges, kv_range, offsets, shard_sizes
 
 __all__ = [
@@ -59,6 +60,8 @@ def shard_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
     ``x`` that requires grad gets its full gradient on every rank.
     """
     dim = _check_dim(x, dim, "shard_sequence")
+    if group is None:
+        check_default_group("shard_sequence")
     pg = resolve_group(group)
     sizes = shard_sizes(x.shape[dim], group_size(pg))
     check_layout(sizes, "shard_sequence")
@@ -71,6 +74,8 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 1) -> torch.Te
     Under the sum-of-local-losses convention its backward is a reduce-scatter of the gradient.
     """
     dim = _check_dim(x_local, dim, "gather_sequence")
+    if group is None:
+        check_default_group("gather_sequence")
     pg = resolve_group(group)
     sizes = exchange_lengths(x_local.shape[dim], pg, "gather_sequence")
     return all_gather_seq(x_local, sizes, pg, dim, "gather_sequence")

@@ -36,6 +36,9 @@ _EXPECTED = (
 )
 _HSDP: dict[tuple, DeviceMesh] = {}
 _FLAT: dict[tuple, dist.ProcessGroup] = {}
+# (dp, sp) sizes of the 2-D meshes that parallel modules of this process were built over: a sequence
+# function called without a group then splits over every replica's ranks (see check_default_group).
+_MODEL_MESHES: set[tuple[int, int]] = set()
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,6 +57,29 @@ class Mesh:
     def data_parallel(self) -> bool:
         """Whether there is more than one replica to sum gradients over."""
         return group_size(self.dp) > 1
+
+
+def note_model_mesh(mesh: Mesh) -> None:
+    """Remember that a parallel module runs over ``mesh`` (called by the modules' constructors)."""
+    if mesh.data_parallel:
+        _MODEL_MESHES.add((group_size(mesh.dp), group_size(mesh.sp)))
+
+
+def check_default_group(who: str) -> None:
+    """Raise where ``who`` was given no group although a model of this process is split over a 2-D mesh.
+
+    The default group holds every rank of the job, so ``shard_sequence(ids)`` would give each rank 1/(dp*sp)
+    of the sequence and the layers would run attention over a quarter-sequence of some replica: wrong numbers
+    with no error. Every rank built the same modules, so every rank raises here, none waits.
+    """
+    if _MODEL_MESHES:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        meshes = ", ".join(f"(dp={dp}, sp={sp})" for dp, sp in sorted(_MODEL_MESHES))
+        raise ValueError(
+            f"{who} was called without a group, so it would split over all {world} ranks, but a model of this "
+            f"process is split over a 2-D mesh {meshes}: pass the mesh (the 2-D DeviceMesh or the (dp, sp) "
+            "group pair the model was parallelized with) as the group"
+        )
 
 
 def is_2d(group) -> bool:

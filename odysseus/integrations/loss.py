@@ -10,7 +10,7 @@ from torch import nn
 from ..chunked_loss import linear_cross_entropy
 from ..comm import primitives
 from ..comm.groups import group_rank, group_size, resolve_group
-from ..comm.mesh import Mesh, resolve_mesh
+from ..comm.mesh import Mesh, check_default_group, resolve_mesh
 from ..layout import offsets, shard_sizes
 from .hf import layers, model_setup
 
@@ -90,6 +90,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
     all-reduce of an int over ``dp``, so call it on every rank): the sum of the returned terms over every rank
     of the mesh is the mean loss of the unsplit model on the replicas' batches concatenated.
     """
+    if group is None:
+        check_default_group("causal_lm_loss")
     mesh = resolve_mesh(group)
     pg = mesh.sp
     labels = labels.to(logits.device)
@@ -118,6 +120,8 @@ def lm_head_loss(
     ``(batch, seq, hidden)`` for ``"tp"``; ``head``: the model's LM head (``model.get_output_embeddings()``);
     ``labels: (batch, seq)`` as for :func:`causal_lm_loss`, whose loss and gradients this equals.
     """
+    if group is None:
+        check_default_group("lm_head_loss")
     mesh = resolve_mesh(group)
     pg = mesh.sp
     labels = labels.to(hidden.device)

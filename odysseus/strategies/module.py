@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..comm import group_rank, group_size, meta_group
-from ..comm.mesh import resolve_mesh
+from ..comm.mesh import note_model_mesh, resolve_mesh
 from ..config import TransformerConfig
 from ..layout import dense_shapes, has_bias
 from ..overlap import DEFAULT_RING, Ring, check_backend
@@ -104,6 +104,7 @@ class ParallelModule(nn.Module):
         self.config = config
         # The strategy runs over the mesh's sp group; dp (if any) only sums gradients (odysseus.finalize_grads).
         self.mesh = resolve_mesh(group)
+        note_model_mesh(self.mesh)
         self.pg = self.mesh.sp
         self.world, self.rank = group_size(self.pg), group_rank(self.pg)
         self.backend = check_backend(backend)
