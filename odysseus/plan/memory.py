@@ -229,6 +229,37 @@ def _input_gemm_backward(case: Case, backend: str, width: int) -> int:
     return max(call, held + (e + (1 if backend == "naive" else 2) * FP32) * w)
 
 
+def _output_gemm_backward(case: Case, backend: str, width: int) -> int:
+    """Transient of a GEMM⊗reduce-scatter's backward for a ``width``-row weight: the input gradient
+    ``(B, L, width)`` beside the output gradient gathered, streamed with ``save_input="shard"`` (the weight
+    gradient accumulated as in :func:`_input_gemm_backward`), whole with ``"gathered"`` (an all-gather⊗GEMM
+    that returns it, then one product for the weight gradient)."""
+    dx = case.batch * case.seq * width * case.dtype_bytes
+    if case.save_input == "shard":
+        return dx + _input_gemm_backward(case, backend, width)
+    d = case.config.hidden_size
+    held, call = gather_held_bytes(case, d, backend)
+    if backend != "naive":  # the gathered gradient is received in place, into its own (B, L, d) buffer
+        held = call = case.batch * case.seq * d * case.dtype_bytes
+    return max(call, held + dx + case.dtype_bytes * d * width)
+
+
+def _output_gemm_forward(case: Case, backend: str) -> int:
+    """Transient of a GEMM⊗reduce-scatter's forward (``(B, L, d)`` partial sums reduced to ``(B, L_r, d)``):
+    naive makes the partials whole, a zero-padded copy where the shards are uneven, and the output;
+    pipelined without a ring receives one slot per source, keeps its sent partials until they are sent
+    and sums the slots in fp32. The ring (``save_input="shard"``) holds three chunks of partials, symm
+    sums in its persistent workspace: neither is a peak."""
+    B, d, e = case.batch, case.config.hidden_size, case.dtype_bytes
+    sizes, row = shard_sizes(case.seq, case.world), B * d * e
+    m, mine = max(sizes), sizes[case.rank]
+    if backend == "naive":
+        return (case.seq + (case.world * m if len(set(sizes)) > 1 else 0) + m) * row
+    if backend == "pipelined" and case.save_input != "shard":
+        return (case.world * mine + case.seq) * row + mine * B * d * FP32
+    return 0
+
+
 def block_peak(case: Case, backend: str = "pipelined") -> Peak:
     """The most bytes alive at once during one block's forward + backward + ``finalize_grads`` on
     ``case.rank``, beyond the weights, the input and the output's gradient (see the module docstring)."""
@@ -263,6 +294,17 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         moments["FFN input GEMM backward"] = resident + _input_gemm_backward(case, backend, 2 * cols)
     o_grad = 0
     shard = case.save_input == "shard" and case.world > 1
+    if case.world > 1 and ffn_split(case) and case.spec.ffn_comm == GATHER_SCATTER:
+        # Forward: every saved tensor exists, and the FFN's input shard too unless it is the one kept.
+        shard_input = 0 if case.save_input == "shard" else B * case.shape.tokens * d * e
+        moments["FFN output GEMM forward"] = saved + shard_input + _output_gemm_forward(case, backend)
+        moments["FFN output GEMM backward"] = saved + _output_gemm_backward(case, backend, cols)
+    if case.world > 1 and heads_split(case) and case.spec.attention_comm == GATHER_SCATTER:
+        # After the FFN's and the post-attention norm's backward: their saved tensors released, their
+        # gradients made, the residual's gradient in hand.
+        resident = saved - parts["ffn"] - (parts["norm"] + x) + grads["ffn"] + grads["norms"] // 2 + n * e
+        width = case.shape.q_heads * c.head_dim
+        moments["attention output GEMM backward"] = resident + _output_gemm_backward(case, backend, width)
     if heads_split(case) and case.spec.attention_comm == GATHER_SCATTER and shard:
         # After the attention core's backward: the input norm's rsqrt, the QKV GEMM's kept shard and weight
         # copy, the gradients of the FFN, the other norm and o_proj, the QKV output's gradient (every token
@@ -279,6 +321,9 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         "finalize_grads": sum(grads.values()),
         "FFN forward (FSDP2 gather)": 0,
         "FFN input GEMM backward": d_down,
+        "FFN output GEMM forward": 0,
+        "FFN output GEMM backward": 0,
+        "attention output GEMM backward": grads["ffn"] + grads["norms"] // 2,
         "QKV input GEMM backward": grads["ffn"] + grads["norms"] // 2 + o_grad,
     }
     where = max(moments, key=moments.get)
