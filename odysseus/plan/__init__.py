@@ -22,6 +22,7 @@ from .forms import (
     weight_numel,
     zero3_records,
 )
+from .longseq import LongSeq, StackPeak, stack_peak
 from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts, symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
@@ -35,10 +36,12 @@ __all__ = [
     "Collective",
     "Cost",
     "Hardware",
+    "LongSeq",
     "Model",
     "Peak",
     "Prediction",
     "RankShape",
+    "StackPeak",
     "Record",
     "attention_flops",
     "block_peak",
@@ -60,6 +63,7 @@ __all__ = [
     "saved_activation_bytes",
     "saved_parts",
     "strategy_records",
+    "stack_peak",
     "symm_workspace_bytes",
     "weight_numel",
     "zero3_records",
