@@ -22,7 +22,8 @@ from .forms import (
     weight_numel,
     zero3_records,
 )
-from .longseq import LongSeq, StackPeak, stack_peak
+from .longseq import LongSeq, StackPeak, longseq_cost, stack_peak
+from .max_seq import MaxSeq, max_seq
 from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts, symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
@@ -37,6 +38,7 @@ __all__ = [
     "Cost",
     "Hardware",
     "LongSeq",
+    "MaxSeq",
     "Model",
     "Peak",
     "Prediction",
@@ -63,6 +65,8 @@ __all__ = [
     "saved_activation_bytes",
     "saved_parts",
     "strategy_records",
+    "longseq_cost",
+    "max_seq",
     "stack_peak",
     "symm_workspace_bytes",
     "weight_numel",

@@ -28,8 +28,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..strategies.registry import GATHER_SCATTER
 from .case import Case
+from .cost import Cost, _gemms, block_cost, comm_time
+from .forms import expected_collectives
 from .memory import FP32, _grads, block_peak, kept_input_bytes, norm_backward_bytes, norm_rows, saved_activation_bytes
+from .presets import Assumptions, Hardware, Model
 
 
 @dataclass(frozen=True)
@@ -119,3 +123,34 @@ def stack_peak(case: Case, layers: int, vocab: int, opt: LongSeq, backend: str =
     where = max(moments, key=moments.get)
     host = layers * n if opt.offload else 0
     return StackPeak(moments[where], where, moments, kept, grads, host)
+
+
+def longseq_cost(model: Model, case: Case, hw: Hardware, a: Assumptions, backend: str, opt: LongSeq) -> Cost:
+    """Time ``opt`` adds to :func:`~odysseus.plan.cost.model_step` with ``recompute=opt.checkpoint`` (which
+    already reruns every block's forward, collectives included): the tiled FFN's own recomputation (one more
+    FFN forward with its collectives; with ``checkpoint`` too the FFN runs three times), the chunked loss's
+    recomputed logits, and the offload copies' time beyond each layer's compute (they overlap with it)."""
+    cost = Cost()
+    rate = hw.peak_flops * a.gemm_efficiency
+    if opt.ffn_tile is not None:
+        tiled = dataclasses.replace(case, ffn_tile=opt.ffn_tile)
+        flops = sum(g.flops for g in _gemms(case) if g.name.startswith("ffn."))
+        cost += Cost(compute_s=flops / rate, flops=flops)
+        f = a.overlap.get(backend, 0.0) if case.spec.ffn_comm == GATHER_SCATTER else 0.0
+        for x in expected_collectives(tiled):
+            if x.phase == "forward" and x.label.startswith("ffn."):
+                t = comm_time(x.bytes_received, x.op, case.world, hw, a)
+                cost += Cost(exposed_comm_s=t * (1 - f), link_s=t, comm_bytes=x.bytes_received, collectives=1)
+        cost = cost * model.num_layers
+    if opt.loss_chunk is not None:  # the LM head's forward again, chunk by chunk, in backward
+        flops = 2 * case.batch * case.seq * case.config.hidden_size * model.vocab_size / case.world
+        cost += Cost(compute_s=flops / rate, flops=flops)
+    if opt.offload:
+        if hw.host_bw is None:
+            raise ValueError(f"hardware {hw.name!r} has no host_bw: offload cannot be planned")
+        t = kept_input_bytes(case) / (hw.host_bw * a.host_link_efficiency)  # one layer input, each way
+        once, twice = (block_cost(case, hw, a, backend, rc).compute_s for rc in (False, True))
+        forward = twice - once  # forward compute of one block; backward (with the recomputation) the rest
+        exposed = max(0.0, t - forward) + max(0.0, t - (twice - forward))
+        cost += Cost(exposed_comm_s=exposed * model.num_layers)
+    return cost
