@@ -78,7 +78,7 @@ def test_longseq_check_fails_on_a_wrong_term(monkeypatch):
         return dataclasses.replace(peak, bytes=round(peak.bytes * 1.06)) if opt.loss_chunk else peak
 
     monkeypatch.setattr(longseq_memory, "stack_peak", off)
-    with pytest.raises(AssertionError, match=r"loss_chunk=16.*\+6\.0% \(tolerance 5%\)"):
+    with pytest.raises(AssertionError, match=r"loss_chunk=16.*\+[56]\.\d% \(tolerance 5%\)"):
         longseq_memory.verify([1], longseq_memory.QUICK_SHAPES, longseq_memory.OPTIONS[4:5])
 
 
