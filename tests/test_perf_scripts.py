@@ -24,6 +24,7 @@ sys.path.insert(0, str(PERF))
 import bench_layer  # noqa: E402
 import comm_volume  # noqa: E402
 import common  # noqa: E402
+import longseq_memory  # noqa: E402
 import memory  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,6 +59,27 @@ def test_quick_mode_writes_table_plot_and_section(tmp_path, script, png):
     section = _section(results, script.removesuffix(".py"))
     assert "python perf/" in section and "cores" in section and "UTC" in section
     assert "someone else's table" in results.read_text()
+
+
+def test_longseq_quick_mode_checks_and_writes_its_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    out = _run("longseq_memory.py", "--quick", "--results", str(results))
+    assert "Checked first:" in out and "Planner predictions, not GPU measurements" in out
+    for option in longseq_memory.TABLE_OPTIONS:
+        assert option in out
+    assert "| ulysses+zero3 | 8 |" in _section(results, "longseq")
+
+
+def test_longseq_check_fails_on_a_wrong_term(monkeypatch):
+    real = longseq_memory.stack_peak
+
+    def off(case, layers, vocab, opt, backend):  # 6% too much with the chunked loss only
+        peak = real(case, layers, vocab, opt, backend)
+        return dataclasses.replace(peak, bytes=round(peak.bytes * 1.06)) if opt.loss_chunk else peak
+
+    monkeypatch.setattr(longseq_memory, "stack_peak", off)
+    with pytest.raises(AssertionError, match=r"loss_chunk=16.*\+[56]\.\d% \(tolerance 5%\)"):
+        longseq_memory.verify([1], longseq_memory.QUICK_SHAPES, longseq_memory.OPTIONS[4:5])
 
 
 def test_sections_are_rewritten_in_place(tmp_path):

@@ -337,9 +337,10 @@ def test_llama2_7b_fits_at_64k_on_8_a100_without_recompute_when_keeping_the_shar
     kw = dict(recompute="never", strategies=("tp-sp", "odysseus+zero3", "tp"))
     by = {m: {p.strategy: p for p in plan.predict("llama2-7b", 65536, 8, "a100-nvlink", save_input=m, **kw)}
           for m in ("gathered", "shard", "auto")}  # fmt: skip
-    # Odysseus+ZeRO3 fits either way since the fused RMSNorm; TP-SP needs the shard.
+    # TP-SP needs the shard. Odysseus+ZeRO3 keeping the gathered input misses by about 1 GB once the full-logits
+    # loss counts its measured 12 bytes per logit in backward (odysseus.plan.longseq); the shard fits.
     assert not by["gathered"]["tp-sp"].fits and by["auto"]["tp-sp"].save_input == "shard"
-    assert by["gathered"]["odysseus+zero3"].fits and by["auto"]["odysseus+zero3"].save_input == "gathered"
+    assert by["auto"]["odysseus+zero3"].save_input == "shard"
     for name in ("tp-sp", "odysseus+zero3"):
         assert by["shard"][name].fits and not by["shard"][name].recompute and by["auto"][name].fits
         saving = by["gathered"][name].memory["activations"] - by["shard"][name].memory["activations"]
@@ -366,12 +367,15 @@ def test_symm_workspaces_and_the_block_peak_enter_the_memory_model():
     pipelined = plan.memory_bytes(m, case, a, False, "pipelined")
     assert symm["transient"] - pipelined["transient"] == plan.symm_workspace_bytes(case)
     # One block's backward beyond its saved tensors and gradients: SwiGLU's backward over this rank's 1376
-    # FFN columns of all 64K tokens, 12 bytes per element (the logits, 32K vocabulary, outweigh it).
+    # FFN columns of all 64K tokens, 12 bytes per element; the full logits' backward (8K tokens x 32K vocabulary,
+    # 12 bytes each, beside the final norm's tensors) outweighs it, and is the step's transient.
     peak = plan.block_peak(case, "pipelined")
     assert peak.moment == "SwiGLU backward"
     saved = plan.saved_activation_bytes(case) - plan.kept_input_bytes(case)  # the input existed before
     block = peak.bytes - saved - peak.gradients[peak.moment]
-    assert block == 12 * 65536 * 1376 and pipelined["transient"] == max(block, 65536 * 32000 // 8 * a.logits_bytes)
+    assert block == 12 * 65536 * 1376
+    n, rsqrt = 8192 * 4096 * 2, 8192 * 4
+    assert pipelined["transient"] == 12 * 8192 * 32000 + 2 * n + rsqrt
 
 
 def test_case_checks_its_memory_options():

@@ -22,6 +22,8 @@ from .forms import (
     weight_numel,
     zero3_records,
 )
+from .longseq import LongSeq, StackPeak, longseq_cost, stack_peak
+from .max_seq import MaxSeq, max_seq
 from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts, symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
@@ -35,10 +37,13 @@ __all__ = [
     "Collective",
     "Cost",
     "Hardware",
+    "LongSeq",
+    "MaxSeq",
     "Model",
     "Peak",
     "Prediction",
     "RankShape",
+    "StackPeak",
     "Record",
     "attention_flops",
     "block_peak",
@@ -60,6 +65,9 @@ __all__ = [
     "saved_activation_bytes",
     "saved_parts",
     "strategy_records",
+    "longseq_cost",
+    "max_seq",
+    "stack_peak",
     "symm_workspace_bytes",
     "weight_numel",
     "zero3_records",

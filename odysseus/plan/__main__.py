@@ -3,6 +3,7 @@
     python -m odysseus.plan --model llama2-7b --seq 65536 --gpus 8 --hardware h100-nvlink
     python -m odysseus.plan --model llama3-8b --seq 131072 --sp 8 --dp 4   # 4 replicas of 8: 32 GPUs, 4 nodes
     python -m odysseus.plan --calibrate bench.json          # fit rate and bandwidth to a bench_layer.py run
+    python -m odysseus.plan --model llama3-8b --gpus 8 --max-seq [--no-offload]   # longest sequence per strategy
 
 What it counts, per rank and per training step of one micro-batch (see docs/PLANNER.md):
 
@@ -34,6 +35,7 @@ import math
 
 from ..strategies.registry import Variant
 from .calibrate import calibrate, calibration_report
+from .max_seq import MaxSeq, max_seq
 from .predict import Prediction, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, get_hardware
 
@@ -71,6 +73,25 @@ def format_table(preds: list[Prediction]) -> str:
     return "\n".join(lines)
 
 
+def format_max_seq(rows: list[MaxSeq]) -> str:
+    """A markdown table of :func:`~odysseus.plan.max_seq.max_seq`."""
+    lines = [
+        "| strategy | max seq | options | save_input | step s | tok/s/GPU | device GB | host GB/GPU "
+        "| binding at the next length |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        mem = m.memory
+        dev, host = (f"{mem['total'] / 1e9:.1f}", f"{mem['host'] / 1e9:.0f}") if mem else ("", "")
+        keeps = m.save_input if registry_overlapped(m.strategy) else "-"
+        step = f"{m.step_s:.1f} | {m.tokens_per_s_per_gpu:,.0f}" if m.seq else " | "
+        lines.append(
+            f"| {m.strategy} | {m.seq:,} | {m.options.label() if m.seq else '-'} | {keeps} | {step} | {dev} | {host} "
+            f"| {m.binding} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m odysseus.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ring-slots", type=int, default=2, help="save_input=shard: pieces in flight")
     p.add_argument("--grad-overlap", type=float, help="fraction of gradient all-reduce hidden behind backward")
     p.add_argument("--calibrate", metavar="BENCH_JSON", help="fit rate/bandwidth/latency to a bench_layer.py run")
+    p.add_argument("--max-seq", action="store_true", help="the longest sequence each strategy fits (no --seq)")
+    p.add_argument("--no-offload", action="store_true", help="--max-seq without host offload of the layer inputs")
     p.add_argument("--json", action="store_true", help="print the predictions as JSON")
     args = p.parse_args(argv)
     a = (
@@ -119,6 +142,34 @@ def main(argv: list[str] | None = None) -> None:
     if args.gpus is not None and args.sp is not None:
         p.error("--gpus is shorthand for --sp N --dp 1: give one of --gpus and --sp")
     sp = args.sp if args.sp is not None else args.gpus
+    if args.no_offload and not args.max_seq:
+        p.error("--no-offload applies to --max-seq only")
+    if args.max_seq:
+        if args.seq is not None:
+            p.error(f"--max-seq searches the sequence length: drop --seq {args.seq}")
+        if args.model is None or sp is None:
+            p.error("--max-seq needs --model and --sp (or --gpus)")
+        rows = max_seq(
+            args.model,
+            sp,
+            hw,
+            offload=not args.no_offload,
+            batch=args.batch,
+            backend=backend,
+            dp=args.dp,
+            assumptions=a,
+        )
+        if args.json:
+            print(json.dumps([{**dataclasses.asdict(m), "options": dataclasses.asdict(m.options)} for m in rows]))
+            return
+        mesh = f"{args.dp} replicas x {sp}" if args.dp > 1 else f"{sp}"
+        print(
+            f"{args.model}, batch {args.batch}, over {mesh} x {hw.name} (backend {backend}, offload "
+            f"{'no' if args.no_offload else 'allowed'}): the longest sequence each strategy fits, per rank\n"
+        )
+        print(format_max_seq(rows))
+        print("\npredicted by odysseus.plan (memory terms checked on CPU by perf/longseq_memory.py), not measured")
+        return
     if args.model is None or args.seq is None or sp is None:
         p.error("--model, --seq and --sp (or --gpus) are required (unless only --calibrate is given)")
     preds = predict(

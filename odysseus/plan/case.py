@@ -35,7 +35,7 @@ class Case:
     shape, ``batch`` sequences of ``seq`` tokens split over ``world`` ranks, ``dtype_bytes`` per element
     of activations and weights, and the overlap ops' options: ``save_input`` and the ring of slots every
     gather streams through in ``"shard"`` mode (``ring_tokens`` per piece, None: a quarter of the largest
-    shard; ``ring_slots`` pieces in flight), as ``odysseus.parallelize`` takes them."""
+    shard; ``ring_slots`` pieces in flight) and ``ffn_tile``, as ``odysseus.parallelize`` takes them."""
 
     variant: Variant
     config: TransformerConfig
@@ -47,6 +47,8 @@ class Case:
     save_input: str = "gathered"
     ring_tokens: int | None = None
     ring_slots: int = 2
+    ffn_tile: int | None = None
+    """Tokens per rank of one FFN tile (``parallelize(ffn_tile=)``); None: the FFN runs untiled."""
 
     def __post_init__(self) -> None:
         if isinstance(self.variant, str):
@@ -55,6 +57,8 @@ class Case:
             raise ValueError(f"unknown save_input {self.save_input!r}; expected one of {SAVE_INPUT}")
         if self.ring_slots < 1 or (self.ring_tokens is not None and self.ring_tokens < 1):
             raise ValueError(f"ring_tokens={self.ring_tokens}, ring_slots={self.ring_slots}: both must be >= 1")
+        if self.ffn_tile is not None and self.ffn_tile < 1:
+            raise ValueError(f"ffn_tile={self.ffn_tile!r} must be a positive number of tokens (or None)")
 
     @property
     def keeps_shard(self) -> bool:

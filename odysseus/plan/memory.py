@@ -66,10 +66,25 @@ def norm_rows(case: Case) -> int:
 
 
 def ffn_rows_cols(case: Case) -> tuple[int, int]:
-    """(rows, columns) of this rank's FFN activations: every token of its columns, or its tokens of all."""
+    """(rows, columns) of this rank's FFN activations at once: every token of its columns, or its tokens of
+    all; with ``case.ffn_tile`` those of the largest tile (:func:`ffn_tile_tokens`)."""
     if ffn_split(case):
-        return case.batch * case.seq, case.shape.ffn_cols
-    return case.batch * case.shape.tokens, case.config.intermediate_size
+        return case.batch * ffn_tile_tokens(case, case.seq), case.shape.ffn_cols
+    return case.batch * ffn_tile_tokens(case, case.shape.tokens), case.config.intermediate_size
+
+
+def ffn_tile_tokens(case: Case, tokens: int) -> int:
+    """Tokens of the largest FFN tile out of ``tokens`` (the FFN's GEMM rows without tiling), as
+    ``odysseus.strategies.ffn`` cuts them: a sequence-parallel FFN takes ``ffn_tile`` of its tokens at a time;
+    a column-split one cuts every rank's shard into the same number of pieces (``Span.tiles``), and a tile
+    gathers the first piece of each (TP: of its own sequence)."""
+    if case.ffn_tile is None:
+        return tokens
+    if not ffn_split(case):
+        return min(case.ffn_tile, tokens)
+    sizes = shard_sizes(case.seq, case.world) if case.spec.sequence_split else [case.seq]
+    count = max(1, min(-(-max(sizes) // case.ffn_tile), min(sizes)))
+    return sum(shard_sizes(n, count)[0] for n in sizes)
 
 
 def saved_parts(case: Case) -> dict[str, int]:
@@ -91,12 +106,20 @@ def saved_parts(case: Case) -> dict[str, int]:
     else:  # projections on the shard, attention on all tokens of this rank's heads
         attn = B * s.tokens * d * e + 2 * s.tokens * hd * e + B * s.tokens * c.num_heads * hd * e
         attn += _attention_core_bytes(case, L, None)
-    rows, cols = ffn_rows_cols(case)
-    if ffn_split(case):  # the gathered input (or shard), gate|up (one tensor), their product; the gate|up weights
-        ffn = input_rows(case, case.spec.ffn_comm) * d * e + 3 * rows * cols * e + d * 2 * cols * e
-    else:
-        ffn = rows * (d + 3 * cols) * e
+    ffn = norm_rows(case) * d * e if case.ffn_tile else ffn_tile_saved(case)  # tiled: only its input (views)
     return {"norm": norm, "attention": attn, "ffn": ffn}
+
+
+def ffn_tile_saved(case: Case) -> int:
+    """What the FFN keeps for backward untiled, or one tile of it while that tile is recomputed (``ffn_tile``):
+    the gathered input (or shard), gate|up (one tensor), their product and the gate|up weight copy where the
+    FFN is split by columns; its input, gate, up and product where it is whole."""
+    d, e = case.config.hidden_size, case.dtype_bytes
+    rows, cols = ffn_rows_cols(case)
+    if ffn_split(case):
+        kept = input_rows(case, case.spec.ffn_comm) * rows // (case.batch * case.seq)  # the tile's share
+        return kept * d * e + 3 * rows * cols * e + d * 2 * cols * e
+    return rows * (d + 3 * cols) * e
 
 
 def kept_input_bytes(case: Case) -> int:
@@ -272,6 +295,7 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
     x = kept_input_bytes(case)
     saved, parts = saved - x, {**parts, "norm": parts["norm"] - x}
     rows, cols = ffn_rows_cols(case)
+    tile = ffn_tile_saved(case) if case.ffn_tile else 0  # the tile being recomputed holds what it would save
     ffn_whole, ffn_gathered = _fsdp_ffn(case)
     d_down = cols * d * e  # the down projection's weight gradient, made before SwiGLU's backward runs
     # After the FFN's backward: its saved tensors are released, its gradients made, and the gradient of the
@@ -280,11 +304,17 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
     after_ffn = saved - parts["ffn"] + grads["ffn"] + n * e
     after_attention = parts["norm"] + grads["ffn"] + grads["attention"] + grads["norms"] // 2 + 2 * n * e
     moments = {
-        "SwiGLU backward": saved + ffn_whole + d_down + swiglu_backward_bytes(case),
+        "SwiGLU backward": saved + ffn_whole + d_down + swiglu_backward_bytes(case) + tile,
         "post-attention norm backward": after_ffn + norm_backward_bytes(case),
         "input norm backward": after_attention + norm_backward_bytes(case),
         "finalize_grads": sum(grads.values()) + n * e + sync_bytes(case),
     }
+    if case.ffn_tile and ffn_tile_tokens(case, rows // B) < (case.seq if ffn_split(case) else case.shape.tokens):
+        # From the second tile on, the tiles before have made the FFN's weight gradients and part of its input's
+        # (n, each tile's slice padded to the whole input), and each new one is summed into them out of place:
+        # the down projection's first (the new one and the sum, with the product's gradient), then SwiGLU's.
+        acc = max(2 * d_down + rows * cols * e, swiglu_backward_bytes(case))
+        moments["FFN tile gradient accumulation"] = saved + tile + grads["ffn"] + n * e + acc
     if ffn_whole:
         moments["FFN forward (FSDP2 gather)"] = (
             saved + B * case.shape.tokens * d * e + rows * cols * e + ffn_whole + ffn_gathered
@@ -320,6 +350,7 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"],
         "finalize_grads": sum(grads.values()),
         "FFN forward (FSDP2 gather)": 0,
+        "FFN tile gradient accumulation": grads["ffn"],
         "FFN input GEMM backward": d_down,
         "FFN output GEMM forward": 0,
         "FFN output GEMM backward": 0,

@@ -14,15 +14,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..layout import shard_sizes
 from ..strategies.registry import VARIANTS, Variant
 from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
 from .forms import fsdp_gathered_numel, parameter_bytes
-from .memory import block_peak, kept_input_bytes, saved_activation_bytes, symm_workspace_bytes, sync_bytes
+from .longseq import LongSeq, stack_peak
+from .memory import kept_input_bytes, saved_activation_bytes, symm_workspace_bytes, sync_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
 
-_PARTS = ("params", "grads", "optimizer", "activations", "transient", "total")
+_PARTS = ("params", "grads", "optimizer", "activations", "transient", "total", "host")
 
 
 @dataclass
@@ -59,45 +59,43 @@ class Prediction:
 
 
 def memory_bytes(
-    model: Model, case: Case, assumptions: Assumptions, recompute: bool, backend: str = "symm"
+    model: Model, case: Case, assumptions: Assumptions, recompute: bool | LongSeq, backend: str = "symm"
 ) -> dict[str, float]:
-    """Peak bytes on ``case.rank`` for a whole model step, by part (see :class:`Prediction`);
-    ``case.config`` is one block of ``model``.
+    """Peak bytes on ``case.rank`` for a whole model step, by part (see :class:`Prediction`); ``case.config`` is
+    one block of ``model``. ``recompute``: the long-sequence options (:class:`~odysseus.plan.longseq.LongSeq`);
+    ``True`` is layer checkpointing alone, ``False`` none.
 
-    ``transient`` is the largest of: the logits (with every block's activations), one block's backward
-    beyond its saved tensors and gradients (:func:`~odysseus.plan.memory.block_peak` on ``backend``), and
-    ``finalize_grads``' buffers for every block (after the activations are gone); plus, under ZeRO-3, the
-    next block's weights FSDP2 prefetches, and with ``backend="symm"`` its persistent workspaces.
+    ``activations``: what the blocks keep at the end of forward on the device (every block's saved tensors, or
+    with checkpointing every block's input; none with offload) and the embeddings' output. ``transient``: the
+    rest of the step's peak (:func:`~odysseus.plan.longseq.stack_peak` on ``backend``: the loss, one block's
+    backward...) beyond the weight gradients, or ``finalize_grads``' buffers for every block (after the
+    activations are gone); plus, under ZeRO-3, the next block's weights FSDP2 prefetches, and with
+    ``backend="symm"`` its persistent workspaces. ``host``: offloaded bytes (not in ``total``).
     """
-    a, c, N, e = assumptions, case.config, case.world, case.dtype_bytes
-    zero3 = case.variant.zero3
+    a, N, zero3 = assumptions, case.world, case.variant.zero3
+    opt = recompute if isinstance(recompute, LongSeq) else LongSeq(checkpoint=bool(recompute))
     per_layer = parameter_bytes(dataclasses.replace(case, dtype_bytes=1))["params"]  # element counts
-    d, V = c.hidden_size, model.vocab_size
+    d, V = case.config.hidden_size, model.vocab_size
     vocab_mats = 1 if model.tied_embeddings else 2
     nonblock = vocab_mats * V * d + d  # embedding (+ LM head) + final norm
     if not whole_vocab(case) or zero3:
         nonblock = vocab_mats * -(-V // N) * d + (-(-d // N) if zero3 else d)  # vocab-parallel or sharded
     params = model.num_layers * per_layer + nonblock
     out = {"params": params * a.param_bytes, "grads": params * a.grad_bytes, "optimizer": params * a.optimizer_bytes}
-    saved = saved_activation_bytes(case)
-    if recompute:
-        tokens = shard_sizes(case.seq, N)[case.rank] if case.spec.sequence_split else case.seq
-        out["activations"] = model.num_layers * case.batch * tokens * d * e + saved
-    else:
-        out["activations"] = model.num_layers * saved
-    peak = block_peak(case, backend)
-    # block_peak counts beyond the block's input, which is among its saved tensors.
-    block = max(v - peak.gradients[k] for k, v in peak.moments.items() if k != "finalize_grads")
-    block -= saved - kept_input_bytes(case)
-    logits = case.batch * case.seq * -(-V // N) * a.logits_bytes  # vocab- or sequence-split: L*V/N each
+    peak = stack_peak(case, model.num_layers, V, opt, backend)
+    x0 = kept_input_bytes(case)  # the embeddings' output, the first block's input (the stack counts beyond it)
+    kept = 0 if opt.offload else model.num_layers * (x0 if opt.checkpoint else saved_activation_bytes(case)) - x0
+    out["activations"] = kept + x0
+    beyond = max(v - peak.gradients[k] for k, v in peak.moments.items())  # gradients are counted in "grads"
     sync = model.num_layers * sync_bytes(case)  # one flat all-reduce buffer for every block's gradients
-    transient = max(logits, block, sync - out["activations"])
+    transient = max(beyond - kept, sync - out["activations"])
     if zero3:  # the next block's weights, prefetched while this one computes
         transient += fsdp_gathered_numel(case) * a.param_bytes
     if backend == "symm" and case.spec.overlapped and N > 1:
         transient += symm_workspace_bytes(case)
     out["transient"] = transient
     out["total"] = sum(out.values())
+    out["host"] = peak.host
     return out
 
 

@@ -61,6 +61,11 @@ class Hardware:
     inter_node_bw: float | None = None
     """Bytes/s one GPU can receive from other nodes (its NIC); ``None``: a single node, N <= gpus_per_node
     (only calibrated hardware, which measured one node, has none)."""
+    host_memory_bytes: float | None = None
+    """Host (CPU) memory per GPU: the node's system memory over its GPUs; where offloaded layer inputs wait."""
+    host_bw: float | None = None
+    """Bytes/s between host and one GPU (its PCIe link), one direction; ``None`` with ``host_memory_bytes``
+    unknown: offload cannot be planned."""
     description: str = ""
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -69,8 +74,9 @@ class Hardware:
         _check_positive(self, f"hardware {self.name!r}", ["peak_flops", "memory_bytes", "intra_node_bw"])
         if not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 1:
             raise ValueError(f"hardware {self.name!r}: gpus_per_node={self.gpus_per_node!r} must be an int >= 1")
-        if self.inter_node_bw is not None:
-            _check_positive(self, f"hardware {self.name!r}", ["inter_node_bw"])
+        for name in ("inter_node_bw", "host_memory_bytes", "host_bw"):
+            if getattr(self, name) is not None:
+                _check_positive(self, f"hardware {self.name!r}", [name])
 
     @property
     def max_gpus(self) -> float:
@@ -137,8 +143,9 @@ class Assumptions:
     param_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12
-    logits_bytes: int = 6
     usable_memory_fraction: float = 0.9
+    host_usable_fraction: float = 0.8
+    host_link_efficiency: float = 0.8
     sources: dict[str, str] = field(
         default_factory=lambda: {
             "gemm_efficiency": "assumption: large bf16 GEMMs reach about 70% of dense peak on A100/H100 "
@@ -163,15 +170,20 @@ class Assumptions:
             "grad_bytes": "bf16 gradients",
             "optimizer_bytes": "mixed-precision AdamW: fp32 master weights + 2 fp32 moments = 12 bytes/param "
             "(Rajbhandari et al. 2020, ZeRO, arXiv:1910.02054, section 3.1)",
-            "logits_bytes": "bf16 logits plus their fp32 upcast inside cross-entropy",
             "usable_memory_fraction": "assumption: about 10% of device memory goes to the CUDA context, NCCL "
             "buffers and allocator fragmentation",
+            "host_usable_fraction": "assumption: 20% of host memory goes to the OS, the data loader, the page "
+            "cache and pinned-allocator rounding",
+            "host_link_efficiency": "assumption: pinned cudaMemcpyAsync reaches about 80% of the PCIe x16 "
+            "per-direction peak (protocol overhead); offload copies overlap with the layer's compute, only the "
+            "excess is exposed",
         }
     )
 
     def __post_init__(self) -> None:
         _check_sources(self, "assumptions")
-        for name in ("gemm_efficiency", "attention_efficiency", "link_efficiency", "usable_memory_fraction"):
+        for name in ("gemm_efficiency", "attention_efficiency", "link_efficiency", "usable_memory_fraction",
+                     "host_usable_fraction", "host_link_efficiency"):  # fmt: skip
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"assumptions: {name}={value!r} must be in (0, 1]")
@@ -208,24 +220,32 @@ a100-nvlink: A100-SXM4-80GB, 8 per node on NVLink 3 (NVSwitch)
     intra_node_bw 300e9 | {A100}: NVLink 600 GB/s total, i.e. 300 GB/s per direction
     gpus_per_node 8 | NVIDIA DGX A100 datasheet: 8x A100 with NVSwitch
     inter_node_bw 25e9 | DGX A100 datasheet: 8x ConnectX-6 200 Gb/s HDR (one per GPU) = 25 GB/s per direction per GPU
+    host_memory_bytes 125e9 | NVIDIA DGX A100 datasheet: 1 TB system memory (2 TB option) for 8 GPUs = 125 GB per GPU
+    host_bw 32e9 | PCI-SIG PCIe 4.0: 16 GT/s x 16 lanes (128b/130b) = ~32 GB/s per direction (DGX A100: Gen4 x16)
 h100-nvlink: H100 SXM5 80GB, 8 per node on NVLink 4 (NVSwitch), one 400 Gb/s NIC per GPU between nodes
     peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 1,979 TFLOPS with sparsity, 989 dense
     memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
     intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction
     gpus_per_node 8 | NVIDIA DGX H100 datasheet: 8x H100 SXM with NVSwitch
     inter_node_bw 50e9 | NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s per direction per GPU
+    host_memory_bytes 250e9 | NVIDIA DGX H100 datasheet: 2 TB system memory for 8 GPUs = 250 GB per GPU
+    host_bw 64e9 | {H100}: PCIe Gen5 x16 128 GB/s total, i.e. 64 GB/s per direction
 h100-pcie: H100 PCIe 80GB, 8 per server on PCIe Gen5 (no NVLink bridge)
     peak_flops 756e12 | {H100}: H100 PCIe BF16 Tensor Core 1,513 TFLOPS with sparsity, 756 dense
     memory_bytes 80e9 | {H100}: H100 PCIe 80GB HBM2e
     intra_node_bw 64e9 | {H100}: PCIe Gen5 128 GB/s total, i.e. 64 GB/s per direction
     gpus_per_node 8 | assumption: an 8-GPU PCIe server
     inter_node_bw 25e9 | assumption: one 400 Gb/s NIC per two GPUs, as in many PCIe servers: 25 GB/s per GPU
+    host_memory_bytes 125e9 | assumption: a 1 TB 8-GPU PCIe server (no vendor reference system) = 125 GB per GPU
+    host_bw 64e9 | {H100}: PCIe Gen5 128 GB/s total, i.e. 64 GB/s per direction
 h100-multinode: H100 SXM5 nodes of 8 on NVLink 4, one 400 Gb/s NIC per GPU between nodes (= h100-nvlink, older name)
     peak_flops 989e12 | {H100}: H100 SXM BF16 Tensor Core 989 TFLOPS dense
     memory_bytes 80e9 | {H100}: H100 SXM 80GB HBM3
     intra_node_bw 450e9 | {H100}: NVLink 900 GB/s total, i.e. 450 GB/s per direction
     gpus_per_node 8 | NVIDIA DGX H100 datasheet: 8x H100 SXM per node
     inter_node_bw 50e9 | NVIDIA DGX H100 datasheet: 8x ConnectX-7 400 Gb/s (one per GPU) = 50 GB/s per direction per GPU
+    host_memory_bytes 250e9 | NVIDIA DGX H100 datasheet: 2 TB system memory for 8 GPUs = 250 GB per GPU
+    host_bw 64e9 | {H100}: PCIe Gen5 x16 128 GB/s total, i.e. 64 GB/s per direction
 """
 
 
