@@ -4,13 +4,16 @@ The reference composition (Hugging Face's: upcast, ``x * rsqrt(mean(x^2) + eps)`
 weight) leaves autograd holding an fp32 copy of the input, the fp32 normalised input and the 16-bit one:
 ``(4 + 4 + 2) x d`` bytes per token in bf16, where backward needs only the input and one fp32 number per
 token. Backward recomputes the normalised input from those, in at least fp32, and rounds where forward
-did, so the gradients equal the composition's to fp32 rounding.
+did, so the gradients equal the composition's to fp32 rounding; it works through ``layout.RMSNORM_CHUNK_ROWS`` tokens
+at a time, so its fp32 temporaries stay small at any sequence length.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import layout
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -25,20 +28,33 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, r = ctx.saved_tensors
-        compute = r.dtype
-        x_hat = x.to(compute) * r  # the normalised input, recomputed
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # d/dw of w * round(x_hat): summed over every token, in the weight's dtype as autograd would.
-            grad_w = (grad * x_hat.to(x.dtype)).sum(dim=tuple(range(grad.dim() - 1))).to(weight.dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # The gradient reaches the normalised input in the input's dtype (forward rounded it there).
-            g = (grad * weight).to(x.dtype).to(compute)
-            # d/dx of x * r with r = (mean(x^2) + eps)^-1/2: r * (g - x_hat * mean(g * x_hat)).
-            dot = (g * x_hat).mean(-1, keepdim=True)
-            grad_x = g.sub_(x_hat.mul_(dot)).mul_(r).to(x.dtype)
-        return grad_x, grad_w, None
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = torch.empty_like(x) if need_x else None
+        # d/dw of w * round(x_hat), summed over every token: chunk sums added in fp32, rounded once.
+        grad_w = torch.zeros(x.shape[-1], dtype=r.dtype, device=x.device) if need_w else None
+        # Chunks of the token dim (-2) across the leading dims: slices, never copies of a strided gradient.
+        tokens = layout.norm_chunk_tokens(x.shape)
+        for a in range(0, x.shape[-2] if x.dim() > 1 else 1, tokens):
+            t = (..., slice(a, a + tokens), slice(None)) if x.dim() > 1 else (...,)
+            _chunk_backward(x[t], r[t], grad[t], weight, grad_x[t] if need_x else None, grad_w)
+        return grad_x, grad_w.to(weight.dtype) if need_w else None, None
+
+
+def _chunk_backward(x, r, grad, weight, grad_x, grad_w) -> None:
+    """Write one chunk's input gradient into ``grad_x`` and add its weight gradient to ``grad_w`` (fp32).
+
+    A function of its own so that its fp32 temporaries are freed on return, before the next chunk's exist.
+    """
+    compute = r.dtype
+    x_hat = x.to(compute) * r  # the normalised input, recomputed
+    if grad_w is not None:
+        grad_w += (grad * x_hat.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0, dtype=compute)
+    if grad_x is not None:
+        # The gradient reaches the normalised input in the input's dtype (forward rounded it there).
+        g = (grad * weight).to(x.dtype).to(compute)
+        # d/dx of x * r with r = (mean(x^2) + eps)^-1/2: r * (g - x_hat * mean(g * x_hat)).
+        dot = (g * x_hat).mean(-1, keepdim=True)
+        grad_x.copy_(g.sub_(x_hat.mul_(dot)).mul_(r))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

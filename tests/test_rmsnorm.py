@@ -5,6 +5,7 @@ holds two fp32 tensors of its width at a time."""
 import pytest
 import torch
 
+from odysseus import layout
 from odysseus.memtrack import MemoryTracker
 from odysseus.reference import RMSNorm
 from odysseus.rmsnorm import FusedRMSNorm, rms_norm
@@ -91,3 +92,52 @@ def test_swiglu_backward_holds_twelve_bytes_per_element(dtype):
     # bf16: sigmoid and d_gate's fp32 accumulator, with the two 16-bit gradients; fp32: sigmoid and the two
     # gradients. A plain fp32 recomputation (upcast copies, silu, sigmoid, the terms) holds 32 bytes.
     assert mem.peak_bytes == 12 * n, (mem.peak_bytes / n, mem.peak_op)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10**6])
+def test_fused_rmsnorm_backward_in_chunks_of_tokens_numerics(monkeypatch, chunk):
+    """Chunked backward (any chunk, batch 3 x 61 tokens, uneven last chunk): fp64 gradcheck, and bf16 gradients
+    equal to the composition's."""
+    monkeypatch.setattr(layout, "RMSNORM_CHUNK_ROWS", chunk)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 61, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = (0.5 + torch.rand(5, dtype=torch.float64, generator=g)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-3), (x, w))
+    ref, fused, xb, dy = _pair(torch.bfloat16, torch.float32)
+    (_, gx_ref, gw_ref), (_, gx, gw) = _grads(ref, xb, dy), _grads(fused, xb, dy)
+    for a, b in ((gx, gx_ref), (gw, gw_ref)):
+        assert ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() <= 1e-2
+
+
+def test_fused_rmsnorm_backward_gradient_through_a_strided_view_numerics(monkeypatch):
+    """A sequence-major gradient (what the overlap ops return) is sliced, not copied, and gives the same grads."""
+    monkeypatch.setattr(layout, "RMSNORM_CHUNK_ROWS", 20)
+    _, fused, x, dy = _pair(torch.float32, torch.float32)
+    strided = dy.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous()
+    (_, gx, gw), (_, gx_s, gw_s) = _grads(fused, x, dy), _grads(fused, x, strided)
+    assert torch.allclose(gx, gx_s, rtol=1e-6, atol=1e-7) and torch.allclose(gw, gw_s, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [16, 10**6])
+def test_fused_rmsnorm_backward_peak_is_the_plans_form(monkeypatch, chunk):
+    """Measured with the live-bytes tracker against odysseus.plan.memory.norm_backward_bytes: the input
+    gradient, the fp32 weight gradient and one chunk's three fp32 tensors and per-token mean."""
+    import odysseus
+    from odysseus.plan import Case
+    from odysseus.plan.memory import norm_backward_bytes
+
+    monkeypatch.setattr(layout, "RMSNORM_CHUNK_ROWS", chunk)
+    B, T, d = 2, 61, 96
+    x = torch.randn(B, T, d, dtype=torch.bfloat16, requires_grad=True)
+    norm = FusedRMSNorm(d).to(torch.bfloat16)
+    y = norm(x)
+    dy = torch.randn_like(y)
+    with MemoryTracker() as mem:
+        y.backward(dy)
+    cfg = odysseus.TransformerConfig(hidden_size=d, num_heads=6, num_kv_heads=2, intermediate_size=160)
+    form = norm_backward_bytes(Case("tp", cfg, B, T, 1, 0, 2))
+    made = d * 2  # the weight's bf16 gradient, made at the end while the fp32 sum lives
+    assert mem.peak_bytes == max(form, B * T * d * 2 + d * 4 + made), (mem.peak_bytes, form, mem.peak_op)
+    if chunk == 16:
+        assert mem.peak_bytes < 3 * 4 * B * T * d  # below one whole fp32 pass over the input

@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recompute", default="auto", choices=("auto", "never", "always"))
     p.add_argument(
         "--save-input",
-        default="gathered",
+        default="auto",
         choices=("gathered", "shard", "auto"),
         help="what TP-SP/Odysseus all-gather⊗GEMMs keep for backward: the gathered input, only this rank's "
-        "shard (re-gathered in backward), or auto (gathered where it fits, else shard)",
+        "shard (re-gathered in backward), or auto (default: gathered where it fits, else shard, both tried "
+        "before recomputation; the library's default is gathered)",
     )
     p.add_argument("--ring-tokens", type=int, help="save_input=shard: tokens per streamed piece (default L_r/4)")
     p.add_argument("--ring-slots", type=int, default=2, help="save_input=shard: pieces in flight")

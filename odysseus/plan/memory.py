@@ -10,9 +10,11 @@ transients, derived from the modules:
 
 - **SwiGLU backward** (``odysseus.swiglu``): the fp32 sigmoid, the gate's gradient built in fp32 and both
   16-bit gradients, 12 bytes per FFN element.
-- **RMSNorm backward** (``odysseus.rmsnorm``): three fp32 tensors of the norm's input size (the recomputed
-  normalised input, the gradient, their product) and the weight's gradient. The input norm keeps the
-  block's input itself, which is not new memory.
+- **RMSNorm backward** (``odysseus.rmsnorm``): the 16-bit input gradient, the fp32 weight gradient and, for
+  one chunk of tokens at a time, three fp32 tensors (the recomputed normalised input, the gradient, their
+  product). The input norm keeps the block's input itself, which is not new memory.
+- **output GEMM backward/forward** (TP-SP, Odysseus): the output gradient gathered beside the input
+  gradient; TP-SP's FFN forward partial sums before the reduce-scatter (naive, pipelined without a ring).
 - **input GEMM backward**, ``save_input="shard"``: the re-gather's receive slots and the weight gradient
   accumulated in fp32 (a 16-bit and an fp32 copy of each piece's product, and the fp32 sum).
 - **FFN forward under ZeRO-3**: FSDP2's all-gather buffer and the unsharded FFN weights with the FFN's
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import HeadSplit, shard_sizes
+from ..layout import HeadSplit, norm_chunk_tokens, shard_sizes
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
@@ -148,11 +150,12 @@ def swiglu_backward_bytes(case: Case) -> int:
 
 
 def norm_backward_bytes(case: Case) -> int:
-    """Most bytes the fused RMSNorm's backward (``odysseus.rmsnorm``) adds at once: the recomputed fp32
-    normalised input, the fp32 gradient being built, the fp32 product whose per-token mean it needs (and
-    that mean), and the norm's weight gradient, made first."""
+    """Most bytes the fused RMSNorm's backward (``odysseus.rmsnorm``) adds at once: the input gradient and
+    the fp32 weight gradient, allocated first, and one chunk's (``layout.RMSNORM_CHUNK_ROWS`` rows) recomputed fp32
+    normalised input, fp32 gradient being built, fp32 product whose per-token mean it needs, and that mean."""
     rows, d = norm_rows(case), case.config.hidden_size
-    return 3 * FP32 * rows * d + FP32 * rows + d * case.dtype_bytes
+    chunk = case.batch * norm_chunk_tokens((case.batch, rows // case.batch, d))
+    return rows * d * case.dtype_bytes + FP32 * d + 3 * FP32 * chunk * d + FP32 * chunk
 
 
 def ring_slot_bytes(case: Case, width: int) -> int:
