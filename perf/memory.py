@@ -44,13 +44,13 @@ from odysseus.plan import (
     saved_activation_bytes,
     symm_workspace_bytes,
 )
-from odysseus.plan.memory import ring_slot_bytes
+from odysseus.plan.overlap_memory import ring_slot_bytes
 from odysseus.reference import TransformerBlock, init_weights
 from odysseus.strategies.registry import VARIANTS
 
 MODES = ("gathered", "shard")
 BACKENDS = ("pipelined", "naive")
-"""The CPU backends measured (symm's terms come from its code: ``odysseus.plan.memory.symm_workspace_bytes``)."""
+"""The CPU backends measured (symm's terms come from its code: ``plan.overlap_memory.symm_workspace_bytes``)."""
 TOLERANCE = 0.05
 """Largest relative difference between a measured peak and ``block_peak``."""
 LONG_SHAPE = (dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=172), 1, 253)

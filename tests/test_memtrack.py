@@ -15,7 +15,7 @@ from odysseus.comm import shard_sizes
 from odysseus.memtrack import MemoryTracker, step_memory
 from odysseus.overlap import Ring, ag_matmul
 from odysseus.plan import Case, block_peak, saved_activation_bytes
-from odysseus.plan.memory import gather_held_bytes
+from odysseus.plan.overlap_memory import gather_held_bytes
 from odysseus.reference import TransformerBlock, init_weights
 from odysseus.strategies.registry import VARIANTS
 

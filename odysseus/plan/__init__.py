@@ -24,7 +24,8 @@ from .forms import (
 )
 from .longseq import LongSeq, StackPeak, longseq_cost, stack_peak
 from .max_seq import MaxSeq, max_seq
-from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts, symm_workspace_bytes
+from .memory import Peak, block_peak, kept_input_bytes, saved_activation_bytes, saved_parts
+from .overlap_memory import symm_workspace_bytes
 from .predict import Prediction, memory_bytes, predict
 from .presets import HARDWARE, MODELS, Assumptions, Hardware, Model, get_hardware, get_model
 

@@ -24,7 +24,7 @@ transients, derived from the modules:
 
 The backend enters through its gathers: ``naive`` gathers a whole input at once, ``pipelined`` streams it
 through the ring's slots; ``symm`` stages a rank's chunk in a persistent symmetric workspace and receives
-reduce-scatter partials in slots for every source (:func:`symm_workspace_bytes`, once per process group).
+reduce-scatter partials in slots for every source (``odysseus.plan.overlap_memory``).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ from ..layout import HeadSplit, norm_chunk_tokens, shard_sizes
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
-
-FP32 = 4
+from .overlap_memory import FP32, input_gemm_backward, output_gemm_backward, output_gemm_forward
 
 
 def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
@@ -158,45 +157,6 @@ def norm_backward_bytes(case: Case) -> int:
     return rows * d * case.dtype_bytes + FP32 * d + 3 * FP32 * chunk * d + FP32 * chunk
 
 
-def ring_slot_bytes(case: Case, width: int) -> int:
-    """The receive slots of one streamed gather of a ``width``-wide input (``save_input="shard"``):
-    ``min(slots, pieces) x tokens x B x width``, whatever the sequence length."""
-    sizes, rank, tokens = shard_sizes(case.seq, case.world), case.rank, case.piece_tokens()
-    pieces = sum(-(-n // tokens) for j, n in enumerate(sizes) if j != rank)
-    return max(1, min(case.ring_slots, pieces)) * tokens * case.batch * width * case.dtype_bytes
-
-
-def gather_held_bytes(case: Case, width: int, backend: str) -> tuple[int, int]:
-    """(while consumed, at the call) bytes of one gather of a ``width``-wide sequence-split input in
-    ``"shard"`` mode. pipelined and symm stream it through the ring's slots (pipelined also makes a
-    sequence-major copy of this rank's shard when ``B > 1``); naive gathers it whole in one collective,
-    padded to the largest shard, trimmed where the shards are uneven (the padded copies live during the call)."""
-    B, e, sizes = case.batch, case.dtype_bytes, shard_sizes(case.seq, case.world)
-    row = B * width * e
-    if backend != "naive":
-        held = ring_slot_bytes(case, width) + (case.shape.tokens * row if B > 1 and backend == "pipelined" else 0)
-        return held, held
-    m, mine = max(sizes), sizes[case.rank]
-    own = m if mine != m else (mine if B > 1 else 0)  # this rank's rows padded, or made contiguous
-    call = (case.world * m + (case.seq if len(set(sizes)) > 1 else 0) + own) * row
-    return case.seq * row, call
-
-
-def symm_workspace_bytes(case: Case) -> int:
-    """The symm backend's persistent symmetric workspaces for one process group (allocated once, shared by
-    every block and op of the group, grown to a power of two): the all-gather stage holds this rank's
-    largest chunk ``(L_r, B, d)``; the reduce-scatter receive buffer holds one slot per source rank
-    ``N x L_r x B x d``, rows and columns padded to 16 bytes. From ``odysseus.overlap.symm.reserve``."""
-    B, d, e, m = case.batch, case.config.hidden_size, case.dtype_bytes, max(shard_sizes(case.seq, case.world))
-    step = 16 // e
-    rows, cols = -(-m * B // step) * step, -(-d // step) * step
-
-    def grown(numel: int) -> int:
-        return 1 << max(numel - 1, 1).bit_length()
-
-    return (grown(m * B * d) + grown(case.world * rows * cols)) * e
-
-
 # --- the peak ------------------------------------------------------------------------------------------
 
 
@@ -244,48 +204,6 @@ def sync_bytes(case: Case) -> int:
     return (padded + flat) * case.dtype_bytes
 
 
-def _input_gemm_backward(case: Case, backend: str, width: int) -> int:
-    """Transient of an all-gather⊗GEMM's backward with ``save_input="shard"`` for a ``width``-column weight:
-    the re-gathered input held while the weight gradient accumulates in fp32 (each piece's product in 16
-    bits and in fp32, and the running fp32 sum; naive gathers one piece, so there is no running sum), or the
-    gather call's own copies."""
-    d, e = case.config.hidden_size, case.dtype_bytes
-    w = d * width
-    held, call = gather_held_bytes(case, d, backend)
-    return max(call, held + (e + (1 if backend == "naive" else 2) * FP32) * w)
-
-
-def _output_gemm_backward(case: Case, backend: str, width: int) -> int:
-    """Transient of a GEMM⊗reduce-scatter's backward for a ``width``-row weight: the input gradient
-    ``(B, L, width)`` beside the output gradient gathered, streamed with ``save_input="shard"`` (the weight
-    gradient accumulated as in :func:`_input_gemm_backward`), whole with ``"gathered"`` (an all-gather⊗GEMM
-    that returns it, then one product for the weight gradient)."""
-    dx = case.batch * case.seq * width * case.dtype_bytes
-    if case.save_input == "shard":
-        return dx + _input_gemm_backward(case, backend, width)
-    d = case.config.hidden_size
-    held, call = gather_held_bytes(case, d, backend)
-    if backend != "naive":  # the gathered gradient is received in place, into its own (B, L, d) buffer
-        held = call = case.batch * case.seq * d * case.dtype_bytes
-    return max(call, held + dx + case.dtype_bytes * d * width)
-
-
-def _output_gemm_forward(case: Case, backend: str) -> int:
-    """Transient of a GEMM⊗reduce-scatter's forward (``(B, L, d)`` partial sums reduced to ``(B, L_r, d)``):
-    naive makes the partials whole, a zero-padded copy where the shards are uneven, and the output;
-    pipelined without a ring receives one slot per source, keeps its sent partials until they are sent
-    and sums the slots in fp32. The ring (``save_input="shard"``) holds three chunks of partials, symm
-    sums in its persistent workspace: neither is a peak."""
-    B, d, e = case.batch, case.config.hidden_size, case.dtype_bytes
-    sizes, row = shard_sizes(case.seq, case.world), B * d * e
-    m, mine = max(sizes), sizes[case.rank]
-    if backend == "naive":
-        return (case.seq + (case.world * m if len(set(sizes)) > 1 else 0) + m) * row
-    if backend == "pipelined" and case.save_input != "shard":
-        return (case.world * mine + case.seq) * row + mine * B * d * FP32
-    return 0
-
-
 def block_peak(case: Case, backend: str = "pipelined") -> Peak:
     """The most bytes alive at once during one block's forward + backward + ``finalize_grads`` on
     ``case.rank``, beyond the weights, the input and the output's gradient (see the module docstring)."""
@@ -324,20 +242,20 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         )
     if ffn_split(case) and case.spec.ffn_comm == GATHER_SCATTER and case.save_input == "shard" and case.world > 1:
         resident = saved - rows * cols * e + d_down + B * case.shape.tokens * d * e
-        moments["FFN input GEMM backward"] = resident + _input_gemm_backward(case, backend, 2 * cols)
+        moments["FFN input GEMM backward"] = resident + input_gemm_backward(case, backend, 2 * cols)
     o_grad = 0
     shard = case.save_input == "shard" and case.world > 1
     if case.world > 1 and ffn_split(case) and case.spec.ffn_comm == GATHER_SCATTER:
         # Forward: every saved tensor exists, and the FFN's input shard too unless it is the one kept.
         shard_input = 0 if case.save_input == "shard" else B * case.shape.tokens * d * e
-        moments["FFN output GEMM forward"] = saved + shard_input + _output_gemm_forward(case, backend)
-        moments["FFN output GEMM backward"] = saved + _output_gemm_backward(case, backend, cols)
+        moments["FFN output GEMM forward"] = saved + shard_input + output_gemm_forward(case, backend)
+        moments["FFN output GEMM backward"] = saved + output_gemm_backward(case, backend, cols)
     if case.world > 1 and heads_split(case) and case.spec.attention_comm == GATHER_SCATTER:
         # After the FFN's and the post-attention norm's backward: their saved tensors released, their
         # gradients made, the residual's gradient in hand.
         resident = saved - parts["ffn"] - (parts["norm"] + x) + grads["ffn"] + grads["norms"] // 2 + n * e
         width = case.shape.q_heads * c.head_dim
-        moments["attention output GEMM backward"] = resident + _output_gemm_backward(case, backend, width)
+        moments["attention output GEMM backward"] = resident + output_gemm_backward(case, backend, width)
     if heads_split(case) and case.spec.attention_comm == GATHER_SCATTER and shard:
         # After the attention core's backward: the input norm's rsqrt, the QKV GEMM's kept shard and weight
         # copy, the gradients of the FFN, the other norm and o_proj, the QKV output's gradient (every token
@@ -346,7 +264,7 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         o_grad = grads["attention"] - d * width * e
         resident = parts["norm"] + input_rows(case, GATHER_SCATTER) * d * e + d * width * e
         resident += grads["ffn"] + grads["norms"] // 2 + o_grad + B * case.seq * width * e + 2 * n * e
-        moments["QKV input GEMM backward"] = resident + _input_gemm_backward(case, backend, width)
+        moments["QKV input GEMM backward"] = resident + input_gemm_backward(case, backend, width)
     made = {
         "SwiGLU backward": d_down,
         "post-attention norm backward": grads["ffn"] + grads["norms"] // 2,

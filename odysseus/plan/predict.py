@@ -19,7 +19,8 @@ from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
 from .forms import fsdp_gathered_numel, parameter_bytes
 from .longseq import LongSeq, stack_peak
-from .memory import kept_input_bytes, saved_activation_bytes, symm_workspace_bytes, sync_bytes
+from .memory import kept_input_bytes, saved_activation_bytes, sync_bytes
+from .overlap_memory import symm_workspace_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total", "host")
