@@ -117,6 +117,19 @@ def write_section(section: str, body: str, path: Path = RESULTS) -> None:
     os.replace(tmp, path)
 
 
+def peak_deviation(
+    where: str, measured: int, model: int, moment: str, op: str, tolerance: float, detail: str = ""
+) -> float:
+    """``model / measured - 1`` for a peak the closed forms predict; raise naming the case past ``tolerance``."""
+    dev = model / measured - 1
+    if abs(dev) > tolerance:
+        raise AssertionError(
+            f"{where}: measured peak {measured} bytes at {op}, closed form {model} ({moment}): {dev:+.1%} "
+            f"(tolerance {tolerance:.0%}){detail}"
+        )
+    return dev
+
+
 def parse_ints(text: str, what: str) -> list[int]:
     """``"2,4,8"`` -> ``[2, 4, 8]``; a clear error for anything else (sizes such as ``4K`` or ``64k`` allowed)."""
     out = []
