@@ -4,8 +4,8 @@ The reference composition (Hugging Face's: upcast, ``x * rsqrt(mean(x^2) + eps)`
 weight) leaves autograd holding an fp32 copy of the input, the fp32 normalised input and the 16-bit one:
 ``(4 + 4 + 2) x d`` bytes per token in bf16, where backward needs only the input and one fp32 number per
 token. Backward recomputes the normalised input from those, in at least fp32, and rounds where forward
-did, so the gradients equal the composition's to fp32 rounding; it works through ``layout.RMSNORM_CHUNK_ROWS`` tokens
-at a time, so its fp32 temporaries stay small at any sequence length.
+did, so the gradients equal the composition's to fp32 rounding. Forward and backward work through
+``layout.RMSNORM_CHUNK_ROWS`` rows at a time, so their fp32 temporaries stay small at any sequence length.
 """
 
 from __future__ import annotations
@@ -16,14 +16,25 @@ from torch import nn
 from . import layout
 
 
+def _token_chunks(x: torch.Tensor) -> list[tuple]:
+    """Index tuples of ``x``'s token dim (-2) in chunks of ``layout.norm_chunk_tokens`` tokens, across the
+    leading dims: slices, never copies of a strided tensor (one chunk for a 1-D input)."""
+    if x.dim() < 2:
+        return [(...,)]
+    tokens = layout.norm_chunk_tokens(x.shape)
+    return [(..., slice(a, a + tokens), slice(None)) for a in range(0, x.shape[-2], tokens)]
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         compute = torch.promote_types(x.dtype, torch.float32)
-        xc = x.to(compute)
-        r = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+        r = torch.empty((*x.shape[:-1], 1), dtype=compute, device=x.device)
+        for t in _token_chunks(x):
+            _chunk_forward(x[t], weight, eps, out[t], r[t])
         ctx.save_for_backward(x, weight, r)
-        return weight * (xc * r).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -32,12 +43,17 @@ class _RMSNorm(torch.autograd.Function):
         grad_x = torch.empty_like(x) if need_x else None
         # d/dw of w * round(x_hat), summed over every token: chunk sums added in fp32, rounded once.
         grad_w = torch.zeros(x.shape[-1], dtype=r.dtype, device=x.device) if need_w else None
-        # Chunks of the token dim (-2) across the leading dims: slices, never copies of a strided gradient.
-        tokens = layout.norm_chunk_tokens(x.shape)
-        for a in range(0, x.shape[-2] if x.dim() > 1 else 1, tokens):
-            t = (..., slice(a, a + tokens), slice(None)) if x.dim() > 1 else (...,)
+        for t in _token_chunks(x):
             _chunk_backward(x[t], r[t], grad[t], weight, grad_x[t] if need_x else None, grad_w)
         return grad_x, grad_w.to(weight.dtype) if need_w else None, None
+
+
+def _chunk_forward(x, weight, eps, out, r) -> None:
+    """One chunk of forward, the reference's ops in its order (so the values are bit for bit its): the
+    rsqrt into ``r``, ``weight * round(x * r)`` into ``out``; its fp32 temporaries are freed on return."""
+    xc = x.to(r.dtype)
+    r.copy_(torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps))
+    out.copy_(weight * (xc * r).to(x.dtype))
 
 
 def _chunk_backward(x, r, grad, weight, grad_x, grad_w) -> None:

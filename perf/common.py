@@ -7,6 +7,7 @@ or under ``torchrun``, where only ``perf/`` is on the path).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -115,6 +116,24 @@ def write_section(section: str, body: str, path: Path = RESULTS) -> None:
         f.write(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+NORM_CHUNK_ROWS = 16
+"""RMSNorm chunk (rows) while measuring peaks: smaller than a shard, as at the lengths the planner
+extrapolates to (``odysseus.layout.RMSNORM_CHUNK_ROWS`` is 4096), so that the chunked path is the one measured."""
+
+
+@contextlib.contextmanager
+def norm_chunks(rows: int):
+    """Run the fused RMSNorm (and the planner's form of its backward) in chunks of ``rows`` rows: forked
+    ranks inherit it; the previous value comes back for the extrapolation."""
+    from odysseus import layout
+
+    before, layout.RMSNORM_CHUNK_ROWS = layout.RMSNORM_CHUNK_ROWS, rows
+    try:
+        yield
+    finally:
+        layout.RMSNORM_CHUNK_ROWS = before
 
 
 def peak_deviation(

@@ -36,6 +36,7 @@ from odysseus.rmsnorm import FusedRMSNorm
 from odysseus.strategies.registry import VARIANTS
 
 TOLERANCE = 0.05
+NORM_CHUNK_ROWS = common.NORM_CHUNK_ROWS
 """Largest relative difference between a measured device peak and the closed form."""
 OPTIONS = [
     LongSeq(),
@@ -146,19 +147,26 @@ def verify(worlds: list[int], shapes: list, options: list[LongSeq] = OPTIONS) ->
     """Measure every option set and strategy at every world and shape; raise on a host term that differs or a
     device peak off by more than ``TOLERANCE``; return the cases checked and one row per case."""
     rows = []
-    for world in worlds:
-        for rank, got in enumerate(run_ranks(world, _measure, shapes, options, timeout=1800)):
-            for r in got:
-                cfg_kw, B, L, V, layers = shapes[r["shape"]]
-                case = Case(r["strategy"], odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2)
-                want = stack_peak(case, layers, V, r["options"], "pipelined")
-                where = f"{r['strategy']} at N={world}, rank {rank}, {r['options'].label()}, L={L}, B={B}"
-                if want.host != r["host"]:
-                    raise AssertionError(f"{where}: host bytes {r['host']}, closed form {want.host}")
-                detail = f"\n{want.moments}"
-                dev = common.peak_deviation(where, r["peak"], want.bytes, want.moment, r["op"], TOLERANCE, detail)
-                rows.append(dict(r, world=world, rank=rank, model=want.bytes, moment=want.moment, dev=dev))
+    with common.norm_chunks(NORM_CHUNK_ROWS):
+        for world in worlds:
+            rows += _verify_world(world, shapes, options)
     return len(rows), rows
+
+
+def _verify_world(world: int, shapes: list, options: list[LongSeq]) -> list[dict]:
+    rows = []
+    for rank, got in enumerate(run_ranks(world, _measure, shapes, options, timeout=1800)):
+        for r in got:
+            cfg_kw, B, L, V, layers = shapes[r["shape"]]
+            case = Case(r["strategy"], odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2)
+            want = stack_peak(case, layers, V, r["options"], "pipelined")
+            where = f"{r['strategy']} at N={world}, rank {rank}, {r['options'].label()}, L={L}, B={B}"
+            if want.host != r["host"]:
+                raise AssertionError(f"{where}: host bytes {r['host']}, closed form {want.host}")
+            detail = f"\n{want.moments}"
+            dev = common.peak_deviation(where, r["peak"], want.bytes, want.moment, r["op"], TOLERANCE, detail)
+            rows.append(dict(r, world=world, rank=rank, model=want.bytes, moment=want.moment, dev=dev))
+    return rows
 
 
 def deviation_table(rows: list[dict]) -> str:
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> str:
             f"`{common.command_line()}` — {common.today()} — {common.machine()}",
             "",
             f"Checked first: {checked} (strategy, options, rank) cases at N = {worlds}, bf16, a stack of blocks + "
-            "final norm + LM head and loss (odd shapes: hidden 96, 6 heads, 2 kv heads, 61 tokens, vocabulary 251). "
+            "final norm + LM head and loss (odd shapes: hidden 96, 6 heads, 2 kv heads, 61 tokens, vocabulary 251; "
+            f"RMSNorm forward and backward in chunks of {NORM_CHUNK_ROWS} rows, as long shards run it). "
             "The device peak measured by `odysseus.memtrack.MemoryTracker` matched `odysseus.plan.stack_peak` within "
             f"{worst:.2%} (tolerance {TOLERANCE:.0%}); offloaded bytes (host) matched exactly:",
             "",

@@ -113,23 +113,24 @@ def verify(worlds: list[int], shapes: list) -> tuple[int, list[dict]]:
     """Measure every strategy, mode and CPU backend at every world and shape. Raise on any difference in the
     exact forms or a peak off by more than ``TOLERANCE``; return the cases checked and one row per peak."""
     checked, rows = 0, []
-    for world in worlds:
-        for rank, cases in enumerate(run_ranks(world, _measure, shapes, timeout=1800)):
-            for got in cases:
-                cfg_kw, B, L = shapes[got["shape"]]
-                s, mode = got["strategy"], got["mode"]
-                case = Case(s, odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2, save_input=mode)
-                want = parameter_bytes(case)
-                if got["saved"] is not None:
-                    want["saved"] = saved_activation_bytes(case)
-                measured = {k: got[k] for k in want}
-                where = f"{s} at N={world}, rank {rank}, {mode}/{got['backend']}, shape {cfg_kw}, B={B}, L={L}"
-                if measured != want:
-                    raise AssertionError(f"{where}: measured {measured}, closed form {want}")
-                peak = block_peak(case, got["backend"])
-                dev = common.peak_deviation(where, got["peak"], peak.bytes, peak.moment, got["peak_op"], TOLERANCE)
-                rows.append(dict(got, world=world, rank=rank, model=peak.bytes, moment=peak.moment, dev=dev))
-                checked += 1
+    with common.norm_chunks(common.NORM_CHUNK_ROWS):  # the chunked RMSNorm backward, as long shards run it
+        for world in worlds:
+            for rank, cases in enumerate(run_ranks(world, _measure, shapes, timeout=1800)):
+                for got in cases:
+                    cfg_kw, B, L = shapes[got["shape"]]
+                    s, mode = got["strategy"], got["mode"]
+                    case = Case(s, odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2, save_input=mode)
+                    want = parameter_bytes(case)
+                    if got["saved"] is not None:
+                        want["saved"] = saved_activation_bytes(case)
+                    measured = {k: got[k] for k in want}
+                    where = f"{s} at N={world}, rank {rank}, {mode}/{got['backend']}, shape {cfg_kw}, B={B}, L={L}"
+                    if measured != want:
+                        raise AssertionError(f"{where}: measured {measured}, closed form {want}")
+                    peak = block_peak(case, got["backend"])
+                    dev = common.peak_deviation(where, got["peak"], peak.bytes, peak.moment, got["peak_op"], TOLERANCE)
+                    rows.append(dict(got, world=world, rank=rank, model=peak.bytes, moment=peak.moment, dev=dev))
+                    checked += 1
     return checked, rows
 
 
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> str:
             f"`{common.command_line()}` — {common.today()} — {common.machine()}",
             "",
             f"Checked first: {checked} (strategy, save_input, CPU backend, shape, rank) cases at N = "
-            f"{check_worlds} on {len(shapes)} small bf16 shapes. Saved activations (SavedActivations), "
+            f"{check_worlds} on {len(shapes)} small bf16 shapes (RMSNorm forward and backward in chunks of "
+            f"{common.NORM_CHUNK_ROWS} rows, as long shards run it). Saved activations (SavedActivations), "
             "parameter, gradient and AdamW-state storage matched the closed forms exactly; the peak of forward + "
             "backward + `finalize_grads` (`odysseus.memtrack.MemoryTracker`, beyond the weights, the input and "
             "the output's gradient) matched `odysseus.plan.block_peak` within "

@@ -96,15 +96,16 @@ def test_swiglu_backward_holds_twelve_bytes_per_element(dtype):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10**6])
 def test_fused_rmsnorm_backward_in_chunks_of_tokens_numerics(monkeypatch, chunk):
-    """Chunked backward (any chunk, batch 3 x 61 tokens, uneven last chunk): fp64 gradcheck, and bf16 gradients
-    equal to the composition's."""
+    """Chunked forward and backward (any chunk, batch 3 x 61 tokens, uneven last chunk): fp64 gradcheck, bf16
+    values bit for bit and gradients equal to the composition's."""
     monkeypatch.setattr(layout, "RMSNORM_CHUNK_ROWS", chunk)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 61, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = (0.5 + torch.rand(5, dtype=torch.float64, generator=g)).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, w: rms_norm(x, w, 1e-3), (x, w))
     ref, fused, xb, dy = _pair(torch.bfloat16, torch.float32)
-    (_, gx_ref, gw_ref), (_, gx, gw) = _grads(ref, xb, dy), _grads(fused, xb, dy)
+    (y_ref, gx_ref, gw_ref), (y, gx, gw) = _grads(ref, xb, dy), _grads(fused, xb, dy)
+    assert torch.equal(y, y_ref)  # forward in chunks: still the composition's values bit for bit
     for a, b in ((gx, gx_ref), (gw, gw_ref)):
         assert ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() <= 1e-2
 
@@ -141,3 +142,18 @@ def test_fused_rmsnorm_backward_peak_is_the_plans_form(monkeypatch, chunk):
     assert mem.peak_bytes == max(form, B * T * d * 2 + d * 4 + made), (mem.peak_bytes, form, mem.peak_op)
     if chunk == 16:
         assert mem.peak_bytes < 3 * 4 * B * T * d  # below one whole fp32 pass over the input
+
+
+def test_fused_rmsnorm_forward_holds_one_chunk_of_fp32(monkeypatch):
+    """Forward allocates its output and the fp32 rsqrt, and fp32 temporaries of one chunk only: a whole-input
+    fp32 pass (the composition's upcast, 4 bytes per element) is more than it ever adds."""
+    monkeypatch.setattr(layout, "RMSNORM_CHUNK_ROWS", 16)
+    B, T, d = 2, 61, 96
+    x = torch.randn(B, T, d, dtype=torch.bfloat16)
+    norm = FusedRMSNorm(d).to(torch.bfloat16)
+    with torch.no_grad(), MemoryTracker() as mem:
+        y = norm(x)
+    out, rsqrt = B * T * d * 2, B * T * 4
+    chunk_fp32 = 3 * 4 * 16 * d  # the upcast, its square, the normalised input (16 rows = 8 tokens x 2)
+    assert out + rsqrt <= mem.peak_bytes <= out + rsqrt + chunk_fp32, mem.peak_bytes
+    assert mem.peak_bytes < out + B * T * d * 4 and y.shape == x.shape
