@@ -73,6 +73,19 @@ def _check_batch(t: torch.Tensor, labels: torch.Tensor, what: str, last: str) ->
         )
 
 
+def _prepare(
+    t: torch.Tensor, labels: torch.Tensor, group, ignore_index: int, who: str, what: str, last: str
+) -> tuple[Mesh, torch.Tensor, torch.Tensor]:
+    """(mesh, labels on ``t``'s device, this rank's shifted targets) for a loss over ``t`` ``(batch, seq_local,
+    last)``; a missing group is refused where a model of this process runs over a 2-D mesh."""
+    if group is None:
+        check_default_group(who)
+    mesh = resolve_mesh(group)
+    labels = labels.to(t.device)
+    _check_batch(t, labels, what, last)
+    return mesh, labels, _targets(t.shape[1], labels, mesh.sp, ignore_index, what)
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
     """Next-token cross-entropy, as this rank's term of the global mean loss (fp32 scalar).
 
@@ -90,13 +103,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignor
     all-reduce of an int over ``dp``, so call it on every rank): the sum of the returned terms over every rank
     of the mesh is the mean loss of the unsplit model on the replicas' batches concatenated.
     """
-    if group is None:
-        check_default_group("causal_lm_loss")
-    mesh = resolve_mesh(group)
-    pg = mesh.sp
-    labels = labels.to(logits.device)
-    _check_batch(logits, labels, "logits", "vocab")
-    targets = _targets(logits.shape[1], labels, pg, ignore_index, "logits")
+    mesh, labels, targets = _prepare(logits, labels, group, ignore_index, "causal_lm_loss", "logits", "vocab")
     # fp32 logits, as Hugging Face's loss: bf16 log-softmax over a large vocabulary loses the small terms.
     total = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index, reduction="sum")
     return total / _count(labels, ignore_index, mesh)
@@ -120,13 +127,7 @@ def lm_head_loss(
     ``(batch, seq, hidden)`` for ``"tp"``; ``head``: the model's LM head (``model.get_output_embeddings()``);
     ``labels: (batch, seq)`` as for :func:`causal_lm_loss`, whose loss and gradients this equals.
     """
-    if group is None:
-        check_default_group("lm_head_loss")
-    mesh = resolve_mesh(group)
-    pg = mesh.sp
-    labels = labels.to(hidden.device)
-    _check_batch(hidden, labels, "hidden states", "hidden")
-    targets = _targets(hidden.shape[1], labels, pg, ignore_index, "hidden states")
+    mesh, labels, targets = _prepare(hidden, labels, group, ignore_index, "lm_head_loss", "hidden states", "hidden")
     total = linear_cross_entropy(
         hidden, head.weight, targets, head.bias, chunk=chunk, ignore_index=ignore_index, impl=impl
     )
