@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import odysseus
-from odysseus import STRATEGIES, TransformerConfig, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
+from odysseus import STRATEGIES, TransformerConfig, dense_state_dict, finalize_grads
 from odysseus.integrations.hf import (
     causal_lm_loss,
     finalize_model_grads,
@@ -155,14 +155,9 @@ def _given_positions(rank, world, strategy, kind):
     y_hf.backward(gy.double())
 
     xp = x.clone().requires_grad_()
-    if strategy == "tp":
-        y = par(xp, pos)
-        (y * gy).sum().backward()
-        full = y.detach()
-    else:
-        y = par(shard_sequence(xp), shard_sequence(pos))
-        (y * shard_sequence(gy)).sum().backward()
-        full = gather_sequence(y.detach())
+    y = par(local_input(strategy, xp), local_input(strategy, pos))
+    (y * local_input(strategy, gy)).sum().backward()
+    full = whole_output(strategy, y.detach())
     finalize_grads(par)
     what = f"{strategy}, {kind} positions"
     assert_close(full, y_hf, **TOL, what=f"{what}: output")
@@ -285,14 +280,9 @@ def _bidirectional(rank, world):
     for strategy in STRATEGIES:
         par = odysseus.parallelize(block, strategy)
         xp = x.clone().requires_grad_()
-        if strategy == "tp":
-            y = par(xp)
-            (y * gy).sum().backward()
-            full = y.detach()
-        else:
-            y = par(shard_sequence(xp))
-            (y * shard_sequence(gy)).sum().backward()
-            full = gather_sequence(y.detach())
+        y = par(local_input(strategy, xp))
+        (y * local_input(strategy, gy)).sum().backward()
+        full = whole_output(strategy, y.detach())
         finalize_grads(par)
         check(strategy, full, xp.grad, dense_state_dict(par, grad=True))
     return True

@@ -19,7 +19,7 @@ from test_hf_models import build, family_config
 from transformers import LlamaConfig, LlamaModel
 
 import odysseus
-from odysseus import STRATEGIES, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
+from odysseus import STRATEGIES, dense_state_dict, finalize_grads, shard_sequence
 from odysseus.integrations.hf import causal_lm_loss, finalize_model_grads, global_loss, hf_state_dict, parallelize_llama
 from odysseus.packing import document_ids, document_mask, flex_documents, packed_attention
 
@@ -98,14 +98,9 @@ def _strategies(rank, world, causal):
         for strategy in STRATEGIES:
             par = odysseus.parallelize(module, strategy)
             xp = x.clone().requires_grad_()
-            if strategy == "tp":
-                y = par(xp, pos)
-                (y * gy).sum().backward()
-                full = y.detach()
-            else:
-                y = par(shard_sequence(xp), shard_sequence(pos))
-                (y * shard_sequence(gy)).sum().backward()
-                full = gather_sequence(y.detach())
+            y = par(local_input(strategy, xp), local_input(strategy, pos))
+            (y * local_input(strategy, gy)).sum().backward()
+            full = whole_output(strategy, y.detach())
             finalize_grads(par)
             name_ = f"{strategy} {what} at world {world}"
             assert_close(full, y_ref, **TOL, what=f"{name_}: output")
