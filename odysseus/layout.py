@@ -152,10 +152,8 @@ upcast and its square; over a whole long shard they would be the largest transie
 
 
 def norm_chunk_tokens(shape: tuple[int, ...]) -> int:
-    """Tokens of the token dim (-2) per fused-RMSNorm backward chunk of an input of ``shape``:
-    ``RMSNORM_CHUNK_ROWS`` rows in all, over the leading dims (one chunk for a 1-D input)."""
-    if len(shape) < 2:
-        return 1
+    """Tokens of the token dim (-2) per fused-RMSNorm chunk of an input of ``shape`` (at least 2-D):
+    ``RMSNORM_CHUNK_ROWS`` rows in all, over the leading dims."""
     lead = 1
     for n in shape[:-2]:
         lead *= n

@@ -36,7 +36,6 @@ from odysseus.rmsnorm import FusedRMSNorm
 from odysseus.strategies.registry import VARIANTS
 
 TOLERANCE = 0.05
-NORM_CHUNK_ROWS = common.NORM_CHUNK_ROWS
 """Largest relative difference between a measured device peak and the closed form."""
 OPTIONS = [
     LongSeq(),
@@ -147,7 +146,7 @@ def verify(worlds: list[int], shapes: list, options: list[LongSeq] = OPTIONS) ->
     """Measure every option set and strategy at every world and shape; raise on a host term that differs or a
     device peak off by more than ``TOLERANCE``; return the cases checked and one row per case."""
     rows = []
-    with common.norm_chunks(NORM_CHUNK_ROWS):
+    with common.norm_chunks(common.NORM_CHUNK_ROWS):
         for world in worlds:
             rows += _verify_world(world, shapes, options)
     return len(rows), rows
@@ -224,7 +223,7 @@ def main(argv: list[str] | None = None) -> str:
             "",
             f"Checked first: {checked} (strategy, options, rank) cases at N = {worlds}, bf16, a stack of blocks + "
             "final norm + LM head and loss (odd shapes: hidden 96, 6 heads, 2 kv heads, 61 tokens, vocabulary 251; "
-            f"RMSNorm forward and backward in chunks of {NORM_CHUNK_ROWS} rows, as long shards run it). "
+            f"RMSNorm forward and backward in chunks of {common.NORM_CHUNK_ROWS} rows, as long shards run it). "
             "The device peak measured by `odysseus.memtrack.MemoryTracker` matched `odysseus.plan.stack_peak` within "
             f"{worst:.2%} (tolerance {TOLERANCE:.0%}); offloaded bytes (host) matched exactly:",
             "",
