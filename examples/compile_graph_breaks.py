@@ -23,6 +23,7 @@ import odysseus
 from odysseus import TransformerConfig, shard_sequence
 from odysseus.launch import run_ranks
 from odysseus.reference import TransformerBlock, init_weights
+from odysseus.strategies import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(odysseus.__file__)))
 
@@ -100,7 +101,7 @@ def _breaks(rank: int, world: int, strategy: str, backend: str, kind: str) -> di
     else:
         compiled = torch.compile(module, backend=backend)
     for _ in range(2):
-        out = compiled(x if strategy == "tp" else shard_sequence(x))
+        out = compiled(shard_sequence(x) if registry.get(strategy).sequence_split else x)
         (out.logits if kind.startswith("llama") else out).sum().backward()
     for log in logs:
         log.removeHandler(handler)

@@ -58,6 +58,7 @@ from odysseus.integrations.hf import (
     parallelize_llama,
     save_pretrained,
 )
+from odysseus.strategies import registry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +178,7 @@ def train(args: argparse.Namespace) -> list[float]:
     data = Batches(args)
     model = build_model(args, data.vocab, device, mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    split = args.strategy != "tp"
+    split = registry.get(args.strategy).sequence_split  # "tp" takes the whole sequence on every rank
     losses: list[float] = []
     desc = f"{args.strategy} {args.dp}x{world // args.dp}"
     bar = tqdm(total=args.steps, disable=rank != 0, desc=desc, dynamic_ncols=True)

@@ -86,7 +86,7 @@ class TransformerConfig:
                 _require_positive_int(name, getattr(self, name))
         self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.rope_theta)
         if self.rope_scaling is not None:
-            from .rope import RopeFrequencies  # imports torch and transformers: only for scaled RoPE
+            from .ops.rope import RopeFrequencies  # imports torch and transformers: only for scaled RoPE
 
             RopeFrequencies.of(self)  # transformers validates the parameters; its error names the bad ones
 

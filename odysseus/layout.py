@@ -145,7 +145,7 @@ def all_reduce_bytes(numel: int, world: int, rank: int, elem_bytes: int) -> int:
 
 
 RMSNORM_CHUNK_ROWS = 4096
-"""Rows (tokens x batch) whose fp32 temporaries the fused RMSNorm (``odysseus.rmsnorm``) holds at once, in
+"""Rows (tokens x batch) whose fp32 temporaries the fused RMSNorm (``odysseus.ops.rmsnorm``) holds at once, in
 forward and backward. Backward needs three fp32 tensors of its rows (12 bytes per element), forward an fp32
 upcast and its square; over a whole long shard they would be the largest transient of a checkpointed layer
 (21 GB for Llama-3-8B at 435K tokens per rank), over a chunk they are 200 MB."""

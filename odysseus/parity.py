@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .comm import gather_sequence, shard_sequence
-from .state import dense_state_dict, finalize_grads
+from .training.state import dense_state_dict, finalize_grads
 
 
 @dataclass

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TransformerConfig
-from .packing import check_window, document_ids, document_mask
-from .rope import RopeFrequencies, apply_rope
+from .ops.packing import check_window, document_ids, document_mask
+from .ops.rope import RopeFrequencies, apply_rope
 from .validation import check_input, normalize_position_ids
 
 
@@ -51,7 +51,7 @@ class Attention(nn.Module):
         """``x: (batch, seq, hidden)``, ``position_ids: (batch or 1, seq)`` or ``(seq,)`` -> ``(batch, seq, hidden)``.
 
         ``position_ids`` defaults to ``0..seq-1``. They move RoPE, and a position 0 after a row's first token
-        starts a new document (packed sequences, :mod:`odysseus.packing`): no token attends across documents.
+        starts a new document (packed sequences, :mod:`odysseus.ops.packing`): no token attends across documents.
         Otherwise the causal mask follows token order.
         """
         c = self.config

@@ -6,7 +6,7 @@ loss, measured on CPU at small shapes, then the longest sequence per strategy, G
 
 What is measured: a stack of ``layers`` blocks (``odysseus.parallelize``), the final norm and the LM head +
 loss (``odysseus.integrations.loss.lm_head_loss`` chunked, or ``causal_lm_loss`` on full logits), forward and
-backward, by ``odysseus.memtrack.MemoryTracker``, beyond the weights and the stack's input, as a model's
+backward, by ``odysseus.training.memtrack.MemoryTracker``, beyond the weights and the stack's input, as a model's
 step sees it. Offload is replaced by a stand-in of ``torch.autograd.graph.save_on_cpu`` whose host copies the
 tracker does not see (their bytes are counted apart, as host memory) and whose copies back are new storages,
 as on a GPU. Both must equal :func:`odysseus.plan.longseq.stack_peak` within ``TOLERANCE`` (device) and
@@ -28,12 +28,12 @@ import odysseus
 from odysseus import shard_sequence
 from odysseus.integrations.hf import causal_lm_loss, lm_head_loss
 from odysseus.launch import run_ranks
-from odysseus.memtrack import MemoryTracker, settled_collectives
+from odysseus.ops.rmsnorm import FusedRMSNorm
 from odysseus.plan import Case, LongSeq, max_seq, stack_peak
 from odysseus.plan.max_seq import FFN_TILE, LOSS_CHUNK
 from odysseus.reference import TransformerBlock, init_weights
-from odysseus.rmsnorm import FusedRMSNorm
 from odysseus.strategies.registry import VARIANTS
+from odysseus.training.memtrack import MemoryTracker, settled_collectives
 
 TOLERANCE = 0.05
 """Largest relative difference between a measured device peak and the closed form."""
@@ -111,7 +111,7 @@ def _step(blocks, norm, head, x, labels, chunk) -> torch.Tensor:
 
 
 def _measure(rank: int, world: int, shapes: list, options: list[LongSeq]) -> list[dict]:
-    import odysseus.recompute as rc
+    import odysseus.ops.recompute as rc
 
     rc.torch.autograd.graph.save_on_cpu = HostOffload  # this forked rank only
     out = []
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> str:
             f"Checked first: {checked} (strategy, options, rank) cases at N = {worlds}, bf16, a stack of blocks + "
             "final norm + LM head and loss (odd shapes: hidden 96, 6 heads, 2 kv heads, 61 tokens, vocabulary 251; "
             f"RMSNorm forward and backward in chunks of {common.NORM_CHUNK_ROWS} rows, as long shards run it). "
-            "The device peak measured by `odysseus.memtrack.MemoryTracker` matched `odysseus.plan.stack_peak` within "
+            "The device peak measured by `odysseus.training.memtrack.MemoryTracker` matched "
+            "`odysseus.plan.stack_peak` within "
             f"{worst:.2%} (tolerance {TOLERANCE:.0%}); offloaded bytes (host) matched exactly:",
             "",
             deviation_table(rows),

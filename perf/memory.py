@@ -8,7 +8,7 @@ are extrapolated only once they match, on every rank:
 
 - activations: ``odysseus.profiling.SavedActivations`` over one bf16 forward, exactly equal to
   ``odysseus.plan.saved_activation_bytes``, for both ``save_input`` modes;
-- the peak: ``odysseus.memtrack.MemoryTracker`` (every tensor storage allocated and freed, custom ops
+- the peak: ``odysseus.training.memtrack.MemoryTracker`` (every tensor storage allocated and freed, custom ops
   followed inside) over forward + backward + ``finalize_grads``, beyond the weights, the input and the
   output's gradient, within 5% of ``odysseus.plan.block_peak``, for every strategy, ZeRO-3 on and off,
   ``save_input="gathered"`` and ``"shard"``, on the CPU backends ``pipelined`` and ``naive``;
@@ -33,7 +33,6 @@ import torch
 import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus.launch import run_ranks
-from odysseus.memtrack import step_memory
 from odysseus.plan import (
     MODELS,
     Case,
@@ -47,6 +46,7 @@ from odysseus.plan import (
 from odysseus.plan.overlap_memory import ring_slot_bytes
 from odysseus.reference import TransformerBlock, init_weights
 from odysseus.strategies.registry import VARIANTS
+from odysseus.training.memtrack import step_memory
 
 MODES = ("gathered", "shard")
 BACKENDS = ("pipelined", "naive")
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> str:
             f"{check_worlds} on {len(shapes)} small bf16 shapes (RMSNorm forward and backward in chunks of "
             f"{common.NORM_CHUNK_ROWS} rows, as long shards run it). Saved activations (SavedActivations), "
             "parameter, gradient and AdamW-state storage matched the closed forms exactly; the peak of forward + "
-            "backward + `finalize_grads` (`odysseus.memtrack.MemoryTracker`, beyond the weights, the input and "
+            "backward + `finalize_grads` (`odysseus.training.memtrack.MemoryTracker`, beyond the weights, the "
+            "input and "
             "the output's gradient) matched `odysseus.plan.block_peak` within "
             f"{max(abs(r['dev']) for r in rows):.2%} (tolerance {TOLERANCE:.0%}):",
             "",

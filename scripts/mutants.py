@@ -158,7 +158,7 @@ MUTANTS = [
     Mutant(
         "zero3-keeps-weights",
         "ZeRO-3 reshard: zero3 keeps the gathered weights from forward to backward",
-        "odysseus/state.py",
+        "odysseus/training/state.py",
         'fsdp_kwargs.setdefault("reshard_after_forward", True)',
         'fsdp_kwargs.setdefault("reshard_after_forward", False)',
         ("tests/test_zero3_numerics.py", "tests/test_plan.py"),
@@ -174,7 +174,7 @@ MUTANTS = [
     Mutant(
         "not-causal",
         "attention: the causal mask is dropped",
-        "odysseus/attention.py",
+        "odysseus/ops/attention.py",
         "is_causal=causal",
         "is_causal=False",
         ("tests/test_strategies_numerics.py", "-k", "block and odd"),
@@ -206,7 +206,7 @@ MUTANTS = [
     Mutant(
         "rope-scaling-ignored",
         "RoPE scaling: transformers' scaled frequencies are dropped for plain RoPE",
-        "odysseus/rope.py",
+        "odysseus/ops/rope.py",
         "if self.inv_freq is None:",
         "if True:",
         ("tests/test_hf_models.py", "-k", "family_parity and llama-3"),
@@ -214,7 +214,7 @@ MUTANTS = [
     Mutant(
         "clip-shared-rows",
         "clipping: rows several ranks hold (a kv head read by two ranks' query heads) count on each of them",
-        "odysseus/clip.py",
+        "odysseus/training/clip.py",
         "    return min(max(s, before), e) - s, e - s",
         "    return 0, e - s",
         ("tests/test_training_loop.py", "-k", "clip_grad_norm_is_the_dense_norm"),
@@ -230,7 +230,7 @@ MUTANTS = [
     Mutant(
         "loss-chunk-ignored-rows",
         "chunked loss: backward keeps the softmax gradient of tokens whose label is ignored",
-        "odysseus/chunked_loss.py",
+        "odysseus/ops/chunked_loss.py",
         "                d[~keep] = 0\n",
         "",
         ("tests/test_chunked_loss.py", "-k", "fp64_full_logits"),
@@ -238,7 +238,7 @@ MUTANTS = [
     Mutant(
         "loss-chunk-last-chunk",
         "chunked loss: forward skips the last partial chunk of tokens",
-        "odysseus/chunked_loss.py",
+        "odysseus/ops/chunked_loss.py",
         "            for s in range(0, hidden.shape[0], chunk):",
         "            for s in range(0, hidden.shape[0] - chunk + 1, chunk):",
         ("tests/test_chunked_loss.py", "-k", "fp64_full_logits"),
@@ -262,7 +262,7 @@ MUTANTS = [
     Mutant(
         "norm-chunk-ignored",
         "RMSNorm: forward and backward take the whole token dim in one chunk, whatever RMSNORM_CHUNK_ROWS says",
-        "odysseus/rmsnorm.py",
+        "odysseus/ops/rmsnorm.py",
         "    tokens = layout.norm_chunk_tokens(x.shape)\n",
         "    tokens = max(1, x.shape[-2])\n",
         ("tests/test_rmsnorm.py", "-k", "peak_is_the_plans_form or forward_holds"),
@@ -270,7 +270,7 @@ MUTANTS = [
     Mutant(
         "norm-chunk-weight-grad-last",
         "RMSNorm backward: each chunk overwrites the weight gradient instead of adding to it",
-        "odysseus/rmsnorm.py",
+        "odysseus/ops/rmsnorm.py",
         "        grad_w += (grad * x_hat",
         "        grad_w[:] = (grad * x_hat",
         ("tests/test_rmsnorm.py", "-k", "in_chunks"),
@@ -286,7 +286,7 @@ MUTANTS = [
     Mutant(
         "mesh-dp-sum-dropped",
         "2-D mesh: finalize_grads sums over sp but forgets the data-parallel replicas",
-        "odysseus/state.py",
+        "odysseus/training/state.py",
         "        _sum_over_replicas(module, mesh.dp)",
         "        pass",
         ("tests/test_mesh.py", "-k", "parity and device_mesh"),
@@ -294,7 +294,7 @@ MUTANTS = [
     Mutant(
         "mesh-hsdp-summed-twice",
         "2-D mesh: finalize_grads sums over dp the gradients FSDP2 already reduced (hybrid and full ZeRO-3)",
-        "odysseus/state.py",
+        "odysseus/training/state.py",
         "    return len(ranks & set(dist.get_process_group_ranks(dp))) > 1",
         "    return False",
         ("tests/test_mesh.py", "-k", "parity and device_mesh"),

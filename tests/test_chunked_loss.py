@@ -19,7 +19,6 @@ from multirank import run_ranks
 from test_hf_numerics import TOL, batch, tiny_llama
 
 from odysseus import STRATEGIES, shard_sequence
-from odysseus.chunked_loss import linear_cross_entropy
 from odysseus.integrations.hf import (
     causal_lm_loss,
     finalize_model_grads,
@@ -29,6 +28,7 @@ from odysseus.integrations.hf import (
     model_loss,
     parallelize_llama,
 )
+from odysseus.ops.chunked_loss import linear_cross_entropy
 
 
 def _problem(dtype=torch.float32, T=(3, 23), H=24, V=37, bias=True):
@@ -113,7 +113,7 @@ def test_bad_inputs_are_refused():
 
 _LIGER = """
 import torch, torch.nn.functional as F
-from odysseus.chunked_loss import linear_cross_entropy
+from odysseus.ops.chunked_loss import linear_cross_entropy
 g = torch.Generator().manual_seed(4)
 h, w, b = torch.randn(2, 9, 16, generator=g), torch.randn(40, 16, generator=g) / 4, torch.randn(40, generator=g)
 t = torch.randint(0, 40, (2, 9), generator=g)

@@ -1,4 +1,4 @@
-"""odysseus.memtrack: the tracker sees every allocation and free (views, in-place ops, storage resizes, the
+"""odysseus.training.memtrack: the tracker sees every allocation and free (views, in-place ops, storage resizes, the
 inside of odysseus custom ops), and what it measures of a block is what odysseus.plan's closed forms say."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from multirank import run_ranks
 import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus.comm import shard_sizes
-from odysseus.memtrack import MemoryTracker, step_memory
 from odysseus.overlap import Ring, ag_matmul
 from odysseus.plan import Case, block_peak, saved_activation_bytes
 from odysseus.plan.overlap_memory import gather_held_bytes
 from odysseus.reference import TransformerBlock, init_weights
 from odysseus.strategies.registry import VARIANTS
+from odysseus.training.memtrack import MemoryTracker, step_memory
 
 
 def _probe_impl(x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ def test_shard_mode_all_gather_matmul_holds_only_the_ring(B, ring):
 
 def _settled(rank, world):
     from odysseus.comm import primitives
-    from odysseus.memtrack import settled_collectives
+    from odysseus.training.memtrack import settled_collectives
 
     originals = (dist.all_reduce, primitives.all_gather_tensor)
     t = torch.full((4,), float(rank + 1))

@@ -25,8 +25,8 @@ from odysseus import (
     gather_sequence,
     shard_sequence,
 )
+from odysseus.ops.rope import RopeFrequencies
 from odysseus.reference import TransformerBlock, init_weights
-from odysseus.rope import RopeFrequencies
 
 TOL = dict(rtol=1e-5, atol=1e-5, scaled=True)
 BIASES = dict(qkv_bias=True, o_bias=True, mlp_bias=True)

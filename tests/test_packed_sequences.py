@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaModel
 import odysseus
 from odysseus import STRATEGIES, dense_state_dict, finalize_grads, shard_sequence
 from odysseus.integrations.hf import causal_lm_loss, finalize_model_grads, global_loss, hf_state_dict, parallelize_llama
-from odysseus.packing import document_ids, document_mask, flex_documents, packed_attention
+from odysseus.ops.packing import document_ids, document_mask, flex_documents, packed_attention
 
 # Document lengths of the two rows (61 tokens each). At world 2, 3, 4 the shards start at 31; 21, 41;
 # 16, 31, 46: documents cross shard boundaries, and one starts exactly on one (41). Row 1 has a one-token

@@ -79,7 +79,7 @@ def test_checkpoint_keeps_the_input_and_records_the_recompute(strategy):
 
 
 def _offloaded(rank, world):
-    import odysseus.recompute as rc
+    import odysseus.ops.recompute as rc
 
     packed = []
     real = torch.autograd.graph.save_on_cpu

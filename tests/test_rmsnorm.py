@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from odysseus import layout
-from odysseus.memtrack import MemoryTracker
+from odysseus.ops.rmsnorm import FusedRMSNorm, rms_norm
+from odysseus.ops.swiglu import swiglu
 from odysseus.reference import RMSNorm
-from odysseus.rmsnorm import FusedRMSNorm, rms_norm
-from odysseus.swiglu import swiglu
+from odysseus.training.memtrack import MemoryTracker
 
 
 def _pair(dtype, weight_dtype, d=96):

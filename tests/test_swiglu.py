@@ -2,7 +2,7 @@
 
 import torch
 
-from odysseus.swiglu import swiglu
+from odysseus.ops.swiglu import swiglu
 
 
 def test_swiglu_gradients_match_autograd_in_fp64_numerics():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layout import check_layout
 from .autograd import (
     all_gather_seq,
     copy_to_tp,
@@ -13,9 +14,10 @@ from .autograd import (
     seq_to_heads,
     split_seq,
 )
-from .groups import check_layout, exchange_lengths, group_rank, group_size, meta_group, resolve_group
+from .groups import group_rank, group_size, meta_group
 from .ledger import CommLedger, CommRecord, record
-from .mesh import check_default_group
+from .lengths import exchange_lengths
+from .mesh import check_default_group, resolve_group
 from .sizes import head_ranges, kv_range, offsets, shard_sizes
 
 __all__ = [

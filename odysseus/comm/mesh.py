@@ -87,10 +87,29 @@ def is_2d(group) -> bool:
     return (isinstance(group, DeviceMesh) and group.ndim == 2) or isinstance(group, (tuple, list))
 
 
+def resolve_group(group=None) -> dist.ProcessGroup | None:
+    """Turn ``None``, a ``ProcessGroup``, a 1-D ``DeviceMesh`` or a 2-D mesh into the ``ProcessGroup`` a strategy
+    runs over: for a 2-D ``DeviceMesh`` or a ``(dp_group, sp_group)`` pair, its ``sp`` group
+    (:func:`odysseus.comm.mesh.resolve_mesh` gives both).
+
+    ``None`` means the default group, or no group at all (a single process) when torch.distributed has
+    not been initialised; every collective is then the identity.
+    """
+    if group is None:
+        return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    if is_2d(group):
+        return resolve_mesh(group).sp
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"expected {_EXPECTED}; got a DeviceMesh with {group.ndim} dims {tuple(group.shape)}")
+        return group.get_group()
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    raise TypeError(f"expected {_EXPECTED}; got {type(group).__name__}")
+
+
 def resolve_mesh(group=None) -> Mesh:
     """The :class:`Mesh` of ``group`` (see the module docstring for what it may be)."""
-    from .groups import resolve_group
-
     if isinstance(group, Mesh):
         return group
     if isinstance(group, (tuple, list)):

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm.groups import group_size
-from ..state import dense_state_dict, finalize_grads, is_dtensor, sum_over_group
-from .hf import layers, model_setup
+from ..training.state import dense_state_dict, finalize_grads, is_dtensor, sum_over_group
+from .hf_layer import layers, model_setup
 
 __all__ = ["finalize_model_grads", "guard_save_pretrained", "hf_state_dict", "save_pretrained"]
 

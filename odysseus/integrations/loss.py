@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..chunked_loss import linear_cross_entropy
 from ..comm import primitives
-from ..comm.groups import group_rank, group_size, resolve_group
-from ..comm.mesh import Mesh, check_default_group, resolve_mesh
+from ..comm.groups import group_rank, group_size
+from ..comm.mesh import Mesh, check_default_group, resolve_group, resolve_mesh
 from ..layout import offsets, shard_sizes
-from .hf import layers, model_setup
+from ..ops.chunked_loss import linear_cross_entropy
+from .hf_layer import layers, model_setup
 
 __all__ = ["causal_lm_loss", "global_loss", "lm_head_loss", "model_loss", "shift_labels_for_shard"]
 
@@ -120,7 +120,7 @@ def lm_head_loss(
     ignore_index: int = -100,
 ) -> torch.Tensor:
     """:func:`causal_lm_loss` of ``head(hidden)`` without the logits: the LM head and the loss run
-    ``chunk`` tokens at a time and are recomputed in backward (:func:`odysseus.chunked_loss.linear_cross_entropy`;
+    ``chunk`` tokens at a time and are recomputed in backward (:func:`odysseus.ops.chunked_loss.linear_cross_entropy`;
     ``impl="auto"`` uses Liger-Kernel's fused kernel on CUDA when it is installed).
 
     ``hidden``: the final hidden states (after the last norm), ``(batch, seq_local, hidden)``, or

@@ -20,7 +20,7 @@ What it counts, per rank and per training step of one micro-batch (see docs/PLAN
   once the job spans nodes (``odysseus.plan.data_parallel``); throughput is tokens/s per GPU of the job.
 - **Memory**: parameters, gradients and optimizer states of this rank, activations saved for backward
   (checked against ``SavedActivations`` by ``perf/memory.py``), and the largest transient: the logits, one
-  block's backward (``odysseus.plan.block_peak``, checked against ``odysseus.memtrack.MemoryTracker``) or
+  block's backward (``odysseus.plan.block_peak``, checked against ``odysseus.training.memtrack.MemoryTracker``) or
   ``finalize_grads``' buffers, plus FSDP2's prefetched weights and symm's workspaces. Where activations
   do not fit, keeping only the shard (``--save-input auto``) and then full activation recomputation (one
   more forward) are tried.

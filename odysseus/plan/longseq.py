@@ -3,13 +3,13 @@
 :class:`LongSeq` holds the options as the library takes them (``parallelize_llama(checkpoint=, offload=,
 ffn_tile=)``, ``model_loss(chunk=)``). :func:`stack_peak` is the most device bytes alive at once in a step of
 ``layers`` blocks, the final norm and the LM head + loss on one rank, beyond the weights and the first block's
-input (``perf/longseq_memory.py`` checks it against ``odysseus.memtrack.MemoryTracker``), and the host bytes
+input (``perf/longseq_memory.py`` checks it against ``odysseus.training.memtrack.MemoryTracker``), and the host bytes
 offload keeps. Its moments, each what is resident then plus that moment's transient:
 
 - **head forward** (every block done): what the blocks keep (each block's saved tensors; with
   ``checkpoint`` only each block's input, on the host with ``offload``), the last block's output, the final
   norm's rsqrt and output, and the loss's transient: full logits ``R x V`` in the activations' dtype, their
-  fp32 copy and the fp32 log-softmax; chunked (``odysseus.chunked_loss``) the fp32 logits and softmax of one
+  fp32 copy and the fp32 log-softmax; chunked (``odysseus.ops.chunked_loss``) the fp32 logits and softmax of one
   chunk.
 - **head backward**: full logits: the kept fp32 log-softmax, the fp32 gradients of the loss and of the
   log-softmax (12 bytes per logit); chunked: the hidden states' gradient, the head's weight gradient summed in

@@ -3,14 +3,14 @@ backward + ``finalize_grads`` (16-bit activations).
 
 ``saved_activation_bytes`` is exact (``SavedActivations`` in ``perf/memory.py``). ``block_peak`` is the most
 bytes alive at once beyond what existed before the block ran (its weights, its input, the gradient of its
-output), as :class:`odysseus.memtrack.MemoryTracker` measures it; ``perf/memory.py`` checks it on every
+output), as :class:`odysseus.training.memtrack.MemoryTracker` measures it; ``perf/memory.py`` checks it on every
 strategy, ``save_input`` mode, CPU backend and ZeRO-3 variant. The peak is the largest of a few moments,
 each what is resident then (saved tensors not yet released, gradients made so far) plus that moment's
 transients, derived from the modules:
 
-- **SwiGLU backward** (``odysseus.swiglu``): the fp32 sigmoid, the gate's gradient built in fp32 and both
+- **SwiGLU backward** (``odysseus.ops.swiglu``): the fp32 sigmoid, the gate's gradient built in fp32 and both
   16-bit gradients, 12 bytes per FFN element.
-- **RMSNorm backward** (``odysseus.rmsnorm``): the 16-bit input gradient, the fp32 weight gradient and, for
+- **RMSNorm backward** (``odysseus.ops.rmsnorm``): the 16-bit input gradient, the fp32 weight gradient and, for
   one chunk of tokens at a time, three fp32 tensors (the recomputed normalised input, the gradient, their
   product). The input norm keeps the block's input itself, which is not new memory.
 - **output GEMM backward/forward** (TP-SP, Odysseus): the output gradient gathered beside the input
@@ -95,7 +95,7 @@ def saved_parts(case: Case) -> dict[str, int]:
     keeps its input (the gathered full sequence where weights are split, or only this rank's shard with
     ``save_input="shard"``) and the concatenated weight copy (``torch.cat`` of q/k/v or gate/up, split
     weights); RoPE keeps cos/sin; attention keeps q, k, v, the output and the log-sum-exp; the fused SwiGLU
-    (``odysseus.swiglu``) keeps gate and up, and the down projection their product.
+    (``odysseus.ops.swiglu``) keeps gate and up, and the down projection their product.
     """
     c, B, e, L, s = case.config, case.batch, case.dtype_bytes, case.seq, case.shape
     d, hd = c.hidden_size, c.head_dim
@@ -141,7 +141,7 @@ def saved_activation_bytes(case: Case) -> int:
 
 
 def swiglu_backward_bytes(case: Case) -> int:
-    """Most bytes the fused SwiGLU's backward (``odysseus.swiglu``) adds at once: the fp32 sigmoid and the
+    """Most bytes the fused SwiGLU's backward (``odysseus.ops.swiglu``) adds at once: the fp32 sigmoid and the
     gate's fp32 gradient being built, with both gradients in the activations' dtype: 12 bytes per element
     in bf16 (4 + 4 + 2 + 2), and in fp32 (the sigmoid and the two gradients)."""
     rows, cols = ffn_rows_cols(case)
@@ -149,7 +149,7 @@ def swiglu_backward_bytes(case: Case) -> int:
 
 
 def norm_backward_bytes(case: Case) -> int:
-    """Most bytes the fused RMSNorm's backward (``odysseus.rmsnorm``) adds at once: the input gradient and
+    """Most bytes the fused RMSNorm's backward (``odysseus.ops.rmsnorm``) adds at once: the input gradient and
     the fp32 weight gradient, allocated first, and one chunk's (``layout.RMSNORM_CHUNK_ROWS`` rows) recomputed fp32
     normalised input, fp32 gradient being built, fp32 product whose per-token mean it needs, and that mean."""
     rows, d = norm_rows(case), case.config.hidden_size

@@ -1,7 +1,7 @@
 """What the overlap ops (``odysseus.overlap``) hold beyond their inputs and outputs, per backend: the gathers'
 receive slots or whole gathered copies, the reduce-scatters' partial sums, the fp32 weight-gradient
 accumulators of the streamed backward, and symm's persistent workspaces. ``odysseus.plan.memory`` adds them to
-the block's moments; ``perf/memory.py`` checks the sums against ``odysseus.memtrack.MemoryTracker``.
+the block's moments; ``perf/memory.py`` checks the sums against ``odysseus.training.memtrack.MemoryTracker``.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from .. import reference
-from ..recompute import recompute
-from ..rmsnorm import FusedRMSNorm
+from ..ops.recompute import recompute
+from ..ops.rmsnorm import FusedRMSNorm
 from ..validation import check_input
 from . import registry
 from .module import ParamSpec, deepcopy_sharing_group, track
@@ -25,7 +25,7 @@ class ParallelBlock(nn.Module):
     :class:`~odysseus.strategies.module.ParallelModule`); other keyword arguments (``backend``, ``seed``,
     ``check_finite``, ``save_input``, ``ffn_tile``, ``device``, ``dtype``...) go to the attention and FFN modules.
     ``checkpoint=True``: the block keeps only its input for backward and recomputes the rest
-    (:func:`odysseus.recompute.recompute`; collectives re-run there are recorded under the ``"recompute"``
+    (:func:`odysseus.ops.recompute.recompute`; collectives re-run there are recorded under the ``"recompute"``
     phase); ``offload=True`` also moves that input to host memory (pinned on CUDA) until backward.
     :meth:`from_dense` takes the share of a reference block (``parallelize`` calls it).
     """

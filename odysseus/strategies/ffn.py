@@ -20,9 +20,9 @@ import functools
 import torch
 
 from ..layout import split_ranges
+from ..ops.recompute import recompute
+from ..ops.swiglu import swiglu
 from ..profiling import ody_range
-from ..recompute import recompute
-from ..swiglu import swiglu
 from ..validation import check_finite_here, check_input
 from .module import ParallelModule, RegionModule
 from .regions import ReplicatedRegion, SequenceRegion, Span

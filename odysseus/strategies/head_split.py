@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import local_attention
 from ..layout import HeadSplit, rows
-from ..packing import check_window, document_ids
-from ..rope import RopeFrequencies, rotate_qk
+from ..ops.attention import local_attention
+from ..ops.packing import check_window, document_ids
+from ..ops.rope import RopeFrequencies, rotate_qk
 from ..validation import check_input
 from .module import RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
@@ -26,7 +26,7 @@ class HeadSplitAttention(RegionModule):
     ``forward(x, position_ids=None) -> same layout as x``; ``x`` is ``(batch, seq, hidden)`` in a replicated
     region and ``(batch, seq_local, hidden)`` in a sequence region. ``position_ids`` follow ``x``'s layout and
     default to the true global positions; given ones that restart at 0 mark packed documents
-    (:mod:`odysseus.packing`), found from the positions of the whole sequence.
+    (:mod:`odysseus.ops.packing`), found from the positions of the whole sequence.
     """
 
     region_type = SequenceRegion

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 
 from .. import comm
-from ..attention import local_attention
 from ..layout import HeadSplit
-from ..packing import check_window, document_ids
-from ..rope import RopeFrequencies, rotate_qk
+from ..ops.attention import local_attention
+from ..ops.packing import check_window, document_ids
+from ..ops.rope import RopeFrequencies, rotate_qk
 from ..validation import check_input
 from .module import RegionModule
 from .regions import SequenceRegion

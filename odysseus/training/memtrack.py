@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves, tree_map_only
 
-from .profiling import SavedActivations
+from ..profiling import SavedActivations
 
 REENTER = ("odysseus",)
 """Op namespaces whose implementations the tracker follows inside (their inner ops are otherwise hidden)."""
@@ -213,7 +213,7 @@ def settled_collectives(timeout_s: float = 5.0) -> Iterator[None]:
     back to the references they had before the call. Calls looked up through ``torch.distributed`` at call
     time are wrapped (FSDP2's), and those ``odysseus.comm.primitives`` calls.
     """
-    from .comm import primitives  # binds the tensor collectives of this torch release at import
+    from ..comm import primitives  # binds the tensor collectives of this torch release at import
 
     targets = [(dist, name) for name in _SETTLED if hasattr(dist, name)]
     targets += [(primitives, name) for name in ("all_gather_tensor", "reduce_scatter_tensor")]

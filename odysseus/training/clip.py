@@ -27,11 +27,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm.failures import named_failures
-from .comm.groups import group_rank, group_size
-from .comm.ledger import record
+from ..comm.failures import named_failures
+from ..comm.groups import group_rank, group_size
+from ..comm.ledger import record
+from ..strategies.module import ParamSpec, live_specs
 from .state import _specs, is_dtensor
-from .strategies.module import ParamSpec, live_specs
 
 
 def _owned(spec: ParamSpec, rank: int) -> tuple[int, int]:

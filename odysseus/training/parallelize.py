@@ -1,20 +1,20 @@
 """``parallelize(module, strategy, group)``: this rank's share of a reference block, attention or FFN.
 
 The strategy's modules come from the registry (:mod:`odysseus.strategies.registry`); checkpoints and
-gradients are handled in :mod:`odysseus.state`.
+gradients are handled in :mod:`odysseus.training.state`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from . import reference
-from .comm.groups import resolve_group
-from .overlap import Ring
+from .. import reference
+from ..comm.mesh import resolve_group
+from ..overlap import Ring
+from ..strategies import registry
+from ..strategies.block import ParallelBlock
+from ..strategies.module import ParallelModule
 from .state import dense_state_dict, finalize_grads, zero3
-from .strategies import registry
-from .strategies.block import ParallelBlock
-from .strategies.module import ParallelModule
 
 STRATEGIES = registry.STRATEGIES
 

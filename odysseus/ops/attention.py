@@ -3,7 +3,7 @@
 Both take GQA natively when every local kv head serves the same number of consecutive query heads.
 An uneven head split can break that (e.g. query heads 1..3 reading kv heads 0, 0, 1); then the kv
 heads are expanded to one per query head, which costs memory but not correctness. Packed sequences
-(``documents``) go to :func:`odysseus.packing.packed_attention`.
+(``documents``) go to :func:`odysseus.ops.packing.packed_attention`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layout import uniform_gqa
+from ..layout import uniform_gqa
+from ..profiling import ody_range
 from .packing import packed_attention
-from .profiling import ody_range
 
 try:  # optional extra: pip install odysseus[flash]
     from flash_attn import flash_attn_func
@@ -32,7 +32,7 @@ def local_attention(
     """Softmax attention of ``q: (B, L, Hq, D)`` over ``k, v: (B, L, Hkv, D)`` -> ``(B, L, Hq, D)``.
 
     ``kv_of_q[i]`` is the local kv head that local query head i reads; the scale is ``D**-0.5``.
-    ``documents``: ``(B or 1, L)`` document ids of packed sequences (:func:`odysseus.packing.document_ids`);
+    ``documents``: ``(B or 1, L)`` document ids of packed sequences (:func:`odysseus.ops.packing.document_ids`);
     no token attends across documents.
     """
     with ody_range("ody/attn"):

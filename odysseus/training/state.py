@@ -13,12 +13,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .comm import primitives
-from .comm.groups import group_rank, group_size
-from .comm.ledger import phase
-from .comm.mesh import Mesh, flat_group, hsdp_mesh, resolve_mesh
-from .overlap import check_overlap
-from .strategies.module import ParamSpec
+from ..comm import primitives
+from ..comm.groups import group_rank, group_size
+from ..comm.ledger import phase
+from ..comm.mesh import Mesh, flat_group, hsdp_mesh, resolve_mesh
+from ..overlap import check_overlap
+from ..strategies.module import ParamSpec
 
 
 def _specs(module: nn.Module) -> dict[str, tuple[ParamSpec, object]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import layout
+from .. import layout
 
 
 def _token_chunks(x: torch.Tensor) -> list[tuple]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .comm.ledger import phase
+from ..comm.ledger import phase
 
 
 def _contexts():
