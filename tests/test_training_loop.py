@@ -219,10 +219,12 @@ def _frozen(rank, world, strategy):
     after = hf_state_dict(model)
     for name in FROZEN:
         assert torch.equal(after[name], before[name]), f"{strategy}: frozen {name} moved"
-    # Adam divides by sqrt(v): where a gradient is ~1e-8, rounding-level differences move a weight by up to
-    # ~2e-3 of the learning rate (measured 1.8e-5 at lr 1e-2); a wrong update is of the order of lr itself.
+    # Adam divides by sqrt(v): where a gradient is ~1e-8, rounding-level differences move a weight by a share
+    # of the learning rate (measured 1.8e-5 at lr 1e-2 with transformers 4.x, 2.1e-4 on one element of 15360
+    # with transformers 5.25, whose reference model rounds differently); a wrong update is of the order of lr
+    # itself, 20 times the bound.
     for name, p in ref.named_parameters():
-        assert_close(after[name], p, rtol=0.0, atol=0.02 * 1e-2, what=f"{strategy} {name} after 2 steps")
+        assert_close(after[name], p, rtol=0.0, atol=0.05 * 1e-2, what=f"{strategy} {name} after 2 steps")
     return True
 
 
