@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .data_parallel import dp_step_records
+from .efficiency import attention_efficiency
 from .forms import expected_collectives, ffn_split, heads_split, zero3_records
 from .presets import Assumptions, Hardware, Model
+from .ring import attention_steps, crosses_nodes, hop_bytes, ring_exposed
+
+PHASES = ("forward", "backward")
 
 # The parts whose collectives run inside an all-gather⊗GEMM or a GEMM⊗reduce-scatter op can hide behind it.
 _FUSED = GATHER_SCATTER
@@ -80,9 +84,11 @@ def _gemms(case: Case) -> list[_Gemm]:
 
 
 def attention_flops(case: Case) -> float:
-    """Forward flops of causal attention over this rank's query heads: QK^T and PV over half the L x L scores."""
+    """Forward flops of causal attention over this rank's query heads: QK^T and PV over half the L x L scores.
+    With a ring of R, R steps of ``L/R`` query tokens against ``L/R`` key tokens, each half a block's pairs with
+    the head/tail layout (:func:`~odysseus.plan.ring.step_pairs`)."""
     per_head = 4 * case.seq * case.seq * case.config.head_dim
-    return case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
+    return case.ring * case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
 
 
 def comm_time(
@@ -127,14 +133,25 @@ def block_cost(
     if backend not in a.overlap:
         raise ValueError(f"no overlap fraction for backend {backend!r}; assumptions know {sorted(a.overlap)}")
     gemm_rate = hw.peak_flops * a.gemm_efficiency
-    attn_rate = hw.peak_flops * a.attention_efficiency
     gemms = _gemms(case)
     attn_f = attention_flops(case)
     gemm_f = sum(g.flops for g in gemms)
-    fwd = gemm_f / gemm_rate + attn_f / attn_rate
-    bwd = 2 * gemm_f / gemm_rate + 2.5 * attn_f / attn_rate
+    if case.ring == 1:  # one causal kernel call over the sequence, at the published efficiency of its length
+        eff = (attention_efficiency(hw, a, case.seq, case.config.head_dim, p, case.config.causal) for p in PHASES)
+        attn_fwd, attn_bwd = (k * attn_f / (hw.peak_flops * e) for k, e in zip((1, 2.5), eff))
+        steps_fwd, steps_bwd = [attn_fwd], [attn_bwd]
+    else:  # R steps, each as slow as its slowest ring rank
+        steps_fwd, steps_bwd, _ = attention_steps(case, hw, a)
+        attn_fwd, attn_bwd = sum(steps_fwd), sum(steps_bwd)
+    fwd = gemm_f / gemm_rate + attn_fwd
+    bwd = 2 * gemm_f / gemm_rate + attn_bwd
     passes = 2 if recompute else 1  # recomputation reruns the forward, collectives included
     cost = Cost(compute_s=passes * fwd + bwd, flops=(passes + 2) * gemm_f + (passes + 2.5) * attn_f)
+    if case.ring > 1:  # the ring's point-to-point hops, each hidden behind the attention of its step
+        nbytes = hop_bytes(case)
+        t = comm_time(nbytes, "p2p", case.ring, hw, a, across_nodes=crosses_nodes(case, hw))
+        exposed, hops = ring_exposed(case.ring, t, a.ring_overlap, steps_fwd, steps_bwd, passes)
+        cost += Cost(exposed_comm_s=exposed, link_s=hops * t, comm_bytes=hops * nbytes, collectives=hops)
 
     gemm_s = {g.name: g.flops / gemm_rate for g in gemms if g.fused}
     f = a.overlap[backend]
@@ -194,19 +211,25 @@ def model_step(
         overlap = a.zero3_overlap if zero3 else a.grad_overlap
         head += Cost(exposed_comm_s=t - overlap * min(t, cost.compute_s), link_s=t, comm_bytes=nbytes, collectives=1)
     step = cost + head
-    return step + dp_sync(model, case.at(0), hw, a, dp, step.compute_s)
+    # Every ring rank holds the same weights for other tokens: their gradients are summed over the ring as over
+    # dp (ZeRO-3 planned as sharding over sp and summing over the ring), then over dp.
+    ring_sync = dp_sync(model, case.at(0), hw, a, case.ring, step.compute_s, crosses_nodes(case, hw))
+    across = dp * case.ring * case.world > hw.gpus_per_node
+    return step + ring_sync + dp_sync(model, case.at(0), hw, a, dp, step.compute_s, across)
 
 
-def dp_sync(model: Model, case: Case, hw: Hardware, a: Assumptions, dp: int, compute_s: float) -> Cost:
+def dp_sync(
+    model: Model, case: Case, hw: Hardware, a: Assumptions, dp: int, compute_s: float, across: bool | None = None
+) -> Cost:
     """The gradient traffic over ``dp`` replicas in one step (:func:`~odysseus.plan.data_parallel.dp_step_records`).
 
     Ranks are laid out dp-major, so the data-parallel group spans nodes as soon as the job does (its ranks
     are ``case.world`` apart). ``finalize_grads`` all-reduces after ``backward()`` (``grad_overlap`` of it
     hides behind the step's compute); FSDP2's all-reduces under hybrid ZeRO-3 run during backward
-    (``zero3_overlap``)."""
+    (``zero3_overlap``). ``across``: whether the group spans nodes (default: the job does)."""
     out = Cost()
     budget = compute_s
-    across = dp * case.world > hw.gpus_per_node
+    across = dp * case.world > hw.gpus_per_node if across is None else across
     for who, nbytes, count in dp_step_records(case, dp, model.num_layers, model.vocab_size, model.tied_embeddings):
         t = comm_time(nbytes, "all_reduce", dp, hw, a, across) + (count - 1) * 2 * a.collective_latency_s
         hidden = min((a.zero3_overlap if who == "fsdp" else a.grad_overlap) * t, budget)

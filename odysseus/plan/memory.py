@@ -21,6 +21,9 @@ transients, derived from the modules:
   activations.
 - **finalize_grads**: the zero-padded dense gradients of shared kv heads, the flat all-reduce buffer and
   the new gradients, while the old ones are still referenced.
+- **ring attention forward/backward** (``ring > 1``): the K/V blocks in flight, the merge's accumulators and, in
+  backward, the travelling dK/dV accumulators (``odysseus.plan.ring.ring_transients``; from the protocol, not
+  yet measured).
 
 The backend enters through its gathers: ``naive`` gathers a whole input at once, ``pipelined`` streams it
 through the ring's slots; ``symm`` stages a rank's chunk in a persistent symmetric workspace and receives
@@ -36,6 +39,7 @@ from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
 from .overlap_memory import FP32, input_gemm_backward, output_gemm_backward, output_gemm_forward
+from .ring import ring_transients
 
 
 def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
@@ -265,7 +269,20 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         resident = parts["norm"] + input_rows(case, GATHER_SCATTER) * d * e + d * width * e
         resident += grads["ffn"] + grads["norms"] // 2 + o_grad + B * case.seq * width * e + 2 * n * e
         moments["QKV input GEMM backward"] = resident + input_gemm_backward(case, backend, width)
+    if case.ring > 1:
+        # The ring's blocks in flight (odysseus.plan.ring): forward while the input norm and the attention have
+        # saved theirs (the output being merged counted among them); backward after the FFN, the post-attention
+        # norm and o_proj, with their gradients, the residual's and the attention output's gradients in hand.
+        ring_fwd, ring_bwd = ring_transients(case)
+        q_width = case.shape.q_heads * c.head_dim
+        core = saved - parts["ffn"] - parts["norm"] - x
+        moments["ring attention forward"] = core + ring_fwd
+        o_grad = d * q_width * e
+        resident = core + grads["ffn"] + grads["norms"] // 2 + o_grad + n * e + B * case.seq * q_width * e
+        moments["ring attention backward"] = resident + ring_bwd
     made = {
+        "ring attention forward": 0,
+        "ring attention backward": grads["ffn"] + grads["norms"] // 2 + d * case.shape.q_heads * c.head_dim * e,
         "SwiGLU backward": d_down,
         "post-attention norm backward": grads["ffn"] + grads["norms"] // 2,
         "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"],
