@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from ..layout import HeadSplit, norm_chunk_tokens, shard_sizes
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
-from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
+from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split
 from .overlap_memory import FP32, input_gemm_backward, output_gemm_backward, output_gemm_forward
-from .ring import ring_transients
+from .ring import ring_transients, ring_weight_numel, zero3_view
 
 
 def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
@@ -179,17 +179,17 @@ class Peak:
 
 def _grads(case: Case) -> dict[str, int]:
     e = case.dtype_bytes
-    return {part: g * e for part, (_, g) in weight_numel(case).items()}
+    return {part: g * e for part, (_, g) in ring_weight_numel(case).items()}
 
 
 def _fsdp_ffn(case: Case) -> tuple[int, int]:
     """(unsharded FFN weights, FSDP2's padded all-gather buffer of them) in bytes, under ZeRO-3 with whole FFN
     weights; else zeros. On one rank FSDP2 gathers nothing: its unsharded copy outlives the step."""
-    if not (case.variant.zero3 and not ffn_split(case)) or case.world == 1:
+    if not (case.variant.zero3 and not ffn_split(case)) or zero3_view(case).world == 1:
         return 0, 0
-    unit, e = _fsdp_units_by_part(case)[0], case.dtype_bytes
+    unit, e, n = _fsdp_units_by_part(case)[0], case.dtype_bytes, zero3_view(case).world
     whole = sum(dim0 * rest for dim0, rest in unit)
-    padded = sum(_fsdp_local(dim0, rest, case.world, case.rank)[0] for dim0, rest in unit) * case.world
+    padded = sum(_fsdp_local(dim0, rest, n, case.rank)[0] for dim0, rest in unit) * n
     return whole * e, padded * e
 
 

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from ..strategies.registry import VARIANTS, Variant
 from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
-from .forms import fsdp_gathered_numel, parameter_bytes
+from .forms import fsdp_gathered_numel
 from .longseq import LongSeq, stack_peak
 from .memory import kept_input_bytes, saved_activation_bytes, sync_bytes
 from .overlap_memory import symm_workspace_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
+from .ring import ring_weight_numel, zero3_view
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total", "host")
 
@@ -84,12 +85,15 @@ def memory_bytes(
     """
     a, N, zero3 = assumptions, case.world, case.variant.zero3
     opt = recompute if isinstance(recompute, LongSeq) else LongSeq(checkpoint=bool(recompute))
-    per_layer = parameter_bytes(dataclasses.replace(case, dtype_bytes=1))["params"]  # element counts
+    per_layer = sum(p for p, _ in ring_weight_numel(case).values())  # element counts (FSDP2: over ring x sp)
     d, V = case.config.hidden_size, model.vocab_size
     vocab_mats = 1 if model.tied_embeddings else 2
     nonblock = vocab_mats * V * d + d  # embedding (+ LM head) + final norm
-    if not whole_vocab(case) or zero3:
-        nonblock = vocab_mats * -(-V // N) * d + (-(-d // N) if zero3 else d)  # vocab-parallel or sharded
+    if zero3:  # FSDP2 shards them over ring x sp
+        M = zero3_view(case).world
+        nonblock = vocab_mats * -(-V // M) * d + -(-d // M)
+    elif not whole_vocab(case):  # vocabulary-parallel over sp
+        nonblock = vocab_mats * -(-V // N) * d + d
     params = model.num_layers * per_layer + nonblock
     out = {"params": params * a.param_bytes, "grads": params * a.grad_bytes, "optimizer": params * a.optimizer_bytes}
     peak = stack_peak(case, model.num_layers, V, opt, backend)

@@ -20,14 +20,22 @@ log-sum-exp. Per rank per layer:
 
 The ring's ranks are ``S`` apart: the ring crosses nodes once ``R*S`` exceeds a node (then a hop runs at the NIC's
 bandwidth and sets every step), while ``sp`` stays inside one.
+
+Weights: every ring rank holds the same weights for other tokens, so ``finalize_grads`` sums their gradients over
+the ring (:func:`ring_grad_records`); ZeRO-3 shards the whole weights FSDP2 takes over ``ring x sp``
+(:func:`zero3_view`, :func:`ring_weight_numel`), leaving the head-split weights to the ring's sum.
 """
 
 from __future__ import annotations
 
-from ..layout import shard_sizes
+import dataclasses
+
+from ..layout import all_reduce_bytes, shard_sizes
+from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
 from .case import Case
+from .data_parallel import dp_grad_numel, dp_step_records
 from .efficiency import attention_efficiency
-from .forms import Record
+from .forms import Record, _fsdp_local, _fsdp_units_by_part, weight_numel
 from .presets import Assumptions, Hardware
 
 FP32 = 4
@@ -139,3 +147,40 @@ def ring_transients(case: Case) -> tuple[int, int]:
     forward = 2 * kv + q * (e + FP32) + B * s.q_heads * L * FP32
     backward = 4 * kv + q * FP32 + (q + B * L * s.kv_heads * hd * 2) * e
     return forward, backward
+
+
+# --- weights over the ring ------------------------------------------------------------------------------
+
+
+def zero3_view(case: Case) -> Case:
+    """The case FSDP2's forms (``forms.zero3_records``, which read only the spec, the config, ``world`` and ``rank``)
+    see: its ``world`` is ``ring x sp``, the group ZeRO-3 shards over."""
+    return dataclasses.replace(case, world=case.world * case.ring, ring=1) if case.ring > 1 else case
+
+
+def ring_weight_numel(case: Case) -> dict[str, tuple[int, int]]:
+    """``forms.weight_numel`` on a ring: under ZeRO-3 the parts FSDP2 shards hold ``ceil(dim0 / (R*S))`` padded
+    rows (rank 0's shard: the largest); the head- or column-split parts are as over ``sp``."""
+    out = weight_numel(case)
+    if not (case.variant.zero3 and case.ring > 1):
+        return out
+    whole, n = set(case.spec.replicated), case.world * case.ring
+    sharded = {"ffn": set(FFN_WEIGHTS) <= whole, "norms": case.spec.sequence_split}
+    sharded["attention"] = set(ATTENTION_WEIGHTS) <= whole
+    for part, unit in zip(("ffn", "norms", "attention"), _fsdp_units_by_part(case)):
+        if sharded[part]:
+            shards = [_fsdp_local(dim0, rest, n, 0) for dim0, rest in unit]
+            out[part] = (sum(p for p, _ in shards), sum(u for _, u in shards))
+    return out
+
+
+def ring_grad_records(case: Case, layers: int, vocab_size: int, tied: bool) -> list[tuple[str, int, int]]:
+    """What one step sums over the ring on ``case.rank`` as ``(who, bytes received, collectives)``: without ZeRO-3,
+    every gradient (``data_parallel.dp_step_records`` over R); with it, only the weights FSDP2 leaves alone (its
+    reduce-scatters over ``ring x sp`` already sum the rest)."""
+    if case.ring == 1:
+        return []
+    if not case.variant.zero3:
+        return dp_step_records(case, case.ring, layers, vocab_size, tied)
+    numel = layers * dp_grad_numel(case, "hybrid")
+    return [("finalize_grads", all_reduce_bytes(numel, case.ring, 0, case.dtype_bytes), 1)] if numel else []
