@@ -38,7 +38,7 @@ def test_checkpoint_is_the_planner_recompute():
 
 def test_max_seq_is_the_longest_length_that_fits():
     hw, a = get_hardware("h100-nvlink"), Assumptions()
-    rows = plan.max_seq("llama3-8b", 4, hw, strategies=("tp-sp", "ulysses+zero3"), ring=1)
+    rows = plan.max_seq("llama3-8b", 4, hw, strategies=("tp-sp", "ulysses+zero3"))
     assert [r.strategy for r in rows] == sorted([r.strategy for r in rows], key=lambda s: -next(
         r.seq for r in rows if r.strategy == s))  # fmt: skip
     model = MODELS["llama3-8b"]

@@ -193,7 +193,7 @@ def test_predict_ranks_ring_layouts_past_the_heads():
 
 def test_max_seq_searches_the_ring_degree():
     hw, a, model = get_hardware("h100-nvlink"), Assumptions(), MODELS["llama3-8b"]
-    past = plan.max_seq(model, 64, hw, strategies=("ulysses+zero3",), offload=False)
+    past = plan.max_seq(model, 64, hw, strategies=("ulysses+zero3",), offload=False, ring=None)
     (row,) = past
     assert row.ring > 1 and row.seq > 0 and row.seq % (2 * 64) == 0, row
     S = 64 // row.ring
@@ -204,8 +204,8 @@ def test_max_seq_searches_the_ring_degree():
     (flat,) = plan.max_seq(model, 64, hw, strategies=("ulysses+zero3",), offload=False, ring=1)
     assert flat.seq == 0 and "32 query heads" in flat.binding
     # The search includes R = 1: it never finds less than R = 1 alone.
-    (r1,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False, ring=1)
-    (any_r,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False)
+    (r1,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False)  # ring=1: the default
+    (any_r,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False, ring=None)
     assert any_r.seq >= r1.seq and any_r.ring in (1, 2, 4)
     with pytest.raises(ValueError, match="ring=3 must be a positive int dividing gpus=4"):
         plan.max_seq(model, 4, hw, ring=3, offload=False)

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             backend=backend,
             dp=args.dp,
             assumptions=a,
-            ring=ring,
+            ring=ring,  # None: search every ring degree
         )
         if args.json:
             print(json.dumps([{**dataclasses.asdict(m), "options": dataclasses.asdict(m.options)} for m in rows]))

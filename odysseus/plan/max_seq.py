@@ -4,10 +4,10 @@ For every strategy the options are tried from cheapest to most frugal (:data:`LA
 checkpointing; + the tiled FFN and the chunked loss; + offload of the kept layer inputs), each with both
 ``save_input`` modes where the strategy runs all-gather⊗GEMMs; for each a binary search over the sequence
 (multiples of the GPUs the sequence is split over; with a ring of R, of ``2R x S``: equal chunks) finds the
-longest that fits device memory (and host memory, with offload). With ``ring=None`` every ring degree R that
-divides the GPUs (``sp`` = GPUs / R no larger than the query heads) is searched too. The longest wins; among
-equals the fastest. The binding term is what fails at the next
-length: host memory, or the device moment of :func:`~odysseus.plan.longseq.stack_peak` and its largest part.
+longest that fits device memory (and host memory, with offload). With ``ring=None`` (``--max-seq`` without
+``--ring``) every ring degree R that divides the GPUs (``sp`` = GPUs / R no larger than the query heads) is
+searched too. The longest wins; among equals the fastest. The binding term is what fails at the next length:
+host memory, or the device moment of :func:`~odysseus.plan.longseq.stack_peak` and its largest part.
 """
 
 from __future__ import annotations
@@ -131,12 +131,13 @@ def max_seq(
     ffn_tile: int = FFN_TILE,
     loss_chunk: int = LOSS_CHUNK,
     options: Sequence[LongSeq] | None = None,
-    ring: int | None = None,
+    ring: int | None = 1,
 ) -> list[MaxSeq]:
     """The longest sequence of ``batch`` sequences split over ``gpus`` ranks (``dp`` replicas of them) that each
     strategy fits on ``hardware``, longest first (see the module docstring). ``offload=False`` leaves host
     offload out of the options tried; ``options``: the option sets to try instead of :func:`ladder`'s; ``ring``:
-    the ring degree (``gpus = ring x sp``), None: every feasible one searched."""
+    the ring degree (``gpus = ring x sp``; 1: no ring), None: every feasible one searched (the command line's
+    default)."""
     model = get_model(model) if isinstance(model, str) else model
     hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
     a = assumptions or Assumptions()
