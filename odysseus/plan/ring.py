@@ -119,7 +119,9 @@ def attention_steps(case: Case, hw: Hardware, a: Assumptions) -> tuple[list[floa
     return fwd, bwd, sum(row[0] for row in pairs) * per_pair
 
 
-def ring_exposed(ring: int, hop_s: float, overlap: float, fwd: list[float], bwd: list[float], passes: int):
+def ring_exposed(
+    ring: int, hop_s: float, overlap: float, fwd: list[float], bwd: list[float], passes: int
+) -> tuple[float, int]:
     """(exposed seconds, hops) of one block's ring transfers of ``hop_s`` seconds each: forward hop ``s`` travels
     during step ``s`` (``passes`` forwards with recomputation); backward step ``s`` carries the next K/V block and
     the previous step's dK/dV on the same link; the last dK/dV hop home is exposed. ``overlap`` of the shorter of
