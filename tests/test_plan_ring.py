@@ -218,6 +218,9 @@ def test_cli_ring(capsys):
     cli.main(["--model", "llama3-8b", "--seq", "65536", "--gpus", "8", "--ring", "auto"])
     out = capsys.readouterr().out
     assert all(f"| {r} x {8 // r} |" in out for r in (1, 2, 4, 8))
+    cli.main(["--model", "llama3-8b", "--gpus", "8", "--max-seq", "--no-offload", "--ring", "2"])
+    out = capsys.readouterr().out
+    assert "| ulysses+zero3 | 2 |" in out and "| tp | 2 |" in out
     for argv, msg in (
         (["--seq", "65536", "--gpus", "8", "--ring", "0"], "--ring '0': expected a positive int"),
         (["--seq", "65536", "--gpus", "8", "--ring", "two"], "--ring 'two': expected a positive int"),
