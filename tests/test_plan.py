@@ -359,7 +359,7 @@ def test_llama2_7b_fits_at_64k_on_8_a100_without_recompute_when_keeping_the_shar
         [sys.executable, "-m", "odysseus.plan", *argv, "--recompute", "never", "--save-input", "shard"],
         check=True, capture_output=True, text=True, timeout=120, cwd=ROOT,
     ).stdout  # fmt: skip
-    assert "| tp-sp | yes | no | shard |" in out and "| odysseus+zero3 | yes | no | shard |" in out, out
+    assert "| tp-sp | 1 x 8 | yes | no | shard |" in out and "| odysseus+zero3 | 1 x 8 | yes | no | shard |" in out, out
 
 
 def test_symm_workspaces_and_the_block_peak_enter_the_memory_model():

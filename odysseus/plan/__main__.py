@@ -4,6 +4,8 @@
     python -m odysseus.plan --model llama3-8b --seq 131072 --sp 8 --dp 4   # 4 replicas of 8: 32 GPUs, 4 nodes
     python -m odysseus.plan --calibrate bench.json          # fit rate and bandwidth to a bench_layer.py run
     python -m odysseus.plan --model llama3-8b --gpus 8 --max-seq [--no-offload]   # longest sequence per strategy
+    python -m odysseus.plan --model llama3-8b --seq 1048576 --gpus 64 --ring 8    # a (ring 8, sp 8) mesh
+    python -m odysseus.plan --model llama3-8b --seq 1048576 --gpus 64 --ring auto # rank every ring x sp layout
 
 What it counts, per rank and per training step of one micro-batch (see docs/PLANNER.md):
 
@@ -24,6 +26,9 @@ What it counts, per rank and per training step of one micro-batch (see docs/PLAN
   ``finalize_grads``' buffers, plus FSDP2's prefetched weights and symm's workspaces. Where activations
   do not fit, keeping only the shard (``--save-input auto``) and then full activation recomputation (one
   more forward) are tried.
+- **Ring** (``--ring R``): the GPUs of a replica are ``R x sp``; the head-parallel part runs over ``sp`` on
+  ``L/R`` tokens, attention over the sequence is a ring of point-to-point K/V hops hidden behind each step's
+  attention (``odysseus.plan.ring``). ``--ring auto`` ranks every layout; ``--max-seq`` searches R unless given.
 """
 
 from __future__ import annotations
@@ -49,21 +54,36 @@ def _fmt_gb(b: float) -> str:
     return f"{b / 1e9:.1f}"
 
 
+def ring_arg(value: str) -> int | str:
+    """``--ring``: a positive int or ``auto``."""
+    if value == "auto":
+        return value
+    try:
+        ring = int(value)
+    except ValueError:
+        ring = 0
+    if ring < 1:
+        raise argparse.ArgumentTypeError(f"--ring {value!r}: expected a positive int (the ring degree) or 'auto'")
+    return ring
+
+
 def format_table(preds: list[Prediction]) -> str:
     """A markdown table of the ranking."""
     lines = [
-        "| # | strategy | fits | recompute | save_input | step ms | tok/s/GPU | compute ms | exposed comm ms | link ms "
-        "| GB recv/rank | params+grads+optim GB | activations GB | transient GB | peak GB | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| # | strategy | ring x sp | fits | recompute | save_input | step ms | tok/s/GPU | compute ms "
+        "| exposed comm ms | link ms | GB recv/rank | params+grads+optim GB | activations GB | transient GB "
+        "| peak GB | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in preds:
         if not p.feasible:
-            lines.append(f"| - | {p.strategy} | infeasible | | | | | | | | | | | | | {p.note} |")
+            lines.append(f"| - | {p.strategy} | {p.ring} x {p.sp} | infeasible | | | | | | | | | | | | | {p.note} |")
             continue
         m, c = p.memory, p.cost
         keeps = p.save_input if registry_overlapped(p.strategy) else "-"
         lines.append(
-            f"| {p.rank or '-'} | {p.strategy} | {'yes' if p.fits else 'NO'} | {'yes' if p.recompute else 'no'} "
+            f"| {p.rank or '-'} | {p.strategy} | {p.ring} x {p.sp} | {'yes' if p.fits else 'NO'} "
+            f"| {'yes' if p.recompute else 'no'} "
             f"| {keeps} "
             f"| {p.step_s * 1e3:.0f} | {p.tokens_per_s_per_gpu:,.0f} "
             f"| {c.compute_s * 1e3:.0f} | {c.exposed_comm_s * 1e3:.0f} | {c.link_s * 1e3:.0f} "
@@ -76,9 +96,9 @@ def format_table(preds: list[Prediction]) -> str:
 def format_max_seq(rows: list[MaxSeq]) -> str:
     """A markdown table of :func:`~odysseus.plan.max_seq.max_seq`."""
     lines = [
-        "| strategy | max seq | options | save_input | step s | tok/s/GPU | device GB | host GB/GPU "
+        "| strategy | ring | max seq | options | save_input | step s | tok/s/GPU | device GB | host GB/GPU "
         "| binding at the next length |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in rows:
         mem = m.memory
@@ -86,10 +106,18 @@ def format_max_seq(rows: list[MaxSeq]) -> str:
         keeps = m.save_input if registry_overlapped(m.strategy) else "-"
         step = f"{m.step_s:.1f} | {m.tokens_per_s_per_gpu:,.0f}" if m.seq else " | "
         lines.append(
-            f"| {m.strategy} | {m.seq:,} | {m.options.label() if m.seq else '-'} | {keeps} | {step} | {dev} | {host} "
-            f"| {m.binding} |"
+            f"| {m.strategy} | {m.ring} | {m.seq:,} | {m.options.label() if m.seq else '-'} | {keeps} | {step} "
+            f"| {dev} | {host} | {m.binding} |"
         )
     return "\n".join(lines)
+
+
+def _mesh(dp: int, gpus: int, ring: int | str | None) -> str:
+    """``4 replicas x 32 (ring 4 x sp 8)``: the job's layout as the header says it."""
+    out = f"{dp} replicas x {gpus}" if dp > 1 else f"{gpus}"
+    if isinstance(ring, int) and ring > 1:
+        out += f" (ring {ring} x sp {gpus // ring})"
+    return out + (" (every ring x sp layout)" if ring == "auto" else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +128,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, help="tokens per sequence")
     p.add_argument("--sp", type=int, help="ranks each layer is split over (one replica; best within a node)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas, each with its own batch")
-    p.add_argument("--gpus", type=int, help="shorthand for --sp N --dp 1")
+    p.add_argument("--gpus", type=int, help="GPUs of one replica, ring x sp (without --ring: shorthand for --sp N)")
+    p.add_argument(
+        "--ring",
+        type=ring_arg,
+        help="ring degree R of a (dp, ring, sp) mesh: the sequence is also cut over R ring ranks (ring attention), "
+        "sp = GPUs / R; 'auto' ranks every layout (default: 1; --max-seq searches R unless given)",
+    )
     p.add_argument("--hardware", default="h100-nvlink", choices=sorted(HARDWARE))
     p.add_argument("--batch", type=int, default=1, help="sequences per micro-batch and replica")
     p.add_argument(
@@ -142,7 +176,13 @@ def main(argv: list[str] | None = None) -> None:
         print()
     if args.gpus is not None and args.sp is not None:
         p.error("--gpus is shorthand for --sp N --dp 1: give one of --gpus and --sp")
-    sp = args.sp if args.sp is not None else args.gpus
+    ring = args.ring
+    if ring == "auto" and args.sp is not None:
+        p.error("--ring auto searches the sp size: give the GPUs of one replica with --gpus, not --sp")
+    # sp: the GPUs of one replica (ring x sp), what predict and max_seq take.
+    sp = args.sp * ring if args.sp is not None and isinstance(ring, int) else (args.sp or args.gpus)
+    if args.gpus is not None and isinstance(ring, int) and args.gpus % ring:
+        p.error(f"--ring {ring} does not divide --gpus {args.gpus} (the GPUs of one replica are ring x sp)")
     if args.no_offload and not args.max_seq:
         p.error("--no-offload applies to --max-seq only")
     if args.max_seq:
@@ -150,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--max-seq searches the sequence length: drop --seq {args.seq}")
         if args.model is None or sp is None:
             p.error("--max-seq needs --model and --sp (or --gpus)")
+        if ring == "auto":
+            p.error("--max-seq searches the ring degree itself: drop --ring auto (or give --ring R to fix it)")
         rows = max_seq(
             args.model,
             sp,
@@ -159,11 +201,12 @@ def main(argv: list[str] | None = None) -> None:
             backend=backend,
             dp=args.dp,
             assumptions=a,
+            ring=ring,  # None: search every ring degree
         )
         if args.json:
             print(json.dumps([{**dataclasses.asdict(m), "options": dataclasses.asdict(m.options)} for m in rows]))
             return
-        mesh = f"{args.dp} replicas x {sp}" if args.dp > 1 else f"{sp}"
+        mesh = _mesh(args.dp, sp, ring)
         print(
             f"{args.model}, batch {args.batch}, over {mesh} x {hw.name} (backend {backend}, offload "
             f"{'no' if args.no_offload else 'allowed'}): the longest sequence each strategy fits, per rank\n"
@@ -173,16 +216,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.model is None or args.seq is None or sp is None:
         p.error("--model, --seq and --sp (or --gpus) are required (unless only --calibrate is given)")
-    preds = predict(
-        args.model, args.seq, sp, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a,
-        dp=args.dp, save_input=args.save_input, ring_tokens=args.ring_tokens, ring_slots=args.ring_slots,
-    )  # fmt: skip
+    try:
+        preds = predict(
+            args.model, args.seq, sp, hw, batch=args.batch, backend=backend, recompute=args.recompute, assumptions=a,
+            dp=args.dp, save_input=args.save_input, ring_tokens=args.ring_tokens, ring_slots=args.ring_slots,
+            ring=ring or 1,
+        )  # fmt: skip
+    except ValueError as e:
+        p.error(str(e))
     if args.json:
         # inf (step time of an infeasible strategy) is not JSON: write null.
         rows = [{**dataclasses.asdict(x), "step_s": x.step_s if math.isfinite(x.step_s) else None} for x in preds]
         print(json.dumps(rows, indent=1))
         return
-    mesh = f"{args.dp} replicas x {sp}" if args.dp > 1 else f"{sp}"
+    mesh = _mesh(args.dp, sp, ring)
     print(
         f"{args.model}, {args.batch} x {args.seq} tokens per replica over {mesh} x {hw.name} "
         f"(backend {backend}, recompute {args.recompute}, save_input {args.save_input}); per rank, one step of "
@@ -191,11 +238,11 @@ def main(argv: list[str] | None = None) -> None:
     print(format_table(preds))
     win = preds[0]
     if win.rank == 1:
-        print(f"\nwinner: {win.strategy} — {win.reason}")
+        print(f"\nwinner: {win.label} — {win.reason}")
         gpus = args.dp * sp
         print(f"job: {win.tokens_per_s_per_gpu * gpus:,.0f} tokens/s on {gpus} GPUs (predicted, not measured)")
     else:
-        print("\nno strategy fits: " + "; ".join(f"{x.strategy}: {x.note}" for x in preds))
+        print("\nno strategy fits: " + "; ".join(f"{x.label}: {x.note}" for x in preds))
 
 
 if __name__ == "__main__":

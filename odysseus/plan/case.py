@@ -35,7 +35,11 @@ class Case:
     shape, ``batch`` sequences of ``seq`` tokens split over ``world`` ranks, ``dtype_bytes`` per element
     of activations and weights, and the overlap ops' options: ``save_input`` and the ring of slots every
     gather streams through in ``"shard"`` mode (``ring_tokens`` per piece, None: a quarter of the largest
-    shard; ``ring_slots`` pieces in flight) and ``ffn_tile``, as ``odysseus.parallelize`` takes them."""
+    shard; ``ring_slots`` pieces in flight) and ``ffn_tile``, as ``odysseus.parallelize`` takes them.
+
+    ``ring``: the ring degree R of a ``("ring", "sp")`` mesh (``odysseus.plan.ring``). Then ``seq`` is the tokens
+    of one ring rank, ``L/R`` (its two chunks of ``L/(2R)``), ``world`` the ``sp`` size S and ``rank`` the rank
+    in ``sp``: the head-parallel forms hold with ``L`` replaced by ``L/R`` and ``N`` by ``S``."""
 
     variant: Variant
     config: TransformerConfig
@@ -49,6 +53,8 @@ class Case:
     ring_slots: int = 2
     ffn_tile: int | None = None
     """Tokens per rank of one FFN tile (``parallelize(ffn_tile=)``); None: the FFN runs untiled."""
+    ring: int = 1
+    """Ring ranks the sequence is also cut over (1: no ring)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.variant, str):
@@ -57,6 +63,10 @@ class Case:
             raise ValueError(f"unknown save_input {self.save_input!r}; expected one of {SAVE_INPUT}")
         if self.ring_slots < 1 or (self.ring_tokens is not None and self.ring_tokens < 1):
             raise ValueError(f"ring_tokens={self.ring_tokens}, ring_slots={self.ring_slots}: both must be >= 1")
+        if not isinstance(self.ring, int) or isinstance(self.ring, bool) or self.ring < 1:
+            raise ValueError(f"ring={self.ring!r} must be a positive int")
+        if self.ring > 1 and self.seq % 2:
+            raise ValueError(f"ring={self.ring}: seq={self.seq} (one ring rank's tokens) must be two equal chunks")
         if self.ffn_tile is not None and self.ffn_tile < 1:
             raise ValueError(f"ffn_tile={self.ffn_tile!r} must be a positive number of tokens (or None)")
 
@@ -96,7 +106,10 @@ class Case:
 
 
 def heads_feasible(config: TransformerConfig, world: int) -> str | None:
-    """Why ``world`` ranks cannot split this block's heads (every strategy needs one query head per rank), or None."""
+    """Why ``world`` ranks of ``sp`` cannot split this block's heads (every strategy needs one query head per rank),
+    or None. A ring dim multiplies the ranks past the heads (``odysseus.plan.ring``)."""
     if world > config.num_heads:
-        return f"N={world} > {config.num_heads} query heads (every strategy splits heads)"
+        return (
+            f"N={world} > {config.num_heads} query heads (every strategy splits heads over sp; a ring goes past them)"
+        )
     return None

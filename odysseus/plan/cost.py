@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
 from .data_parallel import dp_step_records
+from .efficiency import attention_efficiency
 from .forms import expected_collectives, ffn_split, heads_split, zero3_records
 from .presets import Assumptions, Hardware, Model
+from .ring import attention_steps, crosses_nodes, hop_bytes, ring_exposed, ring_grad_records, zero3_view
+
+PHASES = ("forward", "backward")
 
 # The parts whose collectives run inside an all-gather⊗GEMM or a GEMM⊗reduce-scatter op can hide behind it.
 _FUSED = GATHER_SCATTER
@@ -80,9 +84,11 @@ def _gemms(case: Case) -> list[_Gemm]:
 
 
 def attention_flops(case: Case) -> float:
-    """Forward flops of causal attention over this rank's query heads: QK^T and PV over half the L x L scores."""
+    """Forward flops of causal attention over this rank's query heads: QK^T and PV over half the L x L scores.
+    With a ring of R, R steps of ``L/R`` query tokens against ``L/R`` key tokens, each half a block's pairs with
+    the head/tail layout (:func:`~odysseus.plan.ring.step_pairs`)."""
     per_head = 4 * case.seq * case.seq * case.config.head_dim
-    return case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
+    return case.ring * case.batch * case.shape.q_heads * (per_head / 2 if case.config.causal else per_head)
 
 
 def comm_time(
@@ -127,22 +133,34 @@ def block_cost(
     if backend not in a.overlap:
         raise ValueError(f"no overlap fraction for backend {backend!r}; assumptions know {sorted(a.overlap)}")
     gemm_rate = hw.peak_flops * a.gemm_efficiency
-    attn_rate = hw.peak_flops * a.attention_efficiency
     gemms = _gemms(case)
     attn_f = attention_flops(case)
     gemm_f = sum(g.flops for g in gemms)
-    fwd = gemm_f / gemm_rate + attn_f / attn_rate
-    bwd = 2 * gemm_f / gemm_rate + 2.5 * attn_f / attn_rate
+    if case.ring == 1:  # one causal kernel call over the sequence, at the published efficiency of its length
+        eff = (attention_efficiency(hw, a, case.seq, case.config.head_dim, p, case.config.causal) for p in PHASES)
+        attn_fwd, attn_bwd = (k * attn_f / (hw.peak_flops * e) for k, e in zip((1, 2.5), eff))
+        steps_fwd, steps_bwd = [attn_fwd], [attn_bwd]
+    else:  # R steps, each as slow as its slowest ring rank
+        steps_fwd, steps_bwd, _ = attention_steps(case, hw, a)
+        attn_fwd, attn_bwd = sum(steps_fwd), sum(steps_bwd)
+    fwd = gemm_f / gemm_rate + attn_fwd
+    bwd = 2 * gemm_f / gemm_rate + attn_bwd
     passes = 2 if recompute else 1  # recomputation reruns the forward, collectives included
     cost = Cost(compute_s=passes * fwd + bwd, flops=(passes + 2) * gemm_f + (passes + 2.5) * attn_f)
+    if case.ring > 1:  # the ring's point-to-point hops, each hidden behind the attention of its step
+        nbytes = hop_bytes(case)
+        t = comm_time(nbytes, "p2p", case.ring, hw, a, across_nodes=crosses_nodes(case, hw))
+        exposed, hops = ring_exposed(case.ring, t, a.ring_overlap, steps_fwd, steps_bwd, passes)
+        cost += Cost(exposed_comm_s=exposed, link_s=hops * t, comm_bytes=hops * nbytes, collectives=hops)
 
     gemm_s = {g.name: g.flops / gemm_rate for g in gemms if g.fused}
     f = a.overlap[backend]
     budget = {"forward": passes * fwd, "backward": bwd}
-    records = [(x.phase, x.op, x.category, x.bytes_received, x.label) for x in expected_collectives(case)]
-    records += [(*r, "") for r in (zero3_records(case) if case.variant.zero3 else [])]
-    for phase, op, category, nbytes, label in records:
-        t = comm_time(nbytes, op, case.world, hw, a)
+    records = [(x.phase, x.op, x.category, x.bytes_received, x.label, case.world) for x in expected_collectives(case)]
+    fsdp = zero3_view(case)  # ZeRO-3 shards over ring x sp
+    records += [(*r, "", fsdp.world) for r in (zero3_records(fsdp) if case.variant.zero3 else [])]
+    for phase, op, category, nbytes, label, group in records:
+        t = comm_time(nbytes, op, group, hw, a)
         reps = passes if category == "activation" and phase == "forward" else 1
         cost.link_s += reps * t
         cost.comm_bytes += reps * nbytes
@@ -183,32 +201,49 @@ def model_step(
     cost = max(per_rank, key=lambda x: x.time_s) * model.num_layers
     head_flops = 6 * B * L * c.hidden_size * model.vocab_size / N
     head = Cost(compute_s=head_flops / (hw.peak_flops * a.gemm_efficiency), flops=head_flops)
-    if N > 1 and whole_vocab(case):
+    zero3 = case.variant.zero3
+    M = zero3_view(case).world if zero3 else N  # FSDP2 shards over ring x sp
+    if M > 1 and whole_vocab(case):
         # Replicated embedding and LM head: their gradients are summed like the FFN's (or by FSDP2).
         n = (1 if model.tied_embeddings else 2) * model.vocab_size * c.hidden_size
         # Even chunks assumed: all-reduce 2(N-1)/N of them; FSDP2 all-gathers in forward and backward and
-        # reduce-scatters, 3(N-1)/N.
-        zero3 = case.variant.zero3
-        nbytes = (3 if zero3 else 2) * (N - 1) / N * n * case.dtype_bytes
-        t = comm_time(nbytes, "all_reduce", N, hw, a)
+        # reduce-scatters, 3(M-1)/M.
+        nbytes = (3 if zero3 else 2) * (M - 1) / M * n * case.dtype_bytes
+        t = comm_time(nbytes, "all_reduce", M, hw, a)
         overlap = a.zero3_overlap if zero3 else a.grad_overlap
         head += Cost(exposed_comm_s=t - overlap * min(t, cost.compute_s), link_s=t, comm_bytes=nbytes, collectives=1)
     step = cost + head
-    return step + dp_sync(model, case.at(0), hw, a, dp, step.compute_s)
+    # Every ring rank holds the same weights for other tokens: their gradients are summed over the ring (what
+    # FSDP2's reduce-scatters over ring x sp do not already sum), then over dp.
+    rings = ring_grad_records(case.at(0), model.num_layers, model.vocab_size, model.tied_embeddings)
+    ring_sync = _sync(rings, case.ring, hw, a, crosses_nodes(case, hw), step.compute_s)
+    across = dp * case.ring * case.world > hw.gpus_per_node
+    return step + ring_sync + dp_sync(model, case.at(0), hw, a, dp, step.compute_s, across)
 
 
-def dp_sync(model: Model, case: Case, hw: Hardware, a: Assumptions, dp: int, compute_s: float) -> Cost:
+def dp_sync(
+    model: Model, case: Case, hw: Hardware, a: Assumptions, dp: int, compute_s: float, across: bool | None = None
+) -> Cost:
     """The gradient traffic over ``dp`` replicas in one step (:func:`~odysseus.plan.data_parallel.dp_step_records`).
 
     Ranks are laid out dp-major, so the data-parallel group spans nodes as soon as the job does (its ranks
     are ``case.world`` apart). ``finalize_grads`` all-reduces after ``backward()`` (``grad_overlap`` of it
     hides behind the step's compute); FSDP2's all-reduces under hybrid ZeRO-3 run during backward
-    (``zero3_overlap``)."""
+    (``zero3_overlap``). ``across``: whether the group spans nodes (default: the job does)."""
+    across = dp * case.world > hw.gpus_per_node if across is None else across
+    records = dp_step_records(case, dp, model.num_layers, model.vocab_size, model.tied_embeddings)
+    return _sync(records, dp, hw, a, across, compute_s)
+
+
+def _sync(
+    records: list[tuple[str, int, int]], group: int, hw: Hardware, a: Assumptions, across: bool, compute_s: float
+) -> Cost:
+    """All-reduces of gradients over a group of ``group`` ranks, ``(who, bytes, collectives)`` each, hidden behind
+    ``compute_s`` by ``grad_overlap`` (``finalize_grads``) or ``zero3_overlap`` (FSDP2)."""
     out = Cost()
     budget = compute_s
-    across = dp * case.world > hw.gpus_per_node
-    for who, nbytes, count in dp_step_records(case, dp, model.num_layers, model.vocab_size, model.tied_embeddings):
-        t = comm_time(nbytes, "all_reduce", dp, hw, a, across) + (count - 1) * 2 * a.collective_latency_s
+    for who, nbytes, count in records:
+        t = comm_time(nbytes, "all_reduce", group, hw, a, across) + (count - 1) * 2 * a.collective_latency_s
         hidden = min((a.zero3_overlap if who == "fsdp" else a.grad_overlap) * t, budget)
         budget -= hidden
         out += Cost(exposed_comm_s=t - hidden, link_s=t, comm_bytes=nbytes, collectives=count)

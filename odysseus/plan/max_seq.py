@@ -3,9 +3,11 @@
 For every strategy the options are tried from cheapest to most frugal (:data:`LADDER`: none; layer
 checkpointing; + the tiled FFN and the chunked loss; + offload of the kept layer inputs), each with both
 ``save_input`` modes where the strategy runs all-gather⊗GEMMs; for each a binary search over the sequence
-(multiples of the GPUs the sequence is split over) finds the longest that fits device memory (and host
-memory, with offload). The longest wins; among equals the fastest. The binding term is what fails at the next
-length: host memory, or the device moment of :func:`~odysseus.plan.longseq.stack_peak` and its largest part.
+(multiples of the GPUs the sequence is split over; with a ring of R, of ``2R x S``: equal chunks) finds the
+longest that fits device memory (and host memory, with offload). With ``ring=None`` (``--max-seq`` without
+``--ring``) every ring degree R that divides the GPUs (``sp`` = GPUs / R no larger than the query heads) is
+searched too. The longest wins; among equals the fastest. The binding term is what fails at the next length:
+host memory, or the device moment of :func:`~odysseus.plan.longseq.stack_peak` and its largest part.
 """
 
 from __future__ import annotations
@@ -53,10 +55,24 @@ class MaxSeq:
     """Per rank at ``seq``: params, grads, optimizer, activations, transient, total (device) and host bytes."""
     binding: str
     """What does not fit at the next length (or why the strategy is infeasible)."""
+    ring: int = 1
+    """The ring degree R of the layout found (``sp`` = GPUs / R)."""
 
 
-def _case(variant: Variant, model: Model, batch: int, seq: int, gpus: int, keep: str, dtype_bytes: int) -> Case:
-    return Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes, keep)
+def _case(
+    variant: Variant, model: Model, batch: int, seq: int, ring: int, sp: int, keep: str, dtype_bytes: int
+) -> Case:
+    """One ring rank's case: ``seq / ring`` tokens over ``sp`` ranks."""
+    return Case(variant, model.config(), batch, seq // ring, sp, 0, dtype_bytes, keep, ring=ring)
+
+
+def ring_degrees(model: Model, gpus: int, ring: int | None) -> list[int]:
+    """The ring degrees searched: ``ring`` (checked), or every divisor R of ``gpus`` whose ``sp`` fits the heads."""
+    if ring is None:
+        return [R for R in range(1, gpus + 1) if gpus % R == 0 and gpus // R <= model.num_heads] or [1]
+    if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1 or gpus % ring:
+        raise ValueError(f"ring={ring!r} must be a positive int dividing gpus={gpus} (the GPUs are ring x sp)")
+    return [ring]
 
 
 def _memory(model: Model, case: Case, a: Assumptions, opt: LongSeq, backend: str) -> dict[str, float]:
@@ -115,10 +131,13 @@ def max_seq(
     ffn_tile: int = FFN_TILE,
     loss_chunk: int = LOSS_CHUNK,
     options: Sequence[LongSeq] | None = None,
+    ring: int | None = 1,
 ) -> list[MaxSeq]:
     """The longest sequence of ``batch`` sequences split over ``gpus`` ranks (``dp`` replicas of them) that each
     strategy fits on ``hardware``, longest first (see the module docstring). ``offload=False`` leaves host
-    offload out of the options tried; ``options``: the option sets to try instead of :func:`ladder`'s."""
+    offload out of the options tried; ``options``: the option sets to try instead of :func:`ladder`'s; ``ring``:
+    the ring degree (``gpus = ring x sp``; 1: no ring), None: every feasible one searched (the command line's
+    default)."""
     model = get_model(model) if isinstance(model, str) else model
     hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
     a = assumptions or Assumptions()
@@ -128,43 +147,44 @@ def max_seq(
     if offload and (hw.host_memory_bytes is None or hw.host_bw is None):
         raise ValueError(f"hardware {hw.name!r} has no host memory or PCIe bandwidth: pass offload=False")
     tries = list(options) if options is not None else ladder(offload, ffn_tile, loss_chunk)
+    rings = ring_degrees(model, gpus, ring)
     out = []
     for variant in strategies:
         variant = Variant.parse(variant) if isinstance(variant, str) else variant
-        why = heads_feasible(model.config(), gpus)
+        why = heads_feasible(model.config(), gpus // rings[-1])
         if why is None and dp * gpus > hw.max_gpus:
             why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node"
         if why is not None:
-            out.append(MaxSeq(variant.name, 0, LongSeq(), "gathered", 0.0, 0.0, {}, why))
+            out.append(MaxSeq(variant.name, 0, LongSeq(), "gathered", 0.0, 0.0, {}, why, rings[-1]))
             continue
         best = None
         keeps = ("gathered", "shard") if variant.spec.overlapped else ("gathered",)
-        for opt in tries:
-            for keep in keeps:
+        for R, opt, keep in ((R, o, k) for R in rings for o in tries for k in keeps):
+            S, step = gpus // R, gpus if R == 1 else 2 * gpus  # a ring cuts 2R equal chunks
 
-                def fits(seq: int, opt=opt, keep=keep, variant=variant) -> bool:
-                    case = _case(variant, model, batch, seq, gpus, keep, dtype_bytes)
-                    return _fits(_memory(model, case, a, opt, backend), hw, a)
+            def fits(seq: int, opt=opt, keep=keep, variant=variant, R=R, S=S) -> bool:
+                case = _case(variant, model, batch, seq, R, S, keep, dtype_bytes)
+                return _fits(_memory(model, case, a, opt, backend), hw, a)
 
-                seq = _longest(fits, gpus)
-                if seq == 0:
-                    continue
-                case = _case(variant, model, batch, seq, gpus, keep, dtype_bytes)
-                cost = model_step(model, case, hw, a, backend, opt.checkpoint, dp)
-                cost += longseq_cost(model, case, hw, a, backend, opt)
-                if best is None or (seq, -cost.time_s) > (best[0], -best[1].time_s):
-                    best = (seq, cost, opt, keep)
-        if best is None:
-            case = _case(variant, model, batch, gpus, gpus, keeps[-1], dtype_bytes)
+            seq = _longest(fits, step)
+            if seq == 0:
+                continue
+            case = _case(variant, model, batch, seq, R, S, keep, dtype_bytes)
+            cost = model_step(model, case, hw, a, backend, opt.checkpoint, dp)
+            cost += longseq_cost(model, case, hw, a, backend, opt)
+            if best is None or (seq, -cost.time_s) > (best[0], -best[1].time_s):
+                best = (seq, cost, opt, keep, R, step)
+        if best is None:  # the binding without a ring (or at the one asked for)
+            R = rings[0]
+            case = _case(variant, model, batch, gpus if R == 1 else 2 * gpus, R, gpus // R, keeps[-1], dtype_bytes)
             opt = tries[-1]
-            out.append(
-                MaxSeq(variant.name, 0, opt, keeps[-1], 0.0, 0.0, {}, _binding(model, case, hw, a, opt, backend))
-            )
+            why = _binding(model, case, hw, a, opt, backend)
+            out.append(MaxSeq(variant.name, 0, opt, keeps[-1], 0.0, 0.0, {}, why, R))
             continue
-        seq, cost, opt, keep = best
-        case = _case(variant, model, batch, seq, gpus, keep, dtype_bytes)
+        seq, cost, opt, keep, R, step = best
+        case = _case(variant, model, batch, seq, R, gpus // R, keep, dtype_bytes)
         mem = _memory(model, case, a, opt, backend)
-        binding = _binding(model, dataclasses.replace(case, seq=seq + gpus), hw, a, opt, backend)
+        binding = _binding(model, dataclasses.replace(case, seq=case.seq + step // R), hw, a, opt, backend)
         tps = batch * seq / (cost.time_s * gpus)
-        out.append(MaxSeq(variant.name, seq, opt, keep, cost.time_s, tps, mem, binding))
+        out.append(MaxSeq(variant.name, seq, opt, keep, cost.time_s, tps, mem, binding, R))
     return sorted(out, key=lambda m: (-m.seq, m.step_s))

@@ -21,6 +21,9 @@ transients, derived from the modules:
   activations.
 - **finalize_grads**: the zero-padded dense gradients of shared kv heads, the flat all-reduce buffer and
   the new gradients, while the old ones are still referenced.
+- **ring attention forward/backward** (``ring > 1``): the K/V blocks in flight, the merge's accumulators and, in
+  backward, the travelling dK/dV accumulators (``odysseus.plan.ring.ring_transients``; from the protocol, not
+  yet measured).
 
 The backend enters through its gathers: ``naive`` gathers a whole input at once, ``pipelined`` streams it
 through the ring's slots; ``symm`` stages a rank's chunk in a persistent symmetric workspace and receives
@@ -34,8 +37,9 @@ from dataclasses import dataclass
 from ..layout import HeadSplit, norm_chunk_tokens, shard_sizes
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
-from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split, weight_numel
+from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split
 from .overlap_memory import FP32, input_gemm_backward, output_gemm_backward, output_gemm_forward
+from .ring import ring_transients, ring_weight_numel, zero3_view
 
 
 def _attention_core_bytes(case: Case, tokens: int, qkv_width: int | None) -> int:
@@ -175,17 +179,17 @@ class Peak:
 
 def _grads(case: Case) -> dict[str, int]:
     e = case.dtype_bytes
-    return {part: g * e for part, (_, g) in weight_numel(case).items()}
+    return {part: g * e for part, (_, g) in ring_weight_numel(case).items()}
 
 
 def _fsdp_ffn(case: Case) -> tuple[int, int]:
     """(unsharded FFN weights, FSDP2's padded all-gather buffer of them) in bytes, under ZeRO-3 with whole FFN
     weights; else zeros. On one rank FSDP2 gathers nothing: its unsharded copy outlives the step."""
-    if not (case.variant.zero3 and not ffn_split(case)) or case.world == 1:
+    if not (case.variant.zero3 and not ffn_split(case)) or zero3_view(case).world == 1:
         return 0, 0
-    unit, e = _fsdp_units_by_part(case)[0], case.dtype_bytes
+    unit, e, n = _fsdp_units_by_part(case)[0], case.dtype_bytes, zero3_view(case).world
     whole = sum(dim0 * rest for dim0, rest in unit)
-    padded = sum(_fsdp_local(dim0, rest, case.world, case.rank)[0] for dim0, rest in unit) * case.world
+    padded = sum(_fsdp_local(dim0, rest, n, case.rank)[0] for dim0, rest in unit) * n
     return whole * e, padded * e
 
 
@@ -265,7 +269,20 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         resident = parts["norm"] + input_rows(case, GATHER_SCATTER) * d * e + d * width * e
         resident += grads["ffn"] + grads["norms"] // 2 + o_grad + B * case.seq * width * e + 2 * n * e
         moments["QKV input GEMM backward"] = resident + input_gemm_backward(case, backend, width)
+    if case.ring > 1:
+        # The ring's blocks in flight (odysseus.plan.ring): forward while the input norm and the attention have
+        # saved theirs (the output being merged counted among them); backward after the FFN, the post-attention
+        # norm and o_proj, with their gradients, the residual's and the attention output's gradients in hand.
+        ring_fwd, ring_bwd = ring_transients(case)
+        q_width = case.shape.q_heads * c.head_dim
+        core = saved - parts["ffn"] - parts["norm"] - x
+        moments["ring attention forward"] = core + ring_fwd
+        o_grad = d * q_width * e
+        resident = core + grads["ffn"] + grads["norms"] // 2 + o_grad + n * e + B * case.seq * q_width * e
+        moments["ring attention backward"] = resident + ring_bwd
     made = {
+        "ring attention forward": 0,
+        "ring attention backward": grads["ffn"] + grads["norms"] // 2 + d * case.shape.q_heads * c.head_dim * e,
         "SwiGLU backward": d_down,
         "post-attention norm backward": grads["ffn"] + grads["norms"] // 2,
         "input norm backward": grads["ffn"] + grads["attention"] + grads["norms"],

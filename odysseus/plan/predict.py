@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from ..strategies.registry import VARIANTS, Variant
 from .case import Case, heads_feasible
 from .cost import Cost, model_step, whole_vocab
-from .forms import fsdp_gathered_numel, parameter_bytes
+from .forms import fsdp_gathered_numel
 from .longseq import LongSeq, stack_peak
 from .memory import kept_input_bytes, saved_activation_bytes, sync_bytes
 from .overlap_memory import symm_workspace_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
+from .ring import ring_weight_numel, zero3_view
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total", "host")
 
@@ -51,7 +52,16 @@ class Prediction:
     """What the all-gather⊗GEMMs keep for backward (``"shard"`` adds one all-gather per op in backward)."""
     tokens_per_s_per_gpu: float = 0.0
     """Training throughput of the whole job divided by its GPUs: each replica's ``batch x seq`` tokens per
-    step over its ``sp`` GPUs."""
+    step over its ``ring x sp`` GPUs."""
+    ring: int = 1
+    """The ring degree R of the layout (``odysseus.plan.ring``); 1: no ring."""
+    sp: int = 0
+    """The ``sp`` size S: the GPUs of one replica are ``ring * sp``."""
+
+    @property
+    def label(self) -> str:
+        """The strategy, with its layout when it has a ring: ``ulysses (ring 4 x sp 8)``."""
+        return f"{self.strategy} (ring {self.ring} x sp {self.sp})" if self.ring > 1 else self.strategy
 
     @property
     def bound(self) -> str:
@@ -75,12 +85,15 @@ def memory_bytes(
     """
     a, N, zero3 = assumptions, case.world, case.variant.zero3
     opt = recompute if isinstance(recompute, LongSeq) else LongSeq(checkpoint=bool(recompute))
-    per_layer = parameter_bytes(dataclasses.replace(case, dtype_bytes=1))["params"]  # element counts
+    per_layer = sum(p for p, _ in ring_weight_numel(case).values())  # element counts (FSDP2: over ring x sp)
     d, V = case.config.hidden_size, model.vocab_size
     vocab_mats = 1 if model.tied_embeddings else 2
     nonblock = vocab_mats * V * d + d  # embedding (+ LM head) + final norm
-    if not whole_vocab(case) or zero3:
-        nonblock = vocab_mats * -(-V // N) * d + (-(-d // N) if zero3 else d)  # vocab-parallel or sharded
+    if zero3:  # FSDP2 shards them over ring x sp
+        M = zero3_view(case).world
+        nonblock = vocab_mats * -(-V // M) * d + -(-d // M)
+    elif not whole_vocab(case):  # vocabulary-parallel over sp
+        nonblock = vocab_mats * -(-V // N) * d + d
     params = model.num_layers * per_layer + nonblock
     out = {"params": params * a.param_bytes, "grads": params * a.grad_bytes, "optimizer": params * a.optimizer_bytes}
     peak = stack_peak(case, model.num_layers, V, opt, backend)
@@ -116,6 +129,7 @@ def predict(
     assumptions: Assumptions | None = None,
     dtype_bytes: int = 2,
     dp: int = 1,
+    ring: int | str = 1,
 ) -> list[Prediction]:
     """Predict step time and peak memory per rank of each strategy and rank them (fastest that fits first).
 
@@ -129,8 +143,10 @@ def predict(
     ``"never"``/``"always"`` force it. ``save_input`` (``odysseus.parallelize``'s option, for the strategies
     that run all-gather⊗GEMMs): ``"gathered"``, ``"shard"``, or ``"auto"``: the gathered input where it fits,
     else only the shard, both tried before recomputation. ``ring_tokens``/``ring_slots``: the ring of
-    ``"shard"`` mode (``odysseus.overlap.Ring``). The first entry of the list carries the reason it won in
-    ``reason``.
+    ``"shard"`` mode (``odysseus.overlap.Ring``). ``ring``: the ring degree R of a ``(dp, ring, sp)`` mesh
+    (``gpus = R * S``; the sequence must cut into ``2R`` equal chunks), or ``"auto"``: every R that divides
+    ``gpus`` with ``sp`` no larger than the query heads, each layout ranked with the strategies. The first entry
+    of the list carries the reason it won in ``reason``.
     """
     model = get_model(model) if isinstance(model, str) else model
     hw = get_hardware(hardware) if isinstance(hardware, str) else hardware
@@ -148,13 +164,16 @@ def predict(
     options = {"auto": (False, True), "never": (False,), "always": (True,)}[recompute]
     keeps = {"auto": ("gathered", "shard")}.get(save_input, (save_input,))
     out = []
-    for variant in strategies:
-        case = Case(variant, model.config(), batch, seq, gpus, 0, dtype_bytes, keeps[0], ring_tokens, ring_slots)
-        why = heads_feasible(case.config, gpus)
+    for R, variant in ((R, v) for R in ring_layouts(model, seq, gpus, ring) for v in strategies):
+        S = gpus // R
+        case = Case(variant, model.config(), batch, seq // R, S, 0, dtype_bytes, keeps[0], ring_tokens, ring_slots)
+        case = dataclasses.replace(case, ring=R)
+        why = heads_feasible(case.config, S)
         if why is None and dp * gpus > hw.max_gpus:
             why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
         if why is not None:
-            out.append((Prediction(case.variant.name, False, False, False, math.inf, Cost(), {}, note=why), case))
+            pred = Prediction(case.variant.name, False, False, False, math.inf, Cost(), {}, note=why, ring=R, sp=S)
+            out.append((pred, case))
             continue
         tries = [(rc, k) for rc in options for k in (keeps if case.spec.overlapped else keeps[:1])]
         for rc, keep in tries:  # the first that fits: keeping less, then recomputing
@@ -166,6 +185,7 @@ def predict(
         cost = model_step(model, case, hw, a, backend, rc, dp)
         note = "" if fits else f"needs {mem['total'] / 1e9:.1f} GB > {capacity / 1e9:.1f} GB usable"
         pred = Prediction(case.variant.name, True, fits, rc, cost.time_s, cost, mem, note, save_input=case.save_input)
+        pred.ring, pred.sp = R, S
         pred.tokens_per_s_per_gpu = batch * seq / (cost.time_s * gpus)
         out.append((pred, case))
     ranked = sorted(out, key=lambda pc: (not pc[0].feasible, not pc[0].fits, pc[0].step_s))
@@ -174,6 +194,23 @@ def predict(
     if ranked and ranked[0][0].rank == 1:
         ranked[0][0].reason = _reason(ranked, model, hw, a, backend, dp)
     return [p for p, _ in ranked]
+
+
+def ring_layouts(model: Model, seq: int, gpus: int, ring: int | str) -> list[int]:
+    """The ring degrees to plan: ``ring`` itself (checked), or for ``"auto"`` every divisor R of ``gpus`` whose ``sp``
+    is no larger than the query heads and whose ``2R`` chunks are equal (R = 1 always, to show why it fails)."""
+    if ring == "auto":
+        heads = model.num_heads
+        return [
+            R for R in range(1, gpus + 1) if gpus % R == 0 and (R == 1 or (gpus // R <= heads and seq % (2 * R) == 0))
+        ]
+    if not isinstance(ring, int) or isinstance(ring, bool) or ring < 1:
+        raise ValueError(f"ring={ring!r} must be a positive int or 'auto'")
+    if gpus % ring:
+        raise ValueError(f"ring={ring} does not divide gpus={gpus} (the GPUs of one replica are ring x sp)")
+    if ring > 1 and seq % (2 * ring):
+        raise ValueError(f"seq={seq} does not cut into 2 x ring = {2 * ring} equal chunks")
+    return [ring]
 
 
 def _peak_memory(model: Model, case: Case, a: Assumptions, recompute: bool, backend: str) -> dict[str, float]:
@@ -201,23 +238,23 @@ def _reason(
         keep = _peak_memory(model, case, a, False, backend)["total"]
         how = "does not fit at all" if not loser.fits else "must recompute activations to fit"
         return (
-            f"memory: {loser.strategy} would take {unconstrained[best] * 1e3:.0f} ms with unlimited memory, but it "
+            f"memory: {loser.label} would take {unconstrained[best] * 1e3:.0f} ms with unlimited memory, but it "
             f"needs {keep / 1e9:.1f} GB without recomputation (> {capacity_gb:.0f} GB usable) and {how}; "
-            f"{win.strategy} fits" + (" with recomputation" if win.recompute else "")
+            f"{win.label} fits" + (" with recomputation" if win.recompute else "")
         )
     runner = next((p for p, _ in ranked[1:] if p.rank), None)
     if runner is None:
         return f"only feasible strategy that fits; {win.bound}-bound"
     gap = runner.step_s - win.step_s
     if gap < 0.02 * win.step_s:
-        return f"tie with {runner.strategy} within 2%; {win.bound}-bound"
+        return f"tie with {runner.label} within 2%; {win.bound}-bound"
     if runner.recompute and not win.recompute:
         return (
-            f"memory: {runner.strategy} (next, {gap / runner.step_s:.0%} slower) must recompute activations to fit "
-            f"in {capacity_gb:.0f} GB; {win.strategy} keeps them"
+            f"memory: {runner.label} (next, {gap / runner.step_s:.0%} slower) must recompute activations to fit "
+            f"in {capacity_gb:.0f} GB; {win.label} keeps them"
         )
     d_compute = runner.cost.compute_s - win.cost.compute_s
     d_comm = (runner.step_s - runner.cost.compute_s) - (win.step_s - win.cost.compute_s)
     kind = "comm-bound" if d_comm >= d_compute else "compute-bound"
     what = "less exposed communication" if kind == "comm-bound" else "less compute"
-    return f"{kind}: {gap / runner.step_s:.0%} faster than {runner.strategy} through {what}"
+    return f"{kind}: {gap / runner.step_s:.0%} faster than {runner.label} through {what}"

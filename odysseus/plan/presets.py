@@ -130,6 +130,12 @@ class Assumptions:
 
     gemm_efficiency: float = 0.7
     attention_efficiency: float = 0.5
+    """Attention's fraction of the peak on hardware without a published curve (:mod:`odysseus.plan.efficiency`)."""
+    attention_kernel: str = "fa2"
+    """Whose published throughput curve applies where there is one: ``"fa2"`` (torch SDPA's flash backend,
+    flash-attn 2) or ``"fa3"`` (flash-attn 3 on Hopper)."""
+    ring_overlap: float = 0.9
+    """Fraction of a ring step's point-to-point K/V (and dK/dV) transfer hidden behind that step's attention."""
     link_efficiency: float = 0.8
     collective_latency_s: float = 20e-6
     host_exchange_latency_s: float = 50e-6
@@ -150,8 +156,11 @@ class Assumptions:
         default_factory=lambda: {
             "gemm_efficiency": "assumption: large bf16 GEMMs reach about 70% of dense peak on A100/H100 "
             "(cuBLAS on square-ish shapes); calibrate to replace",
-            "attention_efficiency": "assumption: FlashAttention-2 reports 50-73% of A100 peak forward and less "
-            "backward (Dao 2023, arXiv:2307.08691); 50% for forward+backward",
+            "attention_efficiency": "assumption, used only where odysseus.plan.efficiency has no published curve "
+            "(A100, calibrations): FlashAttention-2 reports 50-73% of A100 peak forward and less backward (Dao "
+            "2023, arXiv:2307.08691); 50% for forward+backward",
+            "ring_overlap": "assumption until measured on GPU: the ring's P2P runs on a side stream beside the "
+            "block's attention; 90% of the shorter of the two hides (launch and synchronisation gaps), as symm",
             "link_efficiency": "assumption: NCCL ring all-gather/reduce-scatter bus bandwidth is about 80% of "
             "the per-direction link peak for messages of tens of MB",
             "collective_latency_s": "assumption: fixed cost of one NCCL collective inside a node, order 10-30 us",
@@ -187,7 +196,9 @@ class Assumptions:
             value = getattr(self, name)
             if not 0 < value <= 1:
                 raise ValueError(f"assumptions: {name}={value!r} must be in (0, 1]")
-        for name in ("grad_overlap", "zero3_overlap"):
+        if self.attention_kernel not in ("fa2", "fa3"):
+            raise ValueError(f"assumptions: attention_kernel={self.attention_kernel!r}; expected 'fa2' or 'fa3'")
+        for name in ("grad_overlap", "zero3_overlap", "ring_overlap"):
             value = getattr(self, name)
             if not 0 <= value <= 1:
                 raise ValueError(f"assumptions: {name}={value!r} must be in [0, 1]")

@@ -1,0 +1,188 @@
+"""The ring dim of a ``("dp", "ring", "sp")`` mesh: ring attention's bytes, time and memory on one rank.
+
+The protocol the modules implement: the sequence is cut into ``2R`` chunks; ring rank ``i`` holds chunks ``i`` and
+``2R-1-i`` (causal load balance), ``L/R`` tokens, split over the ``S`` ranks of ``sp`` (innermost: inside a node).
+The head-parallel part of each strategy runs over ``sp`` on those ``L/R`` tokens exactly as without a ring
+(:mod:`.forms` with ``L -> L/R``, ``N -> S``: a :class:`~odysseus.plan.case.Case` with ``seq = L/R``,
+``world = S``, ``ring = R``). Attention over the sequence is a ring over ``ring``: at step ``s`` a rank attends its
+queries to the K/V block of ring rank ``i - s`` while the next block travels point to point; blocks merge by
+log-sum-exp. Per rank per layer:
+
+- forward: ``R-1`` K/V hops; backward: ``R-1`` K/V hops and ``R`` dK/dV hops (the accumulators pass on with
+  their block and come home), each :func:`hop_bytes` ``= B * (L/R) * kv_local * hd * 2 * e`` (kv heads
+  unexpanded: the ones this ``sp`` rank holds, ``layout.kv_range``);
+- compute: step ``s`` does the query-key pairs of :func:`step_pairs`; with the head/tail layout every step has
+  the same ``(L/R)^2 / 2`` pairs (step 0 as two causal diagonal blocks and one full block, the others as full
+  blocks), so the slowest rank of a step is no slower than the mean (:func:`load_balance_factor` 1; a
+  contiguous layout would be ``(2R-1)/R``);
+- each hop hides behind the attention of the step it travels during (``Assumptions.ring_overlap``); the last
+  dK/dV hop home has nothing left to hide behind.
+
+The ring's ranks are ``S`` apart: the ring crosses nodes once ``R*S`` exceeds a node (then a hop runs at the NIC's
+bandwidth and sets every step), while ``sp`` stays inside one.
+
+Weights: every ring rank holds the same weights for other tokens, so ``finalize_grads`` sums their gradients over
+the ring (:func:`ring_grad_records`); ZeRO-3 shards the whole weights FSDP2 takes over ``ring x sp``
+(:func:`zero3_view`, :func:`ring_weight_numel`), leaving the head-split weights to the ring's sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..layout import all_reduce_bytes, shard_sizes
+from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
+from .case import Case
+from .data_parallel import dp_grad_numel, dp_step_records
+from .efficiency import attention_efficiency
+from .forms import Record, _fsdp_local, _fsdp_units_by_part, weight_numel
+from .presets import Assumptions, Hardware
+
+FP32 = 4
+
+
+def chunk_sizes(seq: int, ring: int) -> list[int]:
+    """The ``2 * ring`` chunks of a ``seq``-token sequence (``shard_sizes`` rule)."""
+    return shard_sizes(seq, 2 * ring)
+
+
+def held_chunks(ring: int, i: int, balanced: bool = True) -> tuple[int, int]:
+    """The chunks ring rank ``i`` holds: head ``i`` and tail ``2R-1-i``, or (``balanced=False``) ``2i, 2i+1``."""
+    return (i, 2 * ring - 1 - i) if balanced else (2 * i, 2 * i + 1)
+
+
+def _pairs(chunks: list[int], a: int, b: int, causal: bool) -> float:
+    """Query-key pairs of query chunk ``a`` against key chunk ``b``: a causal diagonal block counts half."""
+    if not causal or a > b:
+        return float(chunks[a] * chunks[b])
+    return chunks[a] ** 2 / 2 if a == b else 0.0
+
+
+def step_pairs(chunks: list[int], ring: int, causal: bool = True, balanced: bool = True) -> list[list[float]]:
+    """``pairs[s][i]``: query-key pairs ring rank ``i`` computes at step ``s``, against the K/V of ring rank
+    ``(i - s) mod R`` (R = 1: the whole causal block, ``L^2 / 2`` as :func:`~odysseus.plan.cost.attention_flops`)."""
+    out = []
+    for s in range(ring):
+        row = []
+        for i in range(ring):
+            mine, theirs = held_chunks(ring, i, balanced), held_chunks(ring, (i - s) % ring, balanced)
+            row.append(sum(_pairs(chunks, a, b, causal) for a in mine for b in theirs))
+        out.append(row)
+    return out
+
+
+def load_balance_factor(chunks: list[int], ring: int, causal: bool = True, balanced: bool = True) -> float:
+    """The ring's attention time over the perfectly balanced one: every step waits for its slowest rank, so
+    ``sum_s max_i pairs / (sum pairs / R)``."""
+    pairs = step_pairs(chunks, ring, causal, balanced)
+    total = sum(map(sum, pairs))
+    return sum(max(row) for row in pairs) / (total / ring) if total else 1.0
+
+
+def hop_bytes(case: Case) -> int:
+    """Bytes of one ring hop on ``case.rank``: the K and V (or dK and dV) of this ring rank's ``L/R`` tokens for
+    the kv heads this ``sp`` rank holds, unexpanded."""
+    c = case.config
+    return case.batch * case.seq * case.shape.kv_heads * c.head_dim * 2 * case.dtype_bytes
+
+
+def ring_records(case: Case) -> list[Record]:
+    """The ring's point-to-point transfers of one block on ``case.rank`` as (phase, op, category, bytes received):
+    ``R-1`` K/V hops forward; ``R-1`` K/V and ``R`` dK/dV hops backward. None without a ring."""
+    R, b = case.ring, hop_bytes(case)
+    if R == 1:
+        return []
+    return [("forward", "p2p", "activation", b)] * (R - 1) + [("backward", "p2p", "activation", b)] * (2 * R - 1)
+
+
+def crosses_nodes(case: Case, hw: Hardware) -> bool:
+    """The ring's hops leave the node: its ranks are ``sp`` apart, so ``R * S`` ranks must fit in one node."""
+    return case.ring * case.world > hw.gpus_per_node
+
+
+def attention_steps(case: Case, hw: Hardware, a: Assumptions) -> tuple[list[float], list[float], float]:
+    """(forward seconds, backward seconds) of each ring step on ``case.rank``, and the forward flops: each step
+    as slow as its slowest ring rank (:func:`step_pairs`), the kernel efficiency of ``L/R`` tokens from
+    :mod:`~odysseus.plan.efficiency` (step 0 causal, later steps full blocks); backward 2.5x the flops. R = 1
+    is one causal call over ``seq``: the model without a ring."""
+    c, R = case.config, case.ring
+    per_pair = 4 * case.batch * case.shape.q_heads * c.head_dim  # QK^T and PV, 2 flops per multiply-add
+    pairs = step_pairs(chunk_sizes(case.seq * R, R), R, c.causal)
+    fwd, bwd = [], []
+    for s, row in enumerate(pairs):
+        flops = max(row) * per_pair
+        causal = c.causal and s == 0
+        eff_f = attention_efficiency(hw, a, case.seq, c.head_dim, "forward", causal)
+        eff_b = attention_efficiency(hw, a, case.seq, c.head_dim, "backward", causal)
+        fwd.append(flops / (hw.peak_flops * eff_f))
+        bwd.append(2.5 * flops / (hw.peak_flops * eff_b))
+    return fwd, bwd, sum(row[0] for row in pairs) * per_pair
+
+
+def ring_exposed(
+    ring: int, hop_s: float, overlap: float, fwd: list[float], bwd: list[float], passes: int
+) -> tuple[float, int]:
+    """(exposed seconds, hops) of one block's ring transfers of ``hop_s`` seconds each: forward hop ``s`` travels
+    during step ``s`` (``passes`` forwards with recomputation); backward step ``s`` carries the next K/V block and
+    the previous step's dK/dV on the same link; the last dK/dV hop home is exposed. ``overlap`` of the shorter of
+    a step's transfers and its attention (``fwd``/``bwd`` seconds per step) hides."""
+    if ring == 1:
+        return 0.0, 0
+    exposed = passes * sum(hop_s - overlap * min(hop_s, fwd[s]) for s in range(ring - 1))
+    for s in range(ring):
+        load = hop_s * ((s < ring - 1) + (s > 0))
+        exposed += load - overlap * min(load, bwd[s])
+    return exposed + hop_s, passes * (ring - 1) + 2 * ring - 1
+
+
+def ring_transients(case: Case) -> tuple[int, int]:
+    """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``.
+
+    Forward: two K/V blocks (the one attended, the next arriving), the step's output in the activations' dtype
+    and its fp32 log-sum-exp, and the fp32 running output the blocks merge into. Backward: two K/V blocks, two
+    dK/dV accumulators (the one being summed into, the one travelling; in the K/V dtype), the fp32 dQ
+    accumulator and one step's dQ, dK, dV from the kernel. None of them grows with R: O(L/(R*S)) per rank."""
+    if case.ring == 1:
+        return 0, 0
+    B, L, e, s, hd = case.batch, case.seq, case.dtype_bytes, case.shape, case.config.head_dim
+    kv, q = hop_bytes(case), B * L * s.q_heads * hd
+    forward = 2 * kv + q * (e + FP32) + B * s.q_heads * L * FP32
+    backward = 4 * kv + q * FP32 + (q + B * L * s.kv_heads * hd * 2) * e
+    return forward, backward
+
+
+# --- weights over the ring ------------------------------------------------------------------------------
+
+
+def zero3_view(case: Case) -> Case:
+    """The case FSDP2's forms (``forms.zero3_records``, which read only the spec, the config, ``world`` and ``rank``)
+    see: its ``world`` is ``ring x sp``, the group ZeRO-3 shards over."""
+    return dataclasses.replace(case, world=case.world * case.ring, ring=1) if case.ring > 1 else case
+
+
+def ring_weight_numel(case: Case) -> dict[str, tuple[int, int]]:
+    """``forms.weight_numel`` on a ring: under ZeRO-3 the parts FSDP2 shards hold ``ceil(dim0 / (R*S))`` padded
+    rows (rank 0's shard: the largest); the head- or column-split parts are as over ``sp``."""
+    out = weight_numel(case)
+    if not (case.variant.zero3 and case.ring > 1):
+        return out
+    whole, n = set(case.spec.replicated), case.world * case.ring
+    sharded = {"ffn": set(FFN_WEIGHTS) <= whole, "norms": case.spec.sequence_split}
+    sharded["attention"] = set(ATTENTION_WEIGHTS) <= whole
+    for part, unit in zip(("ffn", "norms", "attention"), _fsdp_units_by_part(case)):
+        if sharded[part]:
+            shards = [_fsdp_local(dim0, rest, n, 0) for dim0, rest in unit]
+            out[part] = (sum(p for p, _ in shards), sum(u for _, u in shards))
+    return out
+
+
+def ring_grad_records(case: Case, layers: int, vocab_size: int, tied: bool) -> list[tuple[str, int, int]]:
+    """What one step sums over the ring on ``case.rank`` as ``(who, bytes received, collectives)``: without ZeRO-3,
+    every gradient (``data_parallel.dp_step_records`` over R); with it, only the weights FSDP2 leaves alone (its
+    reduce-scatters over ``ring x sp`` already sum the rest)."""
+    if case.ring == 1:
+        return []
+    if not case.variant.zero3:
+        return dp_step_records(case, case.ring, layers, vocab_size, tied)
+    numel = layers * dp_grad_numel(case, "hybrid")
+    return [("finalize_grads", all_reduce_bytes(numel, case.ring, 0, case.dtype_bytes), 1)] if numel else []
