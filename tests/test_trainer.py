@@ -34,11 +34,12 @@ MODELS = {
     ),
 }
 # Clipping is active (every step's norm is above 0.5), the cosine schedule warms up over the first step, and
-# two micro-batches of 4 sequences make each of the 4 steps; a checkpoint every 2 steps.
+# two micro-batches of 4 sequences make each of the 4 steps; a checkpoint and an evaluation every 2 steps.
 ARGS = dict(
     per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2, weight_decay=0.01,
     lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=0.5, logging_steps=1, save_strategy="steps",
-    save_steps=2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+    save_steps=2, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4, report_to="none", use_cpu=True,
+    seed=0, disable_tqdm=True,
 )  # fmt: skip
 
 
@@ -47,11 +48,11 @@ def model(name: str):
     return MODELS[name]()
 
 
-def dataset(packed: bool) -> list[dict]:
-    """16 examples: 29 tokens each (odd: uneven shards), or 5 to 19 tokens for packing; some labels ignored."""
-    g = torch.Generator().manual_seed(1)
+def dataset(packed: bool, n: int = 16, seed: int = 1) -> list[dict]:
+    """``n`` examples: 29 tokens each (odd: uneven shards), or 5 to 19 tokens for packing; some labels ignored."""
+    g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(16):
+    for _ in range(n):
         n = int(torch.randint(5, 20, (1,), generator=g)) if packed else 29
         ids = torch.randint(0, 128, (n,), generator=g).tolist()
         labels = list(ids)
@@ -60,16 +61,17 @@ def dataset(packed: bool) -> list[dict]:
     return out
 
 
-def logged(trainer, after: int = 0) -> list[tuple[float, float, float]]:
-    """(loss, grad_norm, learning_rate) of each logged step after step ``after``."""
-    rows = [h for h in trainer.state.log_history if "loss" in h and h["step"] > after]
-    return [(h["loss"], h["grad_norm"], h["learning_rate"]) for h in rows]
+def logged(trainer, after: int = 0) -> list[tuple[float, ...]]:
+    """(loss, grad_norm, learning_rate) of each logged step after step ``after``, then each evaluation's loss."""
+    rows = [h for h in trainer.state.log_history if h["step"] > after]
+    steps = [(h["loss"], h["grad_norm"], h["learning_rate"]) for h in rows if "loss" in h]
+    return steps + [(h["eval_loss"],) for h in rows if "eval_loss" in h]
 
 
 def dense_run(name: str, packed: bool, out: str) -> tuple[list, dict]:
     collator = DataCollatorWithFlattening() if packed else default_data_collator
     trained = model(name)
-    trainer = Trainer(trained, TrainingArguments(out, **ARGS), collator, dataset(packed))
+    trainer = Trainer(trained, TrainingArguments(out, **ARGS), collator, dataset(packed), dataset(packed, 8, 2))
     trainer.train()
     return logged(trainer), trained.state_dict()
 
@@ -86,8 +88,8 @@ def _odysseus_run(rank, world, name, packed, out, options):
     collator = DataCollatorWithFlattening() if packed else default_data_collator
 
     def trainer():
-        args, data = TrainingArguments(out, **ARGS), dataset(packed)
-        return OdysseusTrainer(model=model(name), args=args, data_collator=collator, train_dataset=data, **options)
+        args, data, held_out = TrainingArguments(out, **ARGS), dataset(packed), dataset(packed, 8, 2)
+        return OdysseusTrainer(model(name), args, collator, data, held_out, **options)
 
     first = trainer()
     first.train()
@@ -100,7 +102,7 @@ def _odysseus_run(rank, world, name, packed, out, options):
 def check(got_logs, want_logs, got_weights, want_weights, what):
     assert len(got_logs) == len(want_logs), (what, got_logs, want_logs)
     for step, (got, want) in enumerate(zip(got_logs, want_logs), 1):
-        assert_close(torch.tensor(got), torch.tensor(want), **TOL, what=f"{what}: step {step} (loss, norm, lr)")
+        assert_close(torch.tensor(got), torch.tensor(want), **TOL, what=f"{what}: entry {step} (loss, norm, lr)")
     assert set(got_weights) == set(want_weights), what
     for k, v in want_weights.items():
         assert_close(got_weights[k], v, **TOL, what=f"{what}: {k}")
@@ -122,7 +124,8 @@ def test_trainer_matches_dense_trainer_numerics(case, tmp_path):
         world, _odysseus_run, name, packed, str(out), options, timeout=300
     )[0]
     check(logs, want_logs, weights, want_weights, f"{case}: run")
-    check(resumed_logs, want_logs[2:], resumed_weights, want_weights, f"{case}: resumed at step 2")
+    # After step 2: steps 3 and 4, and the evaluation at step 4.
+    check(resumed_logs, want_logs[2:4] + want_logs[5:], resumed_weights, want_weights, f"{case}: resumed at step 2")
     # The checkpoints hold the dense model: from_pretrained loads it on one device, as the dense run saved it.
     cls = type(model(name))
     for step in (2, 4):
@@ -137,7 +140,8 @@ def _misuse(rank, world, out):
     torchrun_env(rank, world)
 
     def attempt(make=lambda: model("llama"), collator=default_data_collator, **changes):
-        args = TrainingArguments(out, **{**ARGS, "save_strategy": "no", "max_steps": 1, **changes.pop("args", {})})
+        no_saves = {"save_strategy": "no", "eval_strategy": "no", "max_steps": 1}
+        args = TrainingArguments(out, **{**ARGS, **no_saves, **changes.pop("args", {})})
         if "deepspeed" in changes:  # deepspeed is not installed, and TrainingArguments checks that it is
             args.deepspeed = changes.pop("deepspeed")
         try:

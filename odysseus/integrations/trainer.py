@@ -34,60 +34,13 @@ from ..training.state import zero3 as shard_zero3
 from .hf import parallelize_llama
 from .hf_state import finalize_model_grads, hf_state_dict
 from .loss import causal_lm_loss, lm_head_loss
+from .trainer_args import check_training_args, job_mesh, world_size
 from .trainer_state import check_layout, load_dense, load_optimizer, save_layout, save_optimizer
 
 __all__ = ["OdysseusTrainer", "check_training_args"]
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
-_MESHES: dict[tuple, object] = {}
-_HF_CHECKPOINTING = "Hugging Face checkpointing does not reach the odysseus layers; pass checkpoint=True"
-
-
-def check_training_args(args: transformers.TrainingArguments) -> None:
-    """Raise ``ValueError`` for a ``TrainingArguments`` setting that OdysseusTrainer cannot honour: a wrapper that
-    would shard or wrap the model a second time, or a loss or step it would not compute. The same arguments on
-    every rank give the same error on every rank."""
-    refused = {
-        "deepspeed": "DeepSpeed would wrap the model a second time; use zero3=True (odysseus.zero3) instead",
-        "fsdp": "FSDP would wrap the model a second time; use zero3=True (odysseus.zero3) instead",
-        "parallelism_config": "accelerate's own tp/cp/sp would split the model a second time",
-        "activation_checkpointing": _HF_CHECKPOINTING,
-        "gradient_checkpointing": _HF_CHECKPOINTING,
-        "use_liger_kernel": "Liger's patches would replace modules of the split model; pass loss_chunk= instead",
-        "label_smoothing_factor": "the odysseus loss has no label smoothing",
-        "torch_compile": "compile the model yourself (docs/COMPILE.md); Trainer would compile the split model",
-        "load_best_model_at_end": "evaluation is not supported",
-        "auto_find_batch_size": "the batch must be split evenly over the replicas",
-    }
-    for field, why in refused.items():
-        value = getattr(args, field, None)
-        if value:  # None, False, 0, "" and [] are the defaults that mean "off"
-            raise ValueError(f"OdysseusTrainer: TrainingArguments({field}={value!r}) is not supported: {why}")
-    if str(getattr(args.eval_strategy, "value", args.eval_strategy)) != "no":
-        raise ValueError(f"OdysseusTrainer: eval_strategy={args.eval_strategy!r}; evaluation is not supported ('no')")
-
-
-def _world() -> int:
-    """The job's world size; refuses a launch whose ranks transformers did not join into one process group."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if world != launched:
-        raise RuntimeError(
-            f"OdysseusTrainer: WORLD_SIZE={launched} processes were launched but torch.distributed holds {world}; on "
-            "a machine without GPUs pass TrainingArguments(use_cpu=True), so that accelerate starts the gloo group"
-        )
-    return world
-
-
-def _mesh(device: torch.device, dp: int, sp: int):
-    """The job's ``(dp, sp)`` DeviceMesh (dp-major: a replica's sp ranks are consecutive), one per shape."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    key = (device.type, dp, sp)
-    if key not in _MESHES:  # init_device_mesh makes new groups on every call
-        _MESHES[key] = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
-    return _MESHES[key]
 
 
 class OdysseusTrainer(transformers.Trainer):
@@ -131,11 +84,12 @@ class OdysseusTrainer(transformers.Trainer):
         check_training_args(args)
         if model is None or trainer_kwargs.get("model_init") is not None:
             raise ValueError("OdysseusTrainer needs model=; model_init is not supported (the model is split once)")
-        if trainer_kwargs.get("compute_loss_func") is not None:
-            raise ValueError("OdysseusTrainer computes the loss itself; compute_loss_func is not supported")
+        for name in ("compute_loss_func", "compute_metrics", "preprocess_logits_for_metrics"):
+            if trainer_kwargs.get(name) is not None:  # each needs the logits, which no rank holds whole
+                raise ValueError(f"OdysseusTrainer computes the loss itself, without logits; {name} is not supported")
         self.spec = registry.get(strategy)
         device = args.device  # accelerate joins the launched ranks into one process group here
-        world = _world()
+        world = world_size()
         sp = world if sp_size is None else sp_size
         if not isinstance(sp, int) or sp < 1 or world % sp:
             raise ValueError(f"OdysseusTrainer: sp_size={sp_size!r}; expected a divisor of the world size {world}")
@@ -146,7 +100,7 @@ class OdysseusTrainer(transformers.Trainer):
                 f"cannot be split over the {dp} data-parallel replicas of world {world} with sp_size={sp}: pass a "
                 f"multiple of {dp} (each replica trains on per_device_train_batch_size / {dp} of them)"
             )
-        self.mesh = _mesh(device, dp, sp) if world > 1 else None
+        self.mesh = job_mesh(device, dp, sp) if world > 1 else None
         model.to(device)
         with torch.random.fork_rng(devices=[]):  # Trainer's data order must not depend on what splitting draws
             parallelize_llama(
@@ -186,12 +140,16 @@ class OdysseusTrainer(transformers.Trainer):
         """Trainer's loader (sampler, collator, seed and resume as in the dense run), with accelerate's
         per-process split replaced by a per-replica one: each replica gets its slice of every batch of
         ``per_device_train_batch_size`` examples, before collation (so a packing collator packs the slice)."""
-        loader = super().get_train_dataloader()
+        return self._per_replica(super().get_train_dataloader(), self._train_batch_size)
+
+    def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
+        """As :meth:`get_train_dataloader`, for batches of ``per_device_eval_batch_size`` examples."""
+        return self._per_replica(super().get_eval_dataloader(eval_dataset), self.args.eval_batch_size)
+
+    def _per_replica(self, loader: torch.utils.data.DataLoader, batch_size: int) -> torch.utils.data.DataLoader:
         replica, replicas = self._dp()
-        if self._train_batch_size % replicas:
-            raise ValueError(
-                f"OdysseusTrainer: a batch of {self._train_batch_size} cannot be split over {replicas} replicas"
-            )
+        if batch_size % replicas:
+            raise ValueError(f"OdysseusTrainer: a batch of {batch_size} cannot be split over {replicas} replicas")
         split = getattr(loader, "batch_sampler", None)
         if self.mesh is not None:
             if not hasattr(split, "split_batches"):
@@ -210,6 +168,10 @@ class OdysseusTrainer(transformers.Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
+        return batches, self._targets(batches).to(device)
+
+    def _targets(self, batches: list[dict]) -> torch.Tensor:
+        """Target tokens (labels after a row's first position, not -100) in ``batches`` over every replica."""
         count = torch.zeros((), dtype=torch.int64)
         for batch in batches:
             if "labels" not in batch:
@@ -220,7 +182,7 @@ class OdysseusTrainer(transformers.Trainer):
             count += (batch["labels"][..., 1:] != IGNORE_INDEX).sum().cpu()
         if self._dp()[1] > 1:
             count = primitives.all_reduce(count, self.mesh.get_group("dp"), category="metadata", label="token count")
-        return batches, count.to(device)
+        return count
 
     def _shard(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(this rank's input_ids, position_ids, the replica's full labels), after checking the batch on every
@@ -259,7 +221,7 @@ class OdysseusTrainer(transformers.Trainer):
         """This rank's term of the window's mean loss: the sum of the terms over every rank and micro-batch is
         the dense model's mean over all target tokens of the window (``num_items_in_batch``)."""
         if return_outputs:
-            raise NotImplementedError("OdysseusTrainer does not return model outputs (evaluation, prediction)")
+            raise NotImplementedError("OdysseusTrainer does not return model outputs (logits); it computes the loss")
         ids, positions, labels = self._shard(inputs)
         group = self.sp_group
         with self.accelerator.autocast():
@@ -285,6 +247,18 @@ class OdysseusTrainer(transformers.Trainer):
         world = dist.get_world_size() if self.mesh is not None else 1
         # Sequence-split ranks hold shares of the loss; "tp" ranks of a replica hold its whole term.
         return loss * (world if self.spec.sequence_split else self._dp()[1])
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the batch's mean loss over every replica's examples, as the dense model's loss, the same on
+        every rank; no logits (``predict()`` and ``compute_metrics`` are not supported)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            term = self.compute_loss(model, inputs, num_items_in_batch=self._targets([inputs]).to(self.args.device))
+        if self.mesh is None:
+            return term.detach(), None, None
+        total = primitives.all_reduce(term.detach(), dist.group.WORLD, category="metadata", label="eval loss")
+        # Sequence-split ranks hold shares of the loss; "tp" ranks of a replica each hold its whole term.
+        return total / (1 if self.spec.sequence_split else group_size(self.sp_group)), None, None
 
     def _wrap_model(self, model, training=True, dataloader=None):
         """No DDP: the model sums its own gradients (finalize_model_grads); DDP would sum them again over every
@@ -334,9 +308,6 @@ class OdysseusTrainer(transformers.Trainer):
         """What a checkpoint's optimizer shards depend on: a resume must match it."""
         world = dist.get_world_size() if self.mesh is not None else 1
         return {"strategy": self.spec.name, "world": world, "dp": self._dp()[1]}
-
-    def evaluate(self, *args, **kwargs):
-        raise NotImplementedError("OdysseusTrainer does not evaluate; save the model and evaluate it dense")
 
     def predict(self, *args, **kwargs):
         raise NotImplementedError("OdysseusTrainer does not predict; save the model and run it dense")
