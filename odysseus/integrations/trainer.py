@@ -11,8 +11,8 @@ The ``world / sp_size`` data-parallel replicas each run the model split over ``s
 on what one device trains on in the dense single-process run: ``per_device_train_batch_size`` sequences per
 micro-step, split over the dp replicas (so it must be a multiple of dp), every rank of a replica reading the
 same sequences and feeding its shard of the tokens. Logged losses, gradient norms and weights are the dense
-run's. Differences from ``Trainer`` are refused loudly (see :func:`check_training_args`); evaluation and
-prediction are not supported.
+run's, and ``evaluate()`` reports the dense model's loss. What it cannot honour is refused on every rank (see
+:func:`check_training_args`): among others ``predict()`` and ``compute_metrics``, which need logits.
 """
 
 from __future__ import annotations
