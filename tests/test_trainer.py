@@ -212,3 +212,25 @@ def test_example_under_torchrun_matches_the_dense_script_numerics(tmp_path):
     ours = LlamaForCausalLM.from_pretrained(tmp_path / "odysseus" / "checkpoint-3").state_dict()
     theirs = LlamaForCausalLM.from_pretrained(tmp_path / "dense" / "checkpoint-3").state_dict()
     check([], [], ours, theirs, "example: checkpoint-3")
+
+
+def test_resume_refuses_a_dense_optimizer_and_another_layout(tmp_path):
+    from odysseus.integrations.trainer_state import load_optimizer, save_layout, save_optimizer
+
+    layout = {"strategy": "odysseus", "world": 4, "dp": 2}
+    layer = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(layer.parameters())
+    layer(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    assert not load_optimizer(opt, str(tmp_path), 0, layout), "weights only (save_only_model): nothing to load"
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(ValueError, match="dense Trainer's optimizer.pt"):
+        load_optimizer(opt, str(tmp_path), 0, layout)
+    ours = tmp_path / "ours"
+    save_optimizer(opt, str(ours), 1)
+    save_layout(str(ours), layout)
+    with pytest.raises(ValueError, match="layout .* this run is .*'world': 2"):
+        load_optimizer(opt, str(ours), 1, {**layout, "world": 2, "dp": 1})
+    fresh = torch.optim.AdamW(layer.parameters())
+    assert load_optimizer(fresh, str(ours), 1, layout)
+    assert_close(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"], 0, 0, "exp_avg")

@@ -35,7 +35,7 @@ from .hf import parallelize_llama
 from .hf_state import finalize_model_grads, hf_state_dict
 from .loss import causal_lm_loss, lm_head_loss
 from .trainer_args import check_training_args, job_mesh, world_size
-from .trainer_state import check_layout, load_dense, load_optimizer, save_layout, save_optimizer
+from .trainer_state import load_dense, load_optimizer, save_layout, save_optimizer
 
 __all__ = ["OdysseusTrainer", "check_training_args"]
 
@@ -294,13 +294,13 @@ class OdysseusTrainer(transformers.Trainer):
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, transformers.trainer.SCHEDULER_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        check_layout(resume_from_checkpoint, self._layout())
+        """The dense weights of any checkpoint of this model (ours or a dense Trainer's), each rank its share."""
         load_dense(self.model, resume_from_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None:
-            return
-        load_optimizer(self.optimizer, checkpoint, self.args.process_index)
+        rank = self.args.process_index
+        if checkpoint is None or not load_optimizer(self.optimizer, checkpoint, rank, self._layout()):
+            return  # no optimizer state saved (save_only_model): Trainer starts afresh too
         path = os.path.join(checkpoint, transformers.trainer.SCHEDULER_NAME)
         self.lr_scheduler.load_state_dict(torch.load(path, weights_only=True))
 

@@ -23,21 +23,6 @@ def save_layout(path: str, layout: dict) -> None:
         json.dump(layout, f)
 
 
-def check_layout(path: str, layout: dict) -> None:
-    """Raise ``ValueError`` unless ``path`` was written by a run with the same layout (the optimizer shards hold
-    each rank's share of the split weights). Every rank reads the same file and raises alike."""
-    file = os.path.join(path, LAYOUT_NAME)
-    if not os.path.isfile(file):
-        raise ValueError(
-            f"{path} holds no {LAYOUT_NAME}: not an OdysseusTrainer checkpoint. To start from a dense checkpoint, "
-            "load it with from_pretrained and pass that model instead of resuming"
-        )
-    with open(file) as f:
-        saved = json.load(f)
-    if saved != layout:
-        raise ValueError(f"{path} was written by a run with layout {saved}; this run is {layout}: resume with that")
-
-
 def _read_dense(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a ``save_pretrained`` directory (one safetensors file or an index of several)."""
     from safetensors.torch import load_file
@@ -92,14 +77,27 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str, rank: int) -> No
     torch.save(state, _optimizer_file(path, rank))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: str, rank: int) -> None:
-    """Load what :func:`save_optimizer` wrote for this rank; ZeRO-3 states become DTensors again."""
+def load_optimizer(optimizer: torch.optim.Optimizer, path: str, rank: int, layout: dict) -> bool:
+    """Load what :func:`save_optimizer` wrote for this rank (ZeRO-3 states become DTensors again); False where
+    ``path`` holds no optimizer state (a checkpoint saved with ``save_only_model``: Trainer then starts the
+    optimizer afresh too). Raises ``ValueError`` where the state cannot be this run's: a dense Trainer's
+    ``optimizer.pt``, or a run with another layout (the shards hold each rank's share of the split weights). Every
+    rank reads the same files and raises alike."""
     from torch.distributed.tensor import DTensor
 
-    file = _optimizer_file(path, rank)
+    file = os.path.join(path, LAYOUT_NAME)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} does not exist: {path} holds no optimizer state for rank {rank}")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+        if os.path.isfile(os.path.join(path, "optimizer.pt")):
+            raise ValueError(
+                f"{path} holds a dense Trainer's optimizer.pt, which cannot be split over this run's ranks: start "
+                "from its weights (from_pretrained) with a fresh optimizer instead of resuming"
+            )
+        return False
+    with open(file) as f:
+        saved = json.load(f)
+    if saved != layout:
+        raise ValueError(f"{path} was written by a run with layout {saved}; this run is {layout}: resume with that")
+    state = torch.load(_optimizer_file(path, rank), map_location="cpu", weights_only=True)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     for i, s in state["state"].items():
         p = params[i]
@@ -111,3 +109,4 @@ def load_optimizer(optimizer: torch.optim.Optimizer, path: str, rank: int) -> No
                     v.to(p.device), p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
                 )
     optimizer.load_state_dict(state)
+    return True
