@@ -1,7 +1,8 @@
 """OdysseusTrainer against the dense single-process transformers.Trainer with the same TrainingArguments and data:
 logged losses, gradient norms and learning rates, final weights, the checkpoints from_pretrained loads, and a run
 resumed from a mid-run checkpoint; at world 2 (Llama, sp 2, the long-sequence options) and 4 (Qwen2 with tied
-embeddings, 2 x 2 dp x sp, packed sequences, ZeRO-3). Then the misuse it refuses, on every rank.
+embeddings, 2 x 2 dp x sp, packed sequences, ZeRO-3). Then the misuse it refuses, on every rank; the example
+script under torchrun; OdysseusSFTTrainer against TRL's SFTTrainer.
 
 The ranks are forked gloo processes (run_ranks); the variables torchrun would set tell accelerate the layout, and
 the process group is the one run_ranks made."""
@@ -234,3 +235,49 @@ def test_resume_refuses_a_dense_optimizer_and_another_layout(tmp_path):
     fresh = torch.optim.AdamW(layer.parameters())
     assert load_optimizer(fresh, str(ours), 1, layout)
     assert_close(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"], 0, 0, "exp_avg")
+
+
+def _sft_tokenizer():
+    """A word-level tokenizer over the model's 128 ids, made here (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(126)} | {"<pad>": 126, "<eos>": 127}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="<eos>")
+
+
+def _sft_run(rank, world, out, odysseus):
+    """TRL's SFTTrainer, or OdysseusSFTTrainer at sp = world: text examples that TRL tokenizes and packs (its
+    padding-free collator), SFTConfig's default gradient checkpointing, accumulation, clipping, its schedule."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if odysseus:
+        torchrun_env(rank, world)  # before SFTConfig: accelerate reads the layout when the arguments are made
+    g = torch.Generator().manual_seed(3)
+    texts = [" ".join(f"t{int(i)}" for i in torch.randint(0, 126, (int(n),), generator=g)) for n in range(4, 36)]
+    config = SFTConfig(
+        out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2,
+        max_grad_norm=0.5, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+        disable_tqdm=True, packing=True, max_length=48,
+    )  # fmt: skip
+    assert config.gradient_checkpointing  # TRL's default, which OdysseusSFTTrainer turns into checkpoint=True
+    parts = dict(model=model("llama"), args=config, train_dataset=Dataset.from_list([{"text": t} for t in texts]))
+    parts["processing_class"] = _sft_tokenizer()
+    if odysseus:
+        from odysseus.integrations.sft import OdysseusSFTTrainer
+
+        trainer = OdysseusSFTTrainer(**parts, sp_size=world)
+    else:
+        trainer = SFTTrainer(**parts)
+    trainer.train()
+    return [(h["loss"], h["grad_norm"], h["learning_rate"]) for h in trainer.state.log_history if "loss" in h]
+
+
+def test_sft_trainer_matches_trl_numerics(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # TRL reports usage from rank 0 otherwise
+    want = _sft_run(0, 1, str(tmp_path / "dense"), odysseus=False)
+    got = run_ranks(2, _sft_run, str(tmp_path / "odysseus"), True, timeout=300)[0]
+    check(got, want, {}, {}, "OdysseusSFTTrainer against SFTTrainer")

@@ -34,13 +34,16 @@ from ..training.state import zero3 as shard_zero3
 from .hf import parallelize_llama
 from .hf_state import finalize_model_grads, hf_state_dict
 from .loss import causal_lm_loss, lm_head_loss
-from .trainer_args import check_training_args, job_mesh, world_size
+from .trainer_args import check_training_args, job_mesh, take_hf_checkpointing, world_size
 from .trainer_state import load_dense, load_optimizer, save_layout, save_optimizer
 
 __all__ = ["OdysseusTrainer", "check_training_args"]
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
 _BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
+# What padding-free collators (TRL's) add for flash-attention's varlen kernels: the documents that position_ids
+# already mark, which is all the layers read. Dropped where position_ids come with them.
+_VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 class OdysseusTrainer(transformers.Trainer):
@@ -81,6 +84,7 @@ class OdysseusTrainer(transformers.Trainer):
         **trainer_kwargs,
     ):
         args = args if args is not None else transformers.TrainingArguments(output_dir="tmp_trainer")
+        checkpoint = take_hf_checkpointing(args) or checkpoint
         check_training_args(args)
         if model is None or trainer_kwargs.get("model_init") is not None:
             raise ValueError("OdysseusTrainer needs model=; model_init is not supported (the model is split once)")
@@ -189,11 +193,11 @@ class OdysseusTrainer(transformers.Trainer):
         rank at once (the replicas' batches differ, so one may fail alone)."""
 
         def check():
-            extra = sorted(set(inputs) - set(_BATCH_KEYS))
+            extra = sorted(set(inputs) - set(_BATCH_KEYS) - set(_VARLEN_KEYS if "position_ids" in inputs else ()))
             if extra:
                 raise ValueError(
-                    f"OdysseusTrainer: the batch holds {extra}; expected only {list(_BATCH_KEYS)} (for "
-                    "DataCollatorWithFlattening: return_flash_attn_kwargs=False, return_seq_idx=False)"
+                    f"OdysseusTrainer: the batch holds {extra}; expected only {list(_BATCH_KEYS)} (and "
+                    "flash-attention's varlen arguments beside position_ids)"
                 )
             mask = inputs.get("attention_mask")
             if mask is not None and not bool(mask.all()):

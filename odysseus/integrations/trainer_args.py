@@ -9,10 +9,9 @@ import torch
 import torch.distributed as dist
 import transformers
 
-__all__ = ["check_training_args", "job_mesh", "world_size"]
+__all__ = ["check_training_args", "job_mesh", "take_hf_checkpointing", "world_size"]
 
 _MESHES: dict[tuple, object] = {}
-_HF_CHECKPOINTING = "Hugging Face checkpointing does not reach the odysseus layers; pass checkpoint=True"
 
 
 def check_training_args(args: transformers.TrainingArguments) -> None:
@@ -23,8 +22,6 @@ def check_training_args(args: transformers.TrainingArguments) -> None:
         "deepspeed": "DeepSpeed would wrap the model a second time; use zero3=True (odysseus.zero3) instead",
         "fsdp": "FSDP would wrap the model a second time; use zero3=True (odysseus.zero3) instead",
         "parallelism_config": "accelerate's own tp/cp/sp would split the model a second time",
-        "activation_checkpointing": _HF_CHECKPOINTING,
-        "gradient_checkpointing": _HF_CHECKPOINTING,
         "use_liger_kernel": "Liger's patches would replace modules of the split model; pass loss_chunk= instead",
         "label_smoothing_factor": "the odysseus loss has no label smoothing",
         "torch_compile": "compile the model yourself (docs/COMPILE.md); Trainer would compile the split model",
@@ -35,6 +32,18 @@ def check_training_args(args: transformers.TrainingArguments) -> None:
         value = getattr(args, field, None)
         if value:  # None, False, 0, "" and [] are the defaults that mean "off"
             raise ValueError(f"OdysseusTrainer: TrainingArguments({field}={value!r}) is not supported: {why}")
+
+
+def take_hf_checkpointing(args: transformers.TrainingArguments) -> bool:
+    """Whether ``args`` ask for activation checkpointing (``activation_checkpointing``, or its old name
+    ``gradient_checkpointing``, which TRL's SFTConfig turns on by default); turns the flag off in ``args``. Hugging
+    Face's checkpointing would not reach the odysseus layers, so the trainer recomputes them itself
+    (``parallelize_llama(checkpoint=True)``): the same numbers, the same saving."""
+    wanted = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
+    for field in ("activation_checkpointing", "gradient_checkpointing"):
+        if hasattr(args, field):
+            setattr(args, field, False)
+    return wanted
 
 
 def world_size() -> int:
