@@ -172,18 +172,18 @@ class OdysseusTrainer(transformers.Trainer):
                 batches.append(next(epoch_iterator))
             except StopIteration:
                 break
-        return batches, self._targets(batches).to(device)
+        return batches, self._targets(batches)
 
     def _targets(self, batches: list[dict]) -> torch.Tensor:
         """Target tokens (labels after a row's first position, not -100) in ``batches`` over every replica."""
-        count = torch.zeros((), dtype=torch.int64)
+        count = torch.zeros((), dtype=torch.int64, device=self.args.device)  # NCCL reduces device tensors only
         for batch in batches:
             if "labels" not in batch:
                 raise ValueError(
                     f"OdysseusTrainer: the batch holds {sorted(batch)} but no labels; use a collator that adds "
                     "them (e.g. DataCollatorForLanguageModeling(tokenizer, mlm=False) or DataCollatorWithFlattening)"
                 )
-            count += (batch["labels"][..., 1:] != IGNORE_INDEX).sum().cpu()
+            count += (batch["labels"][..., 1:] != IGNORE_INDEX).sum().to(count.device)
         if self._dp()[1] > 1:
             count = primitives.all_reduce(count, self.mesh.get_group("dp"), category="metadata", label="token count")
         return count
@@ -257,7 +257,7 @@ class OdysseusTrainer(transformers.Trainer):
         every rank; no logits (``predict()`` and ``compute_metrics`` are not supported)."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            term = self.compute_loss(model, inputs, num_items_in_batch=self._targets([inputs]).to(self.args.device))
+            term = self.compute_loss(model, inputs, num_items_in_batch=self._targets([inputs]))
         if self.mesh is None:
             return term.detach(), None, None
         total = primitives.all_reduce(term.detach(), dist.group.WORLD, category="metadata", label="eval loss")
