@@ -17,6 +17,7 @@ run's, and ``evaluate()`` reports the dense model's loss. What it cannot honour 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from ..comm import primitives, shard_sequence
 from ..comm.groups import group_rank, group_size
 from ..comm.verdict import agree, attempt
+from ..layout import offsets, shard_sizes
 from ..strategies import registry
 from ..training.clip import clip_grad_norm_
 from ..training.clip import grad_norm as dense_grad_norm
@@ -44,6 +46,25 @@ _BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
 # What padding-free collators (TRL's) add for flash-attention's varlen kernels: the documents that position_ids
 # already mark, which is all the layers read. Dropped where position_ids come with them.
 _VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+class ReplicaShare:
+    """A collator for one data-parallel replica: of a batch's examples it keeps the replica's contiguous share
+    (equal shares of a full batch; a short last batch is shared out as evenly as it goes), then collates them
+    with ``collate``. Every replica sees the same batch, so a batch too small to share fails on every rank."""
+
+    def __init__(self, collate, replica: int, replicas: int):
+        self.collate, self.replica, self.replicas = collate, replica, replicas
+
+    def __call__(self, features: list):
+        sizes = shard_sizes(len(features), self.replicas)
+        if min(sizes) == 0:
+            raise ValueError(
+                f"OdysseusTrainer: a batch of {len(features)} examples cannot give each of the {self.replicas} "
+                "data-parallel replicas one (the epoch's last batch?): pass dataloader_drop_last=True"
+            )
+        start = offsets(sizes)[self.replica]
+        return self.collate(features[start : start + sizes[self.replica]])
 
 
 class OdysseusTrainer(transformers.Trainer):
@@ -141,26 +162,30 @@ class OdysseusTrainer(transformers.Trainer):
     # --- data ----------------------------------------------------------------------------------
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        """Trainer's loader (sampler, collator, seed and resume as in the dense run), with accelerate's
-        per-process split replaced by a per-replica one: each replica gets its slice of every batch of
-        ``per_device_train_batch_size`` examples, before collation (so a packing collator packs the slice)."""
-        return self._per_replica(super().get_train_dataloader(), self._train_batch_size)
+        """Trainer's loader (sampler, seed, resume skip as in the dense run) without accelerate's per-process
+        split: every rank reads every batch of ``per_device_train_batch_size`` examples, and the collator keeps
+        this replica's contiguous share before collating (so a packing collator packs the share)."""
+        return self._per_replica(super().get_train_dataloader)
 
     def get_eval_dataloader(self, eval_dataset=None) -> torch.utils.data.DataLoader:
         """As :meth:`get_train_dataloader`, for batches of ``per_device_eval_batch_size`` examples."""
-        return self._per_replica(super().get_eval_dataloader(eval_dataset), self.args.eval_batch_size)
+        return self._per_replica(functools.partial(super().get_eval_dataloader, eval_dataset))
 
-    def _per_replica(self, loader: torch.utils.data.DataLoader, batch_size: int) -> torch.utils.data.DataLoader:
-        replica, replicas = self._dp()
-        if batch_size % replicas:
-            raise ValueError(f"OdysseusTrainer: a batch of {batch_size} cannot be split over {replicas} replicas")
-        split = getattr(loader, "batch_sampler", None)
-        if self.mesh is not None:
-            if not hasattr(split, "split_batches"):
-                raise TypeError(f"OdysseusTrainer: expected accelerate's BatchSamplerShard, got {type(split).__name__}")
-            # The same switch Trainer makes for its own rank-aware BatchRebalanceSampler.
-            split.num_processes, split.process_index, split.split_batches = replicas, replica, True
-            split.even_batches = replicas > 1  # one replica: a short last batch stays short, as in the dense run
+    def _per_replica(self, make) -> torch.utils.data.DataLoader:
+        if self.mesh is None:
+            return make()
+        user = self.data_collator
+        self.data_collator = ReplicaShare(user, *self._dp())  # what Trainer's loaders collate with
+        try:
+            loader = make()
+        finally:
+            self.data_collator = user
+        shard = getattr(loader, "batch_sampler", None)
+        if not hasattr(shard, "num_processes"):
+            raise TypeError(f"OdysseusTrainer: expected accelerate's BatchSamplerShard, got {type(shard).__name__}")
+        # One process's view, as Trainer makes for its own rank-aware BatchRebalanceSampler; a short last batch
+        # stays short, as in the dense run (the collator shares it out unevenly).
+        shard.num_processes, shard.process_index, shard.even_batches = 1, 0, False
         return loader
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
