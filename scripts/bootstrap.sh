@@ -16,7 +16,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install -q torch==2.13.0 >&2
 fi
 if ! "$PY" -m pip show -q odysseus >/dev/null 2>&1 \
-   || ! "$PY" -c "import triton, transformers, pytest, hypothesis, matplotlib, numpy, einops, liger_kernel" 2>/dev/null; then
+   || ! "$PY" -c "import triton, transformers, accelerate, trl, pytest, hypothesis, matplotlib, numpy, einops, liger_kernel" 2>/dev/null; then
   echo "installing odysseus[test]" >&2
   "$PY" -m pip install -q -e ".[test]" >&2
 fi
