@@ -37,9 +37,7 @@ class RingPlan:
 
     def block(self, me: int, src: int, device):
         docs = self.documents
-        return plan_block(
-            self.tokens[me], self.tokens[src], self.causal, docs and docs[me], docs and docs[src], device
-        )
+        return plan_block(self.tokens[me], self.tokens[src], self.causal, docs and docs[me], docs and docs[src], device)
 
 
 class _Hop:
