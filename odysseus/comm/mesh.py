@@ -97,11 +97,14 @@ def check_default_group(who: str) -> None:
     """
     if _MODEL_MESHES:
         world = dist.get_world_size() if dist.is_initialized() else 1
-        meshes = ", ".join(f"(dp={dp}, ring={ring}, sp={sp})" for dp, ring, sp in sorted(_MODEL_MESHES))
+        meshes = ", ".join(
+            f"a 2-D mesh (dp={dp}, sp={sp})" if ring == 1 else f"a mesh (dp={dp}, ring={ring}, sp={sp})"
+            for dp, ring, sp in sorted(_MODEL_MESHES)
+        )
         raise ValueError(
             f"{who} was called without a group, so it would split over all {world} ranks, but a model of this "
-            f"process is split over a mesh {meshes}: pass the mesh (the DeviceMesh or the (dp, sp) "
-            "group pair the model was parallelized with) as the group"
+            f"process is split over {meshes}: pass the mesh (the DeviceMesh or the (dp, sp) group pair the model "
+            "was parallelized with) as the group"
         )
 
 
