@@ -265,3 +265,54 @@ def _refusals(rank, world):
 def test_bad_meshes_and_inputs_raise_on_every_rank():
     for errors in run_ranks(4, _refusals, timeout=120):
         assert len(errors) == 9, errors
+
+
+# --- Hugging Face: parallelize_llama on a ring mesh against the dense model ------------------------------------
+
+
+def _hf(rank, world):
+    from test_hf_models import batch, build, family_config
+
+    from odysseus.integrations.hf import (
+        causal_lm_loss,
+        finalize_model_grads,
+        global_loss,
+        hf_state_dict,
+        model_loss,
+        parallelize_llama,
+    )
+
+    mesh = _mesh((2, 2), ("ring", "sp"))
+    ids, labels = batch()
+    done = []
+    for family, strategy, packed, checkpoint in (
+        ("llama", "ulysses", False, False),
+        ("qwen2", "odysseus", True, False),
+        ("llama", "tp-sp", False, True),
+    ):
+        what = f"{family} {strategy} packed={packed} checkpoint={checkpoint}"
+        ref = build(family_config(family))
+        pos = PACKED.expand(2, -1) if packed else None
+        out = ref(ids, labels=labels, position_ids=pos, use_cache=False)
+        out.loss.backward()
+        model = parallelize_llama(build(family_config(family)), strategy, mesh, checkpoint=checkpoint)
+        kwargs = {} if pos is None else {"position_ids": shard_sequence(pos, mesh)}
+        if checkpoint:  # the loss a chunk at a time, never the logits
+            loss = model_loss(model, shard_sequence(ids, mesh), labels, chunk=7)
+        else:
+            logits = model(shard_sequence(ids, mesh), **kwargs).logits
+            loss = causal_lm_loss(logits, labels, mesh)
+            assert_close(gather_sequence(logits.detach(), mesh), out.logits, 1e-5, 1e-5, True, f"{what} logits")
+        loss.backward()
+        finalize_model_grads(model)
+        assert_close(global_loss(loss, model), out.loss, 1e-5, 1e-5, True, f"{what} loss")
+        grads = hf_state_dict(model, grad=True)
+        for name, p in ref.named_parameters():
+            assert_close(grads[name], p.grad, 1e-5, 1e-5, True, f"{what} {name}.grad")
+        done.append(what)
+    return done
+
+
+def test_hf_llama_and_qwen2_on_a_ring_mesh_match_dense_numerics():
+    done = run_ranks(4, _hf, timeout=300)
+    assert all(len(d) == 3 for d in done), done
