@@ -316,3 +316,22 @@ def _hf(rank, world):
 def test_hf_llama_and_qwen2_on_a_ring_mesh_match_dense_numerics():
     done = run_ranks(4, _hf, timeout=300)
     assert all(len(d) == 3 for d in done), done
+
+
+def _train(rank, world, flags):
+    from test_train_example import _example
+
+    example = _example()
+    return example.train(example.parse_args(flags))
+
+
+def test_train_example_with_a_ring_trains_as_without():
+    """examples/train_llama.py --ring 2 --sp 2 (ZeRO-3 over ring x sp) takes the same steps as --sp 2 alone."""
+    from test_train_example import SIZES
+
+    flags = [*SIZES, "--steps", "3", "--save-every", "0", "--strategy", "ulysses", "--zero3", "--seq", "61"]
+    ring = run_ranks(4, _train, [*flags, "--ring", "2", "--sp", "2"], timeout=300)
+    flat = run_ranks(2, _train, [*flags, "--sp", "2"], timeout=300)
+    assert all(losses == ring[0] for losses in ring)
+    assert_close(torch.tensor(ring[0]), torch.tensor(flat[0]), 1e-5, 0, what="losses of --ring 2 vs none")
+    assert ring[0][-1] < ring[0][0], ring[0]
