@@ -15,6 +15,7 @@ import odysseus
 from odysseus import CommLedger, dense_state_dict, finalize_grads, gather_sequence, shard_sequence
 from odysseus.comm.mesh import resolve_mesh
 from odysseus.layout import ring_chunks, ring_shards
+from odysseus.ops import ring_attention
 from odysseus.ops.ring_attention import block_backward, block_forward, merge, plan_block
 from odysseus.parity import Run
 from odysseus.plan import Case, expected_collectives
@@ -49,9 +50,12 @@ def _dense_attention(q, k, v, kv_of_q, docs):
     return torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~mask[:, None], float("-inf")).softmax(-1), ve)
 
 
-def test_blocks_merged_by_lse_match_dense_attention_numerics():
+@pytest.mark.parametrize("tile", [4, 1024])
+def test_blocks_merged_by_lse_match_dense_attention_numerics(tile, monkeypatch):
     """Three ring ranks' blocks, uneven GQA (query heads reading kv heads 0, 0, 1), packed documents that leave
-    some query rows of a block with no key: forward and every gradient equal dense attention in fp64."""
+    some query rows of a block with no key: forward and every gradient equal dense attention in fp64, the scores
+    computed a few query rows at a time or all at once."""
+    monkeypatch.setattr(ring_attention, "QUERY_TILE", tile)
     g = torch.Generator().manual_seed(0)
     n, B, D = 23, 2, 4
     q = torch.randn(B, n, 3, D, generator=g, dtype=torch.float64, requires_grad=True)

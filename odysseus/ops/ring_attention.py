@@ -8,8 +8,13 @@ softmax (:func:`merge`). Backward of a block takes the *merged* output and lse, 
 Tokens are named by their index in the whole sequence (``q_index``, ``k_index``: ascending); the causal mask
 compares them, and ``documents`` (packed sequences) keep attention inside a document. A block only computes
 the query rows that see some key and the keys that some query sees: with the load-balanced layout half of
-every off-diagonal block. Scores are kept in fp32 (fp64 for fp64 inputs). kv heads arrive unexpanded and are
-expanded here, per block, to the query heads that read them (``kv_of_q``).
+every off-diagonal block. Scores are kept in fp32 (fp64 for fp64 inputs), ``QUERY_TILE`` query rows at a time,
+so the transient scores of a block are ``QUERY_TILE x T_k`` per head, never ``T_q x T_k``. kv heads arrive
+unexpanded and are expanded here, per block, to the query heads that read them (``kv_of_q``).
+
+The math is plain torch (any device, any dtype, any mask); a fused kernel returning the lse (flash-attn, or
+torch's flash/efficient SDPA ops on CUDA) can replace :func:`block_forward`/:func:`block_backward` without
+touching the ring.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+QUERY_TILE = 1024
+"""Query rows whose scores a block computes at once."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +98,15 @@ def block_forward(
     in the accumulation dtype; ``kv_of_q``: (Hq,) long index of the kv head each query head reads (None when
     ``Hkv == Hq``). Rows that see no key get ``out = 0`` and ``lse = -inf``."""
     acc = _acc(q.dtype)
-    q, k, v = q.to(acc), _expand(k, kv_of_q).to(acc), _expand(v, kv_of_q).to(acc)
-    s = _scores(q, k, mask, scale)
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - _finite(lse)[..., None])
-    return torch.einsum("bhqk,bkhd->bqhd", p, v), lse
+    k, v = _expand(k, kv_of_q).to(acc), _expand(v, kv_of_q).to(acc)
+    outs, lses = [], []
+    for lo in range(0, q.shape[1], QUERY_TILE):
+        rows = slice(lo, lo + QUERY_TILE)
+        s = _scores(q[:, rows].to(acc), k, None if mask is None else mask[:, rows], scale)
+        lse = torch.logsumexp(s, -1)
+        outs.append(torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - _finite(lse)[..., None]), v))
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, -1)
 
 
 def merge(
@@ -126,15 +138,19 @@ def block_backward(
     ``out: (B, Tq, Hq, D)`` and ``lse: (B, Hq, Tq)`` over all blocks and ``dout`` of the merged output."""
     acc = _acc(q.dtype)
     Hkv = k.shape[2]
-    dout, q, out = dout.to(acc), q.to(acc), out.to(acc)
     ke, ve = _expand(k, kv_of_q).to(acc), _expand(v, kv_of_q).to(acc)
-    p = torch.exp(_scores(q, ke, mask, scale) - _finite(lse)[..., None])
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, dout)
-    dp = torch.einsum("bqhd,bkhd->bhqk", dout, ve)
-    rowdot = (dout * out).sum(-1).transpose(1, 2)[..., None]  # (B, H, Tq, 1)
-    ds = p * (dp - rowdot)
-    dq = torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale
-    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dk, dv, dqs = torch.zeros_like(ke), torch.zeros_like(ve), []
+    for lo in range(0, q.shape[1], QUERY_TILE):
+        rows = slice(lo, lo + QUERY_TILE)
+        qt, dot = q[:, rows].to(acc), dout[:, rows].to(acc)
+        s = _scores(qt, ke, None if mask is None else mask[:, rows], scale)
+        p = torch.exp(s - _finite(lse[..., rows])[..., None])
+        dv += torch.einsum("bhqk,bqhd->bkhd", p, dot)
+        rowdot = (dot * out[:, rows].to(acc)).sum(-1).transpose(1, 2)[..., None]  # (B, H, tile, 1)
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", dot, ve) - rowdot)
+        dqs.append(torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale)
+        dk += torch.einsum("bhqk,bqhd->bkhd", ds, qt) * scale
+    dq = torch.cat(dqs, 1)
     if kv_of_q is not None:  # sum the expanded heads back onto the kv heads they came from
         dk = dk.new_zeros(*dk.shape[:2], Hkv, dk.shape[3]).index_add_(2, kv_of_q, dk)
         dv = dv.new_zeros(*dv.shape[:2], Hkv, dv.shape[3]).index_add_(2, kv_of_q, dv)
