@@ -55,7 +55,7 @@ def test_blocks_merged_by_lse_match_dense_attention_numerics(tile, monkeypatch):
     """Three ring ranks' blocks, uneven GQA (query heads reading kv heads 0, 0, 1), packed documents that leave
     some query rows of a block with no key: forward and every gradient equal dense attention in fp64, the scores
     computed a few query rows at a time or all at once."""
-    monkeypatch.setattr(ring_attention, "QUERY_TILE", tile)
+    monkeypatch.setattr(ring_attention, "TILE", tile)
     g = torch.Generator().manual_seed(0)
     n, B, D = 23, 2, 4
     q = torch.randn(B, n, 3, D, generator=g, dtype=torch.float64, requires_grad=True)
@@ -339,3 +339,32 @@ def test_train_example_with_a_ring_trains_as_without():
     assert all(losses == ring[0] for losses in ring)
     assert_close(torch.tensor(ring[0]), torch.tensor(flat[0]), 1e-5, 0, what="losses of --ring 2 vs none")
     assert ring[0][-1] < ring[0][0], ring[0]
+
+
+# --- memory: a ring rank keeps O(L / (R * S)) ------------------------------------------------------------------
+
+
+def _peaks(rank, world, lengths):
+    from odysseus.reference import Attention
+    from odysseus.training.memtrack import MemoryTracker
+
+    ring_attention.TILE = 64  # transients of a fixed size: what is left grows with the tokens a rank holds
+    mesh = _mesh((world, 1), ("ring", "sp"))
+    par = odysseus.parallelize(Attention(odysseus.TransformerConfig(**ODD)), "ulysses", mesh)
+    peaks = []
+    for n in lengths:
+        x = shard_sequence(torch.randn(1, n, 96), mesh).requires_grad_()
+        with MemoryTracker() as mem:
+            y = par(x)
+            y.backward(torch.ones_like(y))
+        peaks.append(mem.peak_bytes)
+    return peaks
+
+
+def test_a_ring_rank_holds_activations_of_its_own_tokens_only():
+    """The peak of one attention's forward + backward on a rank halves when the ring doubles and doubles with
+    the sequence: nothing of the whole sequence's length (no gathered K/V, no L x L scores) is held."""
+    two = max(run_ranks(2, _peaks, [512, 1024]), key=lambda p: p[0])
+    four = max(run_ranks(4, _peaks, [512]))[0]
+    assert 1.7 < two[1] / two[0] < 2.3, two
+    assert 0.4 < four / two[0] < 0.65, (four, two)

@@ -8,8 +8,8 @@ softmax (:func:`merge`). Backward of a block takes the *merged* output and lse, 
 Tokens are named by their index in the whole sequence (``q_index``, ``k_index``: ascending); the causal mask
 compares them, and ``documents`` (packed sequences) keep attention inside a document. A block only computes
 the query rows that see some key and the keys that some query sees: with the load-balanced layout half of
-every off-diagonal block. Scores are kept in fp32 (fp64 for fp64 inputs), ``QUERY_TILE`` query rows at a time,
-so the transient scores of a block are ``QUERY_TILE x T_k`` per head, never ``T_q x T_k``. kv heads arrive
+every off-diagonal block. Scores are kept in fp32 (fp64 for fp64 inputs), a ``TILE x TILE`` tile of queries by
+keys at a time (the key tiles merged by lse too), so a block's transients do not grow with the sequence. kv heads arrive
 unexpanded and are expanded here, per block, to the query heads that read them (``kv_of_q``).
 
 The math is plain torch (any device, any dtype, any mask); a fused kernel returning the lse (flash-attn, or
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-QUERY_TILE = 1024
-"""Query rows whose scores a block computes at once."""
+TILE = 512
+"""Query rows and key columns whose scores a block computes at once (a ``TILE x TILE`` tile per head)."""
 
 
 @dataclass(frozen=True)
@@ -91,20 +91,32 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
 
 
+def _tiles(n: int, size: int) -> list[slice]:
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+def _sub(mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    return None if mask is None else mask[:, rows, cols]
+
+
 def block_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, kv_of_q=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Tq, Hq, D)`` over ``k, v: (B, Tk, Hkv, D)`` -> ``(out (B, Tq, Hq, D), lse (B, Hq, Tq))``
     in the accumulation dtype; ``kv_of_q``: (Hq,) long index of the kv head each query head reads (None when
-    ``Hkv == Hq``). Rows that see no key get ``out = 0`` and ``lse = -inf``."""
+    ``Hkv == Hq``). Rows that see no key get ``out = 0`` and ``lse = -inf``. Computed a tile of queries by a tile
+    of keys at a time, the key tiles merged by :func:`merge`."""
     acc = _acc(q.dtype)
     k, v = _expand(k, kv_of_q).to(acc), _expand(v, kv_of_q).to(acc)
     outs, lses = [], []
-    for lo in range(0, q.shape[1], QUERY_TILE):
-        rows = slice(lo, lo + QUERY_TILE)
-        s = _scores(q[:, rows].to(acc), k, None if mask is None else mask[:, rows], scale)
-        lse = torch.logsumexp(s, -1)
-        outs.append(torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - _finite(lse)[..., None]), v))
+    for rows in _tiles(q.shape[1], TILE):
+        qt, out, lse = q[:, rows].to(acc), None, None
+        for cols in _tiles(k.shape[1], TILE):
+            s = _scores(qt, k[:, cols], _sub(mask, rows, cols), scale)
+            part = torch.logsumexp(s, -1)
+            o = torch.einsum("bhqk,bkhd->bqhd", torch.exp(s - _finite(part)[..., None]), v[:, cols])
+            out, lse = merge(out, lse, o, part)
+        outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 1), torch.cat(lses, -1)
 
@@ -140,16 +152,18 @@ def block_backward(
     Hkv = k.shape[2]
     ke, ve = _expand(k, kv_of_q).to(acc), _expand(v, kv_of_q).to(acc)
     dk, dv, dqs = torch.zeros_like(ke), torch.zeros_like(ve), []
-    for lo in range(0, q.shape[1], QUERY_TILE):
-        rows = slice(lo, lo + QUERY_TILE)
+    for rows in _tiles(q.shape[1], TILE):
         qt, dot = q[:, rows].to(acc), dout[:, rows].to(acc)
-        s = _scores(qt, ke, None if mask is None else mask[:, rows], scale)
-        p = torch.exp(s - _finite(lse[..., rows])[..., None])
-        dv += torch.einsum("bhqk,bqhd->bkhd", p, dot)
         rowdot = (dot * out[:, rows].to(acc)).sum(-1).transpose(1, 2)[..., None]  # (B, H, tile, 1)
-        ds = p * (torch.einsum("bqhd,bkhd->bhqk", dot, ve) - rowdot)
-        dqs.append(torch.einsum("bhqk,bkhd->bqhd", ds, ke) * scale)
-        dk += torch.einsum("bhqk,bqhd->bkhd", ds, qt) * scale
+        lse_t = _finite(lse[..., rows])[..., None]
+        dq = torch.zeros_like(qt)
+        for cols in _tiles(k.shape[1], TILE):
+            p = torch.exp(_scores(qt, ke[:, cols], _sub(mask, rows, cols), scale) - lse_t)
+            dv[:, cols] += torch.einsum("bhqk,bqhd->bkhd", p, dot)
+            ds = p * (torch.einsum("bqhd,bkhd->bhqk", dot, ve[:, cols]) - rowdot)
+            dq += torch.einsum("bhqk,bkhd->bqhd", ds, ke[:, cols]) * scale
+            dk[:, cols] += torch.einsum("bhqk,bqhd->bkhd", ds, qt) * scale
+        dqs.append(dq)
     dq = torch.cat(dqs, 1)
     if kv_of_q is not None:  # sum the expanded heads back onto the kv heads they came from
         dk = dk.new_zeros(*dk.shape[:2], Hkv, dk.shape[3]).index_add_(2, kv_of_q, dk)
