@@ -368,3 +368,15 @@ def test_a_ring_rank_holds_activations_of_its_own_tokens_only():
     four = max(run_ranks(4, _peaks, [512]))[0]
     assert 1.7 < two[1] / two[0] < 2.3, two
     assert 0.4 < four / two[0] < 0.65, (four, two)
+
+
+def _snippet(rank, world, source):
+    exec(compile(source, "README.md ring snippet", "exec"), {"__name__": "readme_ring_snippet"})
+    return True
+
+
+def test_readme_ring_snippet_runs_at_world_4():
+    from test_readme_snippets import snippets
+
+    (source,) = snippets("## Past the head count, across nodes")
+    assert all(run_ranks(4, _snippet, source, timeout=120))
