@@ -133,7 +133,8 @@ def _check_ledger(led, config, strategy, mesh, batch, dtype_bytes):
 
 
 def _parity(rank, world, shape, names, cases):
-    """Every case (strategy, ZeRO-3 shard mode or None, packed, checkpoint) against the dense fp64 block on the
+    """Every case (strategy, ZeRO-3 shard mode or None, packed, options: True for checkpoint=True, or the
+    keyword arguments of parallelize) against the dense fp64 block on the
     replicas' batches concatenated; the ledger too where there is no ZeRO-3."""
     mesh_arg = _mesh(shape, names)
     mesh = resolve_mesh(mesh_arg)
@@ -144,13 +145,14 @@ def _parity(rank, world, shape, names, cases):
     gy = torch.randn(replicas, L, 96, generator=g, dtype=torch.float64)
     mine = slice(d, d + 1)
     done = []
-    for strategy, shard, packed, checkpoint in cases:
-        what = f"{strategy} {shape} zero3={shard} packed={packed} checkpoint={checkpoint}"
+    for strategy, shard, packed, options in cases:
+        options = {"checkpoint": True} if options is True else options or {}
+        what = f"{strategy} {shape} zero3={shard} packed={packed} {options}"
         ref = make_block(torch.float64, **ODD)
         pos = PACKED if packed else None
         want = run_reference(ref, x, gy, pos)
         want_norm = torch.cat([t.flatten() for t in want.grads.values()]).norm()
-        par = odysseus.parallelize(ref, strategy, mesh_arg, checkpoint=checkpoint)
+        par = odysseus.parallelize(ref, strategy, mesh_arg, **options)
         if shard is not None:
             odysseus.zero3(par, shard=shard)
         xp = x[mine].clone().requires_grad_()
@@ -159,7 +161,7 @@ def _parity(rank, world, shape, names, cases):
             y = par(shard_sequence(xp, mesh_arg), *args)
             (y * shard_sequence(gy[mine], mesh_arg)).sum().backward()
         finalize_grads(par)
-        if shard is None and not checkpoint:
+        if shard is None and not options:
             _check_ledger(led, ref.config, strategy, mesh, 1, 8)
         ours = Run(gather_sequence(y.detach(), mesh_arg), xp.grad, dense_state_dict(par, grad=True))
         assert_close(ours.output, want.output[mine], **TOL, what=f"{what} output")
@@ -180,7 +182,8 @@ def _run(shape, names, cases, timeout=300):
 
 def test_ring2_sp2_every_strategy_with_and_without_zero3_numerics():
     cases = [(s, z, False, False) for s in ("ulysses", "odysseus", "tp-sp") for z in (None, "sp")]
-    _run((2, 2), ("ring", "sp"), cases + [("odysseus", None, True, False), ("ulysses", None, False, True)])
+    tiled = ("odysseus", None, False, dict(checkpoint=True, offload=True, ffn_tile=9))
+    _run((2, 2), ("ring", "sp"), cases + [("odysseus", None, True, False), ("ulysses", None, False, True), tiled])
 
 
 def test_pure_ring_of_three_numerics():

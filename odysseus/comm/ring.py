@@ -127,6 +127,7 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkv[0], dkv[1], None
 
 
+@torch.compiler.disable  # point-to-point transfers in a host-driven loop: run eagerly, one graph break
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan) -> torch.Tensor:
     """Attention of this ring rank's ``q: (B, T, Hq, D)`` over the keys of every ring rank, ``k, v: (B, T, Hkv, D)``
     this rank's (unexpanded) -> ``(B, T, Hq, D)``; collective over ``plan.pg``."""
