@@ -292,11 +292,7 @@ def _hf(rank, world):
     mesh = _mesh((2, 2), ("ring", "sp"))
     ids, labels = batch()
     done = []
-    for family, strategy, packed, checkpoint in (
-        ("llama", "ulysses", False, False),
-        ("qwen2", "odysseus", True, False),
-        ("llama", "tp-sp", False, True),
-    ):
+    for family, strategy, packed, checkpoint in (("llama", "ulysses", False, False), ("qwen2", "odysseus", True, True)):
         what = f"{family} {strategy} packed={packed} checkpoint={checkpoint}"
         ref = build(family_config(family))
         pos = PACKED.expand(2, -1) if packed else None
@@ -305,7 +301,7 @@ def _hf(rank, world):
         model = parallelize_llama(build(family_config(family)), strategy, mesh, checkpoint=checkpoint)
         kwargs = {} if pos is None else {"position_ids": shard_sequence(pos, mesh)}
         if checkpoint:  # the loss a chunk at a time, never the logits
-            loss = model_loss(model, shard_sequence(ids, mesh), labels, chunk=7)
+            loss = model_loss(model, shard_sequence(ids, mesh), labels, chunk=7, **kwargs)
         else:
             logits = model(shard_sequence(ids, mesh), **kwargs).logits
             loss = causal_lm_loss(logits, labels, mesh)
@@ -322,7 +318,7 @@ def _hf(rank, world):
 
 def test_hf_llama_and_qwen2_on_a_ring_mesh_match_dense_numerics():
     done = run_ranks(4, _hf, timeout=300)
-    assert all(len(d) == 3 for d in done), done
+    assert all(len(d) == 2 for d in done), done
 
 
 def _train(rank, world, flags):
@@ -351,7 +347,7 @@ def _peaks(rank, world, lengths):
     from odysseus.reference import Attention
     from odysseus.training.memtrack import MemoryTracker
 
-    ring_attention.TILE = 64  # transients of a fixed size: what is left grows with the tokens a rank holds
+    ring_attention.TILE = 32  # transients of a fixed size: what is left grows with the tokens a rank holds
     mesh = _mesh((world, 1), ("ring", "sp"))
     par = odysseus.parallelize(Attention(odysseus.TransformerConfig(**ODD)), "ulysses", mesh)
     peaks = []
@@ -367,8 +363,8 @@ def _peaks(rank, world, lengths):
 def test_a_ring_rank_holds_activations_of_its_own_tokens_only():
     """The peak of one attention's forward + backward on a rank halves when the ring doubles and doubles with
     the sequence: nothing of the whole sequence's length (no gathered K/V, no L x L scores) is held."""
-    two = max(run_ranks(2, _peaks, [512, 1024]), key=lambda p: p[0])
-    four = max(run_ranks(4, _peaks, [512]))[0]
+    two = max(run_ranks(2, _peaks, [256, 512]), key=lambda p: p[0])
+    four = max(run_ranks(4, _peaks, [256]))[0]
     assert 1.7 < two[1] / two[0] < 2.3, two
     assert 0.4 < four / two[0] < 0.65, (four, two)
 
