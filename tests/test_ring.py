@@ -266,12 +266,32 @@ def _refusals(rank, world):
         ValueError, "the ring ranks hold [61, 41] tokens", lambda: par(shard_sequence(torch.randn(1, n, 96), mesh.sp))
     )
     expect(ValueError, "shard_sequence(x, mesh)", lambda: par(shard_sequence(torch.randn(1, n, 96), mesh.sp)))
+    # Shards over sp alone of a sequence whose ring layout has the same lengths (64 = 4 chunks of 16): every ring
+    # rank holds the same tokens. The lengths cannot tell; check_inputs=True compares the ring ranks' inputs.
+    checked = odysseus.parallelize(ref, "odysseus", ring, check_inputs=True)
+    same = shard_sequence(torch.randn(1, 32, 96, generator=torch.Generator().manual_seed(0)), mesh.sp)
+    expect(ValueError, "every ring rank holds the same input", lambda: checked(same))
     return errors
 
 
 def test_bad_meshes_and_inputs_raise_on_every_rank():
     for errors in run_ranks(4, _refusals, timeout=120):
-        assert len(errors) == 9, errors
+        assert len(errors) == 10, errors
+
+
+def _gather_dual(rank, world):
+    mesh = _mesh((3, 2), ("ring", "sp"))
+    w = torch.randn(2, 37, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mine = shard_sequence(w, mesh).clone().requires_grad_()
+    whole = gather_sequence(mine, mesh)
+    assert torch.equal(whole, w)
+    (whole * w).sum().backward()  # every rank's loss covers the whole sequence: the sum over the 6 ranks
+    assert_close(mine.grad, 6 * shard_sequence(w, mesh), 1e-12, 0, what="gather_sequence backward")
+    return True
+
+
+def test_shard_and_gather_sequence_undo_each_other_with_their_duals():
+    assert all(run_ranks(6, _gather_dual))
 
 
 # --- Hugging Face: parallelize_llama on a ring mesh against the dense model ------------------------------------

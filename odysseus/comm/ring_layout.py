@@ -58,23 +58,35 @@ def gather_ring(x_local: torch.Tensor, mesh: Mesh, dim: int) -> torch.Tensor:
 
 
 @torch.compiler.disable  # host-side ints
-def gather_lengths(local: int, pg, who: str) -> list[int]:
-    """Every rank's ``local`` count over ``pg`` (its gloo twin), the same list on every rank."""
+def gather_lengths(local: int, pg, who: str, extra: list[int] | None = None) -> list[int] | list[list[int]]:
+    """Every rank's ``local`` count over ``pg`` (its gloo twin), the same list on every rank; with ``extra``
+    ints riding along, ``[local, *extra]`` of every rank."""
+    report = [local, *(extra or [])]
     world = group_size(pg)
     if world == 1:
-        return [local]
-    mine = torch.tensor([local], dtype=torch.int64)
-    every = torch.empty(world, dtype=torch.int64)
-    with named_failures(f"{who}: length exchange"):
-        all_gather_tensor(every, mine, group=meta_group(pg))
-    record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
-    return every.tolist()
+        every = [report]
+    else:
+        mine = torch.tensor(report, dtype=torch.int64)
+        flat = torch.empty(world * len(report), dtype=torch.int64)
+        with named_failures(f"{who}: length exchange"):
+            all_gather_tensor(flat, mine, group=meta_group(pg))
+        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
+        every = flat.view(world, len(report)).tolist()
+    return every if extra else [e[0] for e in every]
 
 
-def ring_lengths(local_total: int, mesh: Mesh, who: str) -> list[int]:
+def ring_lengths(local_total: int, mesh: Mesh, who: str, prints: list[int] | None = None) -> list[int]:
     """Every ring rank's token count (``local_total`` here, the sum over its sp ranks), checked against the ring
-    layout of their sum: the same list, and the same error, on every ring rank."""
-    lengths = gather_lengths(local_total, mesh.ring, who)
+    layout of their sum: the same list, and the same error, on every ring rank. ``prints``: a fingerprint of
+    this rank's input (``check_inputs=True``); identical on every ring rank means every ring rank was fed the
+    same tokens (shards of the sp group alone, not of the mesh), which raises."""
+    every = gather_lengths(local_total, mesh.ring, who, prints)
+    lengths = [e[0] for e in every] if prints else every
+    if prints and len(every) > 1 and len({tuple(e[1:]) for e in every}) == 1:
+        raise ValueError(
+            f"{who}: every ring rank holds the same input ({lengths[0]} tokens each); a mesh with a ring takes each "
+            "rank's odysseus.shard_sequence(x, mesh) tokens, not shards over sp alone (check_inputs=True)"
+        )
     n, R = sum(lengths), mesh.ring_size
     expected = [sum(e - s for s, e in chunks) for chunks in ring_chunks(n, R)]
     if lengths != expected or min(lengths) == 0:

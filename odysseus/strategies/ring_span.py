@@ -12,6 +12,7 @@ import torch
 
 from ..comm import primitives
 from ..comm.groups import group_rank
+from ..comm.lengths import fingerprint
 from ..comm.mesh import Mesh
 from ..comm.ring import RingPlan, ring_attention
 from ..comm.ring_layout import ring_lengths
@@ -54,10 +55,14 @@ class RingSpan:
         return ring_attention(q, k, v, plan)
 
 
-def open_ring(mesh: Mesh, local_total: int, who: str) -> RingSpan | None:
+def open_ring(mesh: Mesh, local_total: int, who: str, x: torch.Tensor | None = None) -> RingSpan | None:
     """The :class:`RingSpan` of a call whose ring rank holds ``local_total`` tokens (its sp ranks' together),
-    checked on every ring rank; None without a ring."""
-    return None if mesh.ring is None else RingSpan(mesh, ring_lengths(local_total, mesh, who))
+    checked on every ring rank; None without a ring. ``x``: this rank's input, to compare across the ring
+    (``check_inputs=True``; reading its fingerprint synchronises the host with the device)."""
+    if mesh.ring is None:
+        return None
+    prints = None if x is None else fingerprint(x)
+    return RingSpan(mesh, ring_lengths(local_total, mesh, who, prints))
 
 
 def sequence_positions(span, ring: RingSpan | None, position_ids, batch: int, device) -> torch.Tensor:
