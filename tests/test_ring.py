@@ -399,3 +399,18 @@ def test_readme_ring_snippet_runs_at_world_4():
 
     (source,) = snippets("## Past the head count, across nodes")
     assert all(run_ranks(4, _snippet, source, timeout=120))
+
+
+def _harness(rank, world):
+    from odysseus.parity import relative_errors, run_parallel
+
+    mesh = _mesh((2, 2), ("ring", "sp"))
+    ref = make_block(torch.float64, **ODD)
+    g = torch.Generator().manual_seed(3)
+    x, gy = (torch.randn(1, 64, 96, generator=g, dtype=torch.float64) for _ in range(2))  # 64: 4 even chunks
+    want = run_reference(ref, x, gy)
+    return max(relative_errors(run_parallel(odysseus.parallelize(ref, "tp-sp", mesh), x, gy), want).values())
+
+
+def test_parity_harness_lays_the_sequence_out_over_the_ring():
+    assert max(run_ranks(4, _harness)) < 1e-12
