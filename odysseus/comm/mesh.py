@@ -180,6 +180,10 @@ def _ring_mesh(dm: DeviceMesh) -> Mesh:
     d, i, s = (int(c) for c in torch.nonzero(layout == me)[0])
     sp, ring = dm.get_group(dm.ndim - 1), dm.get_group(dm.ndim - 2)
     dp = dm.get_group(0) if dm.ndim == 3 else None
+    if layout.shape[1] == 1:  # a ring of one rank is no ring: its layout is sp's, its attention the local one
+        name_group(sp, "sp")
+        name_group(dp, "dp")
+        return Mesh(sp, dp, dm, dm.ndim - 1)
     seq = _subgroup(layout[d].flatten().tolist())
     replicas = _subgroup(layout[:, :, s].flatten().tolist())
     ranks = dist.get_process_group_ranks(seq)
@@ -220,7 +224,7 @@ def _from_pair(pair) -> Mesh:
 def _layout(mesh: Mesh) -> torch.Tensor:
     """The global ranks as a ``(dp, seq)`` tensor: row i is the sp group (ring x sp with a ring) of dp rank i
     (collective over dp)."""
-    if mesh.ring is not None:
+    if mesh.ring is not None or (mesh.device_mesh is not None and mesh.device_mesh.ndim == 3):
         layout = mesh.device_mesh.mesh
         return layout.reshape(layout.shape[0] if layout.ndim == 3 else 1, -1)
     if mesh.device_mesh is not None:
