@@ -16,7 +16,9 @@ replicas draws its own ``--batch`` sequences (the rows of one global batch of ``
 the whole sequence). Ranks are laid out dp-major, so under ``torchrun --nnodes D --nproc-per-node S`` each
 replica's ``sp`` group is one node and only the data-parallel gradient sum crosses nodes. ``--zero3`` shards
 with ``odysseus.zero3``: ``--shard hybrid`` (the default with ``--dp`` above 1: shard within a replica,
-replicate across), ``full`` (over every rank) or ``sp``.
+replicate across), ``full`` (over every rank) or ``sp``. ``--ring R`` adds a ring dim between them, a
+``(dp, ring, sp)`` mesh: each replica's sequence is split over ``ring x sp`` ranks, attention runs as a ring of
+point-to-point K/V transfers over ``ring`` (past the head count, across nodes), ZeRO-3 shards over ``ring x sp``.
 
 ``--clip MAX`` clips the gradient to norm MAX with ``odysseus.clip_grad_norm_`` (the unsplit model's norm,
 the same on every rank); the bar then shows that norm before clipping. ``--autocast`` runs the forward
@@ -67,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence (global, before splitting)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step and data-parallel replica")
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas (each its own batch)")
-    p.add_argument("--sp", type=int, help="ranks each layer is split over (default: world size / dp)")
+    p.add_argument("--ring", type=int, default=1, help="ring attention degree: the sequence over ring x sp ranks")
+    p.add_argument("--sp", type=int, help="ranks each layer is split over (default: world size / (dp * ring))")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -137,13 +140,17 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def build_mesh(args: argparse.Namespace, device: torch.device):
-    """The ``(dp, sp)`` DeviceMesh of the job (dp-major: the ``sp`` ranks of a replica are consecutive)."""
+    """The ``(dp, sp)`` DeviceMesh of the job, or ``(dp, ring, sp)`` with ``--ring`` above 1 (dp-major, sp
+    innermost: the ``sp`` ranks of a ring rank are consecutive, so the head-parallel traffic stays in a node and
+    only the ring's point-to-point hops and the data-parallel gradient sum cross nodes)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     world = dist.get_world_size()
-    sp = args.sp or world // args.dp
-    if args.dp < 1 or args.dp * sp != world:
-        raise ValueError(f"--dp {args.dp} x --sp {sp} must equal the world size {world}")
+    sp = args.sp or world // (args.dp * args.ring)
+    if args.dp < 1 or args.ring < 1 or args.dp * args.ring * sp != world:
+        raise ValueError(f"--dp {args.dp} x --ring {args.ring} x --sp {sp} must equal the world size {world}")
+    if args.ring > 1:
+        return init_device_mesh(device.type, (args.dp, args.ring, sp), mesh_dim_names=("dp", "ring", "sp"))
     return init_device_mesh(device.type, (args.dp, sp), mesh_dim_names=("dp", "sp"))
 
 
@@ -180,7 +187,7 @@ def train(args: argparse.Namespace) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     split = registry.get(args.strategy).sequence_split  # "tp" takes the whole sequence on every rank
     losses: list[float] = []
-    desc = f"{args.strategy} {args.dp}x{world // args.dp}"
+    desc = f"{args.strategy} {args.dp}x{args.ring}x{world // (args.dp * args.ring)}"
     bar = tqdm(total=args.steps, disable=rank != 0, desc=desc, dynamic_ncols=True)
     for step in range(1, args.steps + 1):
         start = time.perf_counter()

@@ -31,6 +31,36 @@ def offsets(sizes: list[int]) -> list[int]:
     return out
 
 
+def ring_chunks(n: int, ring: int) -> list[list[tuple[int, int]]]:
+    """The ``[start, end)`` token ranges each of ``ring`` ring ranks holds: the sequence is cut into ``2*ring``
+    chunks (:func:`shard_sizes`) and rank i holds chunks i and ``2*ring-1-i``, one from the head and one from the
+    tail, so that every rank does the same causal work. Ascending; an empty chunk is left out."""
+    o = offsets(shard_sizes(n, 2 * ring))
+    return [[(o[c], o[c + 1]) for c in (i, 2 * ring - 1 - i) if o[c + 1] > o[c]] for i in range(ring)]
+
+
+def ring_shards(n: int, ring: int, sp: int) -> list[list[tuple[int, int]]]:
+    """Token ranges of every rank of a (ring, sp) mesh, rank ``i*sp + s`` at ring rank i, sp rank s: ring rank
+    i's tokens (both its chunks, in order) split over the sp ranks by :func:`shard_sizes`."""
+    out = []
+    for chunks in ring_chunks(n, ring):
+        local = offsets(shard_sizes(sum(e - s for s, e in chunks), sp))
+        for j in range(sp):
+            out.append(_slice_ranges(chunks, local[j], local[j + 1]))
+    return out
+
+
+def _slice_ranges(ranges: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """The global ranges of local tokens ``[start, end)`` of the concatenation of ``ranges``."""
+    out, seen = [], 0
+    for s, e in ranges:
+        lo, hi = max(start - seen, 0), min(end - seen, e - s)
+        if hi > lo:
+            out.append((s + lo, s + hi))
+        seen += e - s
+    return out
+
+
 def split_ranges(n: int, world: int, what: str) -> list[tuple[int, int]]:
     """Contiguous ``[start, end)`` ranges of ``n`` items over ``world`` ranks; every rank needs one."""
     if n < world:

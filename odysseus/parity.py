@@ -40,11 +40,13 @@ def run_parallel(par: nn.Module, x: torch.Tensor, gy: torch.Tensor, position_ids
 
     TP: every rank computes the replicated loss whole. Sequence-split: each rank's loss covers its tokens
     and the global loss is their sum. Gradients are finalized (:func:`odysseus.finalize_grads`) and returned
-    dense. On a 2-D mesh ``x`` is this replica's batch (split over the module's ``sp`` group), and the
-    gradients are summed over the replicas.
+    dense. On a 2-D mesh ``x`` is this replica's batch (split over the module's ``sp`` group, or ``ring x sp``
+    with a ring), and the gradients are summed over the replicas.
     """
     xp = x.detach().clone().requires_grad_()
     split, pg = par.sequence_split, par.pg  # the module's own group (a 2-D mesh's sp group)
+    if par.mesh.ring is not None:  # the sequence is laid out over ring x sp
+        pg = par.mesh
 
     def mine(t):
         return shard_sequence(t, pg) if split else t

@@ -32,8 +32,10 @@ import torch.distributed as dist
 import odysseus
 from odysseus import CommLedger, finalize_grads, shard_sequence
 from odysseus.comm.ledger import current_phase
+from odysseus.comm.mesh import resolve_mesh
 from odysseus.launch import run_ranks
-from odysseus.plan import MODELS, Case, get_model, strategy_records, zero3_records
+from odysseus.plan import MODELS, Case, expected_records, get_model, strategy_records, zero3_records
+from odysseus.plan.forms import ring_collectives, ring_tokens_per_rank
 from odysseus.reference import TransformerBlock, init_weights
 from odysseus.strategies.registry import VARIANTS, Variant
 
@@ -149,6 +151,74 @@ def verify(worlds: list[int], shapes: list) -> int:
     return checked
 
 
+# --- the ring dim: (ring, sp) meshes --------------------------------------------------------------------------
+
+RING_STRATEGIES = ("tp-sp", "ulysses", "odysseus")
+RING_LAYOUTS = [(2, 4), (4, 8), (8, 8)]
+"""(ring, sp) of the full-size ring rows: a node of 8 per ring rank; 8 x 8 = 64 ranks is past 32 query heads."""
+
+
+def _measure_ring(rank: int, world: int, shapes: list) -> list[dict]:
+    """On one rank of a (2, world/2) ("ring", "sp") mesh: the ring's hops and the sp part's activation records."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("ring", "sp"))
+    m = resolve_mesh(mesh)
+    where = dict(ring_rank=dist.get_rank(m.ring), sp_rank=dist.get_rank(m.sp), sp_size=dist.get_world_size(m.sp))
+    got = []
+    for k, (cfg_kw, B, L) in enumerate(shapes):
+        for strategy in RING_STRATEGIES:
+            ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
+            par = odysseus.parallelize(ref, strategy, mesh)
+            x = torch.randn(B, L, ref.config.hidden_size, generator=torch.Generator().manual_seed(k))
+            with CommLedger() as ledger:
+                par(shard_sequence(x.to(torch.bfloat16), mesh).requires_grad_()).float().square().sum().backward()
+            hops = [(r.phase, r.op, r.label, r.bytes_sent, r.bytes_received) for r in ledger.select(op="send_recv")]
+            sp = [(r.phase, r.op, r.category, r.bytes_received) for r in ledger.select(dim="sp", category="activation")]
+            got.append(dict(strategy=strategy, shape=k, hops=hops, sp=sp, **where))
+    return got
+
+
+def verify_ring(world: int, shapes: list) -> int:
+    """The ring's hops equal :func:`ring_collectives` in order, and the sp part's records the strategy's closed
+    forms on the ring rank's tokens, on every rank of a (2, world/2) mesh; returns the cases checked."""
+    checked = 0
+    for rank, cases in enumerate(run_ranks(world, _measure_ring, shapes, timeout=900)):
+        for got in cases:
+            cfg_kw, B, L = shapes[got["shape"]]
+            config, i, s, S = odysseus.TransformerConfig(**cfg_kw), got["ring_rank"], got["sp_rank"], got["sp_size"]
+            hops = [
+                (c.phase, c.op, c.label, c.bytes_sent, c.bytes_received)
+                for c in ring_collectives(config, B, L, 2, S, i, s, 2)
+            ]
+            T = ring_tokens_per_rank(L, 2)[i]
+            sp = [r for r in expected_records(Case(got["strategy"], config, B, T, S, s, 2)) if r[2] == "activation"]
+            where = f"{got['strategy']} on (ring 2, sp {S}), rank {rank}, shape {cfg_kw}, B={B}, L={L}"
+            if got["hops"] != hops:
+                raise AssertionError(f"ring hops differ from the closed form for {where}:\n  {got['hops']}\n  {hops}")
+            if sorted(got["sp"]) != sorted(sp):
+                raise AssertionError(f"sp records differ from the closed form for {where}:\n  {got['sp']}\n  {sp}")
+            checked += 1
+    return checked
+
+
+def ring_table(model: str, seqs: list[int]) -> str:
+    """Rows (strategy, ring x sp): MiB ring rank 0 receives per block over ``ring`` (P2P) and over ``sp``."""
+    mib, config = 1 << 20, get_model(model).config()
+    headers = ["strategy", "ring x sp"] + [f"{dim} L={s // 1024}K" for s in seqs for dim in ("ring", "sp")]
+    rows = []
+    for ring, sp in RING_LAYOUTS:
+        for strategy in RING_STRATEGIES:
+            row = [strategy, f"{ring} x {sp}"]
+            for seq in seqs:
+                hops = sum(c.bytes_received for c in ring_collectives(config, 1, seq, ring, sp, 0, 0, 2))
+                case = Case(strategy, config, 1, ring_tokens_per_rank(seq, ring)[0], sp, 0, 2)
+                acts = sum(b for _, _, cat, b in expected_records(case) if cat == "activation")
+                row += [f"{hops / mib:,.0f}", f"{acts / mib:,.0f}"]
+            rows.append(row)
+    return common.markdown_table(headers, rows)
+
+
 def volumes(model: str, world: int, seq: int, variant: Variant) -> dict[str, int]:
     """Bytes rank 0 receives per block at full size: activations, gradient sync, ZeRO-3 parameter gathers."""
     case = Case(variant, get_model(model).config(), 1, seq, world, 0, 2)
@@ -204,10 +274,13 @@ def main(argv: list[str] | None = None) -> str:
     args = common.sweep_args(__doc__, argv, MODELS)
     worlds, seqs, shapes, check_worlds = args.worlds, args.seqs, args.shapes, args.check_worlds
     checked = verify(check_worlds, shapes)
+    ring_checked = verify_ring(4, shapes)
     note = (
         f"Checked first: {checked} (strategy, ZeRO-3 mode, shape, rank) cases at N = {check_worlds} on "
         f"{len(shapes)} small bf16 shapes matched the closed forms record for record (CommLedger for the "
-        "library, wrapped torch.distributed calls for FSDP2). The table extrapolates those closed forms."
+        "library, wrapped torch.distributed calls for FSDP2). The table extrapolates those closed forms. "
+        f"Ring: {ring_checked} (strategy, shape, rank) cases on a (ring 2, sp 2) mesh matched the ring's closed "
+        "forms hop for hop, and the sp part's the strategy's on the ring rank's tokens."
     )
     text = table(args.model, worlds, seqs)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -230,6 +303,12 @@ def main(argv: list[str] | None = None) -> str:
             note,
             "",
             text,
+            "",
+            "With a ring dim ((ring, sp) meshes, ranks sp-innermost): MiB ring rank 0 receives per block over "
+            "`ring` (the K/V hops of forward and backward and the dK/dV hops, point-to-point) and over `sp` (the "
+            "strategy's activation traffic on the ring rank's tokens), forward + backward, bf16, batch 1.",
+            "",
+            ring_table(args.model, seqs),
             "",
             f"Plot: [{png.name}]({png.name})",
         ]

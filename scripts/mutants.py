@@ -323,6 +323,30 @@ MUTANTS = [
         "    if False:\n        return False",
         ("tests/test_mesh.py", "-k", "hosts"),
     ),
+    Mutant(
+        "ring-dkv-not-home",
+        "ring: backward returns the dK/dV buffer it holds after R-1 hops instead of waiting for its own to come home",
+        "odysseus/comm/ring.py",
+        "        if travelling is not None:\n            dkv = travelling.wait()\n        return dq",
+        "        if travelling is not None:\n            travelling.wait()\n        return dq",
+        ("tests/test_ring.py", "-k", "pure_ring"),
+    ),
+    Mutant(
+        "ring-merge-weight",
+        "ring: the online softmax keeps the running output at the new block's weight (lse merge swapped)",
+        "odysseus/ops/ring_attention.py",
+        "    return out * w_old + block_out * w_new, new",
+        "    return out * w_new + block_out * w_old, new",
+        ("tests/test_ring.py", "-k", "blocks_merged"),
+    ),
+    Mutant(
+        "ring-layout-unbalanced",
+        "ring: ring rank i holds chunks i and i+R (contiguous halves) instead of one chunk from each end",
+        "odysseus/layout.py",
+        "for c in (i, 2 * ring - 1 - i)",
+        "for c in (i, ring + i)",
+        ("tests/test_ring.py", "-k", "layout"),
+    ),
 ]
 
 

@@ -205,7 +205,7 @@ def _refusals(rank, world):
         errors.append(str(info.value))
 
     unnamed = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rows", "cols"))
-    expect(ValueError, "expected exactly one dim named one of ('sp', 'cp', 'tp')", lambda: resolve_mesh(unnamed))
+    expect(ValueError, "expected dims named ('dp', 'sp') (either order), ('ring', 'sp')", lambda: resolve_mesh(unnamed))
     everything = dist.new_group([0, 1, 2, 3])
     sp_of = {0: [0, 1], 1: [0, 1], 2: [2, 3], 3: [2, 3]}
     sp = [g for ranks in ([0, 1], [2, 3]) for g in [dist.new_group(ranks)] if rank in ranks][0]

@@ -10,7 +10,7 @@ import pytest
 
 from odysseus import plan
 from odysseus.config import TransformerConfig
-from odysseus.plan import MODELS, Assumptions, Case, get_hardware
+from odysseus.plan import MODELS, Assumptions, Case, forms, get_hardware
 from odysseus.plan import __main__ as cli
 from odysseus.plan.efficiency import SEQ, TFLOPS, attention_efficiency, figure_tflops
 from odysseus.plan.forms import weight_numel
@@ -57,12 +57,22 @@ def test_hop_bytes_and_records_by_hand():
     assert hop_bytes(case) == 1 * 20 * 1 * 16 * 2 * 2
     assert (
         ring_records(case)
-        == [("forward", "p2p", "activation", 1280)] * 2 + [("backward", "p2p", "activation", 1280)] * 5
+        == [("forward", "send_recv", "activation", 1280)] * 2 + [("backward", "send_recv", "activation", 1280)] * 5
     )
     # sp 4 over 6 heads: query heads [2, 2, 1, 1]; rank 1's heads 2, 3 read kv heads 0 and 1 (unexpanded: 2).
     four = Case("odysseus", ODD, 2, 10, 4, 1, ring=2)
     assert four.shape.kv_heads == 2 and hop_bytes(four) == 2 * 10 * 2 * 16 * 2 * 2
     assert ring_records(dataclasses.replace(case, ring=1, seq=60)) == []
+
+
+@pytest.mark.parametrize("ring, sp, rank", [(3, 2, 0), (2, 4, 1), (4, 1, 3)])
+def test_planner_ring_records_are_the_ledgers_closed_form(ring, sp, rank):
+    # The planner times the hops the modules make: per rank, the ledger's closed form (forms.ring_collectives,
+    # checked record for record against the CommLedger in tests/test_ring.py) where L/R is whole.
+    seq = 2 * ring * 5
+    case = Case("ulysses", ODD, 2, seq // ring, sp, rank % sp, ring=ring)
+    ledger = forms.ring_collectives(ODD, 2, seq, ring, sp, rank // sp % ring, rank % sp, 2)
+    assert ring_records(case) == [(c.phase, c.op, c.category, c.bytes_received) for c in ledger]
 
 
 def test_ring_exposed_by_hand():

@@ -49,7 +49,9 @@ def _mesh(rank, world, strategy):
     b = odysseus.parallelize(ref, strategy)
     xin = local_input(strategy, x, mesh)
     assert_close(a(xin), b(xin), 0, 0, f"{strategy}: DeviceMesh vs default group")
-    with pytest.raises(ValueError, match=r"a 2-D DeviceMesh \(1, 2\) with dims named None: expected exactly one dim"):
+    with pytest.raises(
+        ValueError, match=r"a 2-D DeviceMesh \(1, 2\) with dims named None: expected dims named \('dp', 'sp'\)"
+    ):
         odysseus.parallelize(ref, strategy, group=init_device_mesh("cpu", (1, world)))
     return True
 

@@ -17,7 +17,8 @@ from .autograd import (
 from .groups import group_rank, group_size, meta_group
 from .ledger import CommLedger, CommRecord, record
 from .lengths import exchange_lengths
-from .mesh import check_default_group, resolve_group
+from .mesh import check_default_group, resolve_group, ring_mesh
+from .ring_layout import gather_ring, shard_ring
 from .sizes import head_ranges, kv_range, offsets, shard_sizes
 
 __all__ = [
@@ -64,6 +65,8 @@ def shard_sequence(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
     dim = _check_dim(x, dim, "shard_sequence")
     if group is None:
         check_default_group("shard_sequence")
+    if ring_mesh(group) is not None:
+        return shard_ring(x, ring_mesh(group), dim)
     pg = resolve_group(group)
     sizes = shard_sizes(x.shape[dim], group_size(pg))
     check_layout(sizes, "shard_sequence")
@@ -78,6 +81,8 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 1) -> torch.Te
     dim = _check_dim(x_local, dim, "gather_sequence")
     if group is None:
         check_default_group("gather_sequence")
+    if ring_mesh(group) is not None:
+        return gather_ring(x_local, ring_mesh(group), dim)
     pg = resolve_group(group)
     sizes = exchange_lengths(x_local.shape[dim], pg, "gather_sequence")
     return all_gather_seq(x_local, sizes, pg, dim, "gather_sequence")

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..comm.groups import group_size
-from ..comm.mesh import resolve_group
+from ..comm.mesh import resolve_mesh
 from ..strategies import registry
 from .hf_hooks import _labels_hook, _model_call_hook, _no_generate
 from .hf_layer import DECODER_LAYERS, ParallelLlamaDecoderLayer, _layer_keys, check_llama_config, layers
@@ -103,7 +103,7 @@ def parallelize_llama(
     shards. ``copy.deepcopy(model)`` shares the group.
     """
     spec = registry.get(strategy)
-    pg = resolve_group(group)
+    pg = resolve_mesh(group).seq  # every rank holding part of the sequence: the verdicts of the calls agree over it
     if isinstance(model, (*DECODER_LAYERS, ParallelLlamaDecoderLayer)):
         raise TypeError("pass the model that holds the decoder layers (e.g. LlamaForCausalLM), not a single layer")
     if layers(model):

@@ -9,7 +9,8 @@ from torch import nn
 
 from ..comm import primitives
 from ..comm.groups import group_rank, group_size
-from ..comm.mesh import Mesh, check_default_group, resolve_group, resolve_mesh
+from ..comm.mesh import Mesh, check_default_group, resolve_group, resolve_mesh, ring_mesh
+from ..comm.ring_layout import shard_ring
 from ..layout import offsets, shard_sizes
 from ..ops.chunked_loss import linear_cross_entropy
 from .hf_layer import layers, model_setup
@@ -28,12 +29,15 @@ def shift_labels_for_shard(labels: torch.Tensor, group=None, ignore_index: int =
     ``ignore_index``.
 
     So the target of the last token of rank r's shard is the first label of rank r+1's shard, and the last
-    token of the sequence has none. Pass ``input_ids`` as ``labels`` for plain language modelling.
+    token of the sequence has none. Pass ``input_ids`` as ``labels`` for plain language modelling. On a mesh with
+    a ring, this rank's tokens of the ring layout (the same targets, where its tokens lie in the sequence).
     """
     if labels.dim() != 2:
         raise ValueError(f"labels must be (batch, seq), got shape {tuple(labels.shape)}")
-    pg = resolve_group(group)
     shifted = _shift(labels, ignore_index)
+    if ring_mesh(group) is not None:
+        return shard_ring(shifted, ring_mesh(group), 1)
+    pg = resolve_group(group)
     sizes = shard_sizes(labels.shape[1], group_size(pg))
     if min(sizes) == 0:
         raise ValueError(f"a sequence of {labels.shape[1]} tokens cannot be split over {len(sizes)} ranks")
@@ -41,17 +45,17 @@ def shift_labels_for_shard(labels: torch.Tensor, group=None, ignore_index: int =
     return shifted[:, offsets(sizes)[rank] : offsets(sizes)[rank + 1]]
 
 
-def _targets(tokens: int, labels: torch.Tensor, pg, ignore_index: int, what: str) -> torch.Tensor:
+def _targets(tokens: int, labels: torch.Tensor, mesh: Mesh, ignore_index: int, what: str) -> torch.Tensor:
     """This rank's next-token targets for ``tokens`` outputs: ``(batch, tokens)``, all of them (``"tp"``) or
     this rank's shard; raises when ``tokens`` is neither."""
     L = labels.shape[-1]
-    if tokens == L:
+    if tokens == L and mesh.ring is None:
         return _shift(labels, ignore_index)
-    targets = shift_labels_for_shard(labels, pg, ignore_index)
+    targets = shift_labels_for_shard(labels, mesh if mesh.ring is not None else mesh.sp, ignore_index)
     if tokens != targets.shape[1]:
         raise ValueError(
-            f"{what} hold {tokens} tokens; with labels of {L} tokens over {group_size(pg)} ranks rank "
-            f"{group_rank(pg)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
+            f"{what} hold {tokens} tokens; with labels of {L} tokens over {group_size(mesh.seq)} ranks rank "
+            f"{group_rank(mesh.seq)} expects its shard of {targets.shape[1]} tokens (or all {L} for 'tp')"
         )
     return targets
 
@@ -83,7 +87,7 @@ def _prepare(
     mesh = resolve_mesh(group)
     labels = labels.to(t.device)
     _check_batch(t, labels, what, last)
-    return mesh, labels, _targets(t.shape[1], labels, mesh.sp, ignore_index, what)
+    return mesh, labels, _targets(t.shape[1], labels, mesh, ignore_index, what)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, group=None, ignore_index: int = -100) -> torch.Tensor:
@@ -165,11 +169,11 @@ def global_loss(loss: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """The global loss value for logging (detached): the sum of the ranks' ``loss`` for sequence-split
     strategies, ``loss`` itself for ``"tp"``; on a 2-D mesh, summed over the data-parallel replicas too.
     Collective for sequence-split strategies and on a 2-D mesh."""
-    spec, pg = model_setup(model)
+    spec, _ = model_setup(model)
     value = loss.detach().clone()
-    if spec.sequence_split:
-        value = primitives.all_reduce(value, pg, category="metadata", label="loss")
     mesh = layers(model)[0].mesh
+    if spec.sequence_split:  # over every rank that holds a part of the sequence: sp, or ring x sp
+        value = primitives.all_reduce(value, mesh.seq, category="metadata", label="loss")
     if mesh.data_parallel:
         value = primitives.all_reduce(value, mesh.dp, category="metadata", label="loss")
     return value

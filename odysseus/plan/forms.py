@@ -25,7 +25,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ..config import TransformerConfig
-from ..layout import HeadSplit, all_reduce_bytes, dense_shapes, gather_bytes, scatter_bytes, shard_sizes
+from ..layout import (
+    HeadSplit,
+    all_reduce_bytes,
+    dense_shapes,
+    gather_bytes,
+    ring_chunks,
+    scatter_bytes,
+    shard_sizes,
+)
 from ..strategies.registry import ALL_REDUCE, ALL_TO_ALL, ATTENTION_WEIGHTS, FFN_WEIGHTS, GATHER_SCATTER, NO_TRAFFIC
 from .case import Case
 
@@ -160,6 +168,47 @@ def bytes_per_rank(case: Case) -> dict[str, int]:
     out = {"activation": 0, "gradient": 0}
     for _, _, category, b in expected_records(case):
         out[category] += b
+    return out
+
+
+def ring_tokens_per_rank(seq: int, ring: int) -> list[int]:
+    """Tokens of every ring rank (its two chunks, :func:`odysseus.layout.ring_chunks`) for a sequence of ``seq``."""
+    return [sum(e - s for s, e in chunks) for chunks in ring_chunks(seq, ring)]
+
+
+def ring_collectives(
+    config: TransformerConfig,
+    batch: int,
+    seq: int,
+    ring: int,
+    sp: int,
+    ring_rank: int,
+    sp_rank: int,
+    dtype_bytes: int,
+) -> list[Collective]:
+    """The point-to-point hops of one attention's ring (:mod:`odysseus.comm.ring`) on ring rank i, sp rank s of a
+    (ring, sp) mesh, mesh dim ``ring``, in the order issued.
+
+    A block of ring rank j moves ``B * T_j * kv_s * hd * 2 * e`` bytes (K and V, the ``kv_s`` kv heads sp rank s
+    holds, unexpanded; ``T_j`` ring rank j's tokens). At step t rank i sends the block of ring rank ``(i-t) mod R``
+    and receives that of ``(i-t-1) mod R``. Forward: R-1 K/V hops. Backward: R-1 K/V hops and R hops of the
+    dK/dV buffers (same sizes), each after the K/V hop of its step. The sp part of the strategy runs on the ring
+    rank's ``T_i`` tokens: its records are :func:`expected_collectives` of a :class:`Case` with ``seq=T_i``.
+    """
+    if ring == 1:
+        return []
+    tokens = ring_tokens_per_rank(seq, ring)
+    kv_start, kv_end = HeadSplit.build(config, sp, sp_rank).kv[sp_rank]
+    unit = batch * (kv_end - kv_start) * config.head_dim * 2 * dtype_bytes
+
+    def hop(phase: str, what: str, t: int) -> Collective:
+        src = (ring_rank - t) % ring
+        return Collective(phase, "send_recv", "activation", f"attn.ring.{what}", unit * tokens[src],
+                          unit * tokens[(src - 1) % ring])  # fmt: skip
+
+    out = [hop("forward", "kv", t) for t in range(ring - 1)]
+    for t in range(ring):
+        out += ([hop("backward", "kv", t)] if t < ring - 1 else []) + [hop("backward", "dkv", t)]
     return out
 
 

@@ -88,11 +88,15 @@ def hop_bytes(case: Case) -> int:
 
 def ring_records(case: Case) -> list[Record]:
     """The ring's point-to-point transfers of one block on ``case.rank`` as (phase, op, category, bytes received):
-    ``R-1`` K/V hops forward; ``R-1`` K/V and ``R`` dK/dV hops backward. None without a ring."""
+    ``R-1`` K/V hops forward; ``R-1`` K/V and ``R`` dK/dV hops backward. None without a ring. With every ring
+    rank holding ``L/R`` tokens these are :func:`odysseus.plan.forms.ring_collectives`, the ledger's closed form,
+    less their labels (tests/test_plan_ring.py checks it)."""
     R, b = case.ring, hop_bytes(case)
     if R == 1:
         return []
-    return [("forward", "p2p", "activation", b)] * (R - 1) + [("backward", "p2p", "activation", b)] * (2 * R - 1)
+    return [("forward", "send_recv", "activation", b)] * (R - 1) + [("backward", "send_recv", "activation", b)] * (
+        2 * R - 1
+    )
 
 
 def crosses_nodes(case: Case, hw: Hardware) -> bool:

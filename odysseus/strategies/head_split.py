@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from ..layout import HeadSplit, rows
-from ..ops.attention import local_attention
-from ..ops.packing import check_window, document_ids
+from ..ops.packing import check_window
 from ..ops.rope import RopeFrequencies, rotate_qk
 from ..validation import check_input
 from .module import RegionModule
 from .regions import ReplicatedRegion, SequenceRegion
+from .ring_span import attend, longest_position, open_ring, sequence_positions
 
 
 class HeadSplitAttention(RegionModule):
@@ -47,7 +47,8 @@ class HeadSplitAttention(RegionModule):
         c = self.config
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         span = self.region.open(x, position_ids)
-        check_window(c.sliding_window, span.total, type(self).__name__)
+        ring = open_ring(self.mesh, span.total, type(self).__name__, x if self.check_inputs else None)
+        check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         w_qkv = torch.cat([p.weight for p in projections]).t()
         qkv = span.gather_matmul(x, w_qkv, "attn.qkv")
@@ -55,10 +56,11 @@ class HeadSplitAttention(RegionModule):
             qkv = qkv + torch.cat([p.bias for p in projections])
         widths = [p.weight.shape[0] for p in projections]
         q, k, v = (t.unflatten(-1, (-1, c.head_dim)) for t in qkv.split(widths, -1))
-        pos = span.positions(position_ids, x.shape[0], x.device)
-        q, k = rotate_qk(q, k, pos, self.rope)
-        documents = None if position_ids is None else document_ids(pos)
-        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal, documents)
+        pos = sequence_positions(span, ring, position_ids, x.shape[0], x.device)
+        longrope = ring is not None and self.rope.long_inv_freq is not None  # reads the whole sequence's positions
+        longest = longest_position(ring, pos, position_ids is not None) if longrope else None
+        q, k = rotate_qk(q, k, pos, self.rope, longest)
+        o = attend(ring, q, k, v, self.heads.kv_of_q, c.causal, None if position_ids is None else pos)
         out = span.matmul_scatter(o.flatten(2), self.o_proj.weight.t(), "attn.out")
         # The bias of a row-split projection is added once, to the sum over ranks, not to each partial product.
         return out + self.o_proj.bias if c.o_bias else out

@@ -195,6 +195,12 @@ class RegionModule(ParallelModule):
     def __init__(self, config: TransformerConfig, group=None, **kwargs):
         super().__init__(config, group, **kwargs)
         self.region = self.region_type(self, type(self).__name__)
+        if self.mesh.ring is not None and not self.region.sequence_split:
+            raise ValueError(
+                f"{type(self).__name__}: a mesh with a ring dim ({self.mesh.ring_size} ring ranks) splits the "
+                "sequence, but this module holds the whole sequence on every rank ('tp'); use 'tp-sp', 'ulysses' or "
+                "'odysseus' with a ring, or a mesh without one"
+            )
 
     @property
     def sequence_split(self) -> bool:

@@ -13,12 +13,12 @@ import torch
 
 from .. import comm
 from ..layout import HeadSplit
-from ..ops.attention import local_attention
-from ..ops.packing import check_window, document_ids
+from ..ops.packing import check_window
 from ..ops.rope import RopeFrequencies, rotate_qk
 from ..validation import check_input
 from .module import RegionModule
 from .regions import SequenceRegion
+from .ring_span import attend, longest_position, open_ring, sequence_positions
 
 
 class UlyssesAttention(RegionModule):
@@ -44,10 +44,13 @@ class UlyssesAttention(RegionModule):
         check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
         B, L_r, _ = x.shape
         span = self.region.open(x, position_ids)
-        check_window(c.sliding_window, span.total, type(self).__name__)
-        every = span.positions(position_ids, B, x.device)  # (B or 1, L): the whole sequence's positions
+        ring = open_ring(self.mesh, span.total, type(self).__name__, x if self.check_inputs else None)
+        check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
+        every = sequence_positions(span, ring, position_ids, B, x.device)  # (B or 1, L): the sp group's tokens
         pos = every[:, span.offset : span.offset + L_r]
-        longest = every.max() if self.rope.long_inv_freq is not None else None  # longrope reads the whole sequence
+        given = position_ids is not None
+        # longrope reads the whole sequence
+        longest = longest_position(ring, every, given) if self.rope.long_inv_freq is not None else None
         q = self.q_proj(x).unflatten(-1, (c.num_heads, c.head_dim))
         k = self.k_proj(x).unflatten(-1, (c.num_kv_heads, c.head_dim))
         q, k = rotate_qk(q, k, pos, self.rope, longest)
@@ -55,7 +58,6 @@ class UlyssesAttention(RegionModule):
         q = comm.seq_to_heads(q, span.sizes, self.heads.q, self.pg, "attn.q")
         k = comm.seq_to_heads(k, span.sizes, self.heads.kv, self.pg, "attn.k")
         v = comm.seq_to_heads(v, span.sizes, self.heads.kv, self.pg, "attn.v")
-        documents = None if position_ids is None else document_ids(every)
-        o = local_attention(q, k, v, list(self.heads.kv_of_q), c.causal, documents)
+        o = attend(ring, q, k, v, self.heads.kv_of_q, c.causal, every if given else None)
         o = comm.heads_to_seq(o, span.sizes, self.heads.q, c.num_heads, self.pg, "attn.o")
         return self.o_proj(o.flatten(2))

@@ -40,7 +40,9 @@ def parallelize(
     ``group``: a ProcessGroup, a 1-D DeviceMesh, or None for the default group; or a 2-D mesh, data-parallel x
     sequence-parallel: a ``DeviceMesh`` with dims named e.g. ``("dp", "sp")`` or a ``(dp_group, sp_group)`` pair
     (:mod:`odysseus.comm.mesh`). The strategy then runs over ``sp``; each ``dp`` replica is fed its own batch,
-    and :func:`finalize_grads` sums every gradient over ``dp`` too. ``backend`` picks how
+    and :func:`finalize_grads` sums every gradient over ``dp`` too. A ``DeviceMesh`` with dims named
+    ``("ring", "sp")`` or ``("dp", "ring", "sp")`` adds ring attention over ``ring`` (README, "Past the head
+    count, across nodes"); feed it ``shard_sequence(x, mesh)``. ``backend`` picks how
     all-gather/reduce-scatter overlap with the GEMMs in TP-SP and Odysseus (see :mod:`odysseus.overlap`);
     ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
     only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots

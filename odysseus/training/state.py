@@ -152,24 +152,37 @@ def finalize_grads(module: nn.Module) -> None:
                 summed = summed.narrow(spec.dim, s, e - s)
             p.grad.copy_(summed)  # in place: no second copy of the gradients while the flat buffer lives
     mesh = _mesh_of(module)
-    if mesh is not None and mesh.data_parallel:
-        _sum_over_replicas(module, mesh.dp)
+    if mesh is not None and group_size(mesh.replicas) > 1:
+        _sum_over_replicas(module, mesh)
 
 
-def _sum_over_replicas(module: nn.Module, dp) -> None:
-    """Sum every gradient of ``module`` over the data-parallel group (each replica saw its own batch)."""
-    params = [p for p in module.parameters() if p.requires_grad and not _reduced_by_fsdp(p, dp)]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    local = [g.to_local() if is_dtensor(g) else g for g in grads]  # sp-sharded ZeRO-3: this rank's shard
-    for p, g, t, summed in zip(params, grads, local, sum_over_group(local, dp, "dp grads")):
-        t.copy_(summed)
-        p.grad = g
+def _sum_over_replicas(module: nn.Module, mesh: Mesh) -> None:
+    """Sum every gradient of ``module`` over the ranks holding the same weights (each saw its own tokens): the
+    replicas, dp x ring; a ZeRO-3 shard over dp alone, where FSDP2 has not (it reduces over sp, or ring x sp)."""
+    dp, params, groups = mesh.dp, [], []
+    for p in module.parameters():
+        if not p.requires_grad:
+            continue
+        fsdp_left_dp = mesh.data_parallel and not _reduced_by_fsdp(p, dp)
+        group = mesh.replicas if not is_dtensor(p) else dp if fsdp_left_dp else None
+        if group_size(group) > 1:
+            params.append(p)
+            groups.append(group)
+    for pg in dict.fromkeys(groups):
+        mine = [p for p, g in zip(params, groups) if g is pg]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in mine]
+        local = [g.to_local() if is_dtensor(g) else g for g in grads]  # sharded ZeRO-3: this rank's shard
+        label = "dp grads" if pg is dp else "replica grads"
+        for p, g, t, summed in zip(mine, grads, local, sum_over_group(local, pg, label)):
+            t.copy_(summed)
+            p.grad = g
 
 
 ZERO3_SHARDING = ("sp", "hybrid", "full")
 """How :func:`zero3` shards on a 2-D mesh: over ``sp`` alone (gradients then summed over ``dp`` by
 ``finalize_grads``), ``hybrid`` (FSDP2's HSDP: shard over ``sp``, replicate over ``dp``) or ``full`` (over
-every rank of ``dp x sp``)."""
+every rank of ``dp x sp``). On a mesh with a ring, ``sp`` here means ``ring x sp``: the ranks that split one
+sequence."""
 
 
 def _fsdp_mesh(mesh: Mesh, shard: str, device_type: str):
@@ -177,7 +190,7 @@ def _fsdp_mesh(mesh: Mesh, shard: str, device_type: str):
 
     if shard == "hybrid":
         return hsdp_mesh(mesh, device_type)
-    return DeviceMesh.from_group(flat_group(mesh) if shard == "full" else mesh.sp, device_type)
+    return DeviceMesh.from_group(flat_group(mesh) if shard == "full" else mesh.seq, device_type)
 
 
 def zero3(module: nn.Module, mesh=None, *, shard: str | None = None, **fsdp_kwargs) -> nn.Module:
