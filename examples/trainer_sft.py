@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dense", action="store_true", help="the plain transformers.Trainer (one process)")
     p.add_argument("--strategy", default="odysseus", help="one of odysseus.STRATEGIES")
-    p.add_argument("--sp", type=int, help="ranks each replica's model is split over (default: all)")
+    p.add_argument("--sp", type=int, help="ranks of each sp group (default: every rank of a replica)")
+    p.add_argument("--ring", type=int, default=1, help="ring attention degree around the sp groups (default 1)")
     p.add_argument("--zero3", action="store_true", help="shard the layers' replicated weights (odysseus.zero3)")
     p.add_argument("--checkpoint", action="store_true", help="recompute every layer in backward")
     p.add_argument("--loss-chunk", type=int, help="LM head and loss this many tokens at a time")
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     else:  # the two-line change: this class (and its import), and sp_size
         trainer = OdysseusTrainer(
             model=model, args=args, train_dataset=train, data_collator=collator,
-            strategy=a.strategy, sp_size=a.sp, zero3=a.zero3, checkpoint=a.checkpoint, loss_chunk=a.loss_chunk,
+            strategy=a.strategy, sp_size=a.sp, ring_size=a.ring, zero3=a.zero3, checkpoint=a.checkpoint,
+            loss_chunk=a.loss_chunk,
         )  # fmt: skip
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]

@@ -114,6 +114,8 @@ CASES = {
     # short last batch (2 examples, one per replica), which is step 3 on its own.
     "llama-sp2-longseq": (2, "llama", False, 16, dict(checkpoint=True, ffn_tile=8, save_input="shard", loss_chunk=16)),
     "qwen2-2x2-packed-zero3": (4, "qwen2", True, 18, dict(sp_size=2, zero3=True)),
+    # Pure ring attention (ring 2 x sp 1), packed documents straddling the ring's chunks.
+    "llama-ring2-packed": (2, "llama", True, 16, dict(ring_size=2, strategy="ulysses")),
 }
 
 

@@ -6,8 +6,9 @@
                               strategy="odysseus", sp_size=4)    # everything else as for transformers.Trainer
     trainer.train()                                              # torchrun --nproc-per-node 8 train.py
 
-The ``world / sp_size`` data-parallel replicas each run the model split over ``sp_size`` ranks
-(:func:`~odysseus.integrations.hf.parallelize_llama` on a ``(dp, sp)`` mesh, dp-major). The job as a whole trains
+The ``world / (ring_size * sp_size)`` data-parallel replicas each run the model split over ``ring_size *
+sp_size`` ranks (:func:`~odysseus.integrations.hf.parallelize_llama` on a ``(dp, sp)`` mesh, or ``(dp, ring, sp)``
+with a ring, dp-major). The job as a whole trains
 on what one device trains on in the dense single-process run: ``per_device_train_batch_size`` sequences per
 micro-step, split over the dp replicas (so it must be a multiple of dp), every rank of a replica reading the
 same sequences and feeding its shard of the tokens. Logged losses, gradient norms and weights are the dense
@@ -72,7 +73,9 @@ class OdysseusTrainer(transformers.Trainer):
 
     Takes every argument of ``Trainer`` (``model`` must be a Llama, Qwen2 or Mistral causal LM, fp32 or bf16,
     with its pretrained or fresh weights; ``model_init`` is not supported) and: ``strategy`` (one of
-    :data:`odysseus.STRATEGIES`); ``sp_size`` (ranks per replica, default all; the world size must be a multiple);
+    :data:`odysseus.STRATEGIES`); ``sp_size`` (ranks of the head-parallel ``sp`` group, default every rank of a
+    replica); ``ring_size`` (ring attention's degree around the ``sp`` groups, default 1: no ring; README "Past
+    the head count, across nodes"); the world size must be a multiple of ``ring_size * sp_size``;
     ``zero3`` (shard the layers' replicated weights with :func:`odysseus.zero3`, ``shard`` as there); the
     long-sequence options ``checkpoint``, ``offload``, ``ffn_tile``, ``save_input`` and ``backend`` of
     :func:`parallelize_llama`; ``loss_chunk`` (LM head and loss that many tokens at a time, see
@@ -81,7 +84,7 @@ class OdysseusTrainer(transformers.Trainer):
     Batches hold ``input_ids`` and ``labels`` (``(batch, seq)``; -100 where no loss is wanted), optionally
     ``position_ids`` (packed sequences, e.g. ``DataCollatorWithFlattening``) and an all-ones ``attention_mask``.
     Checkpoints hold the dense model (``from_pretrained`` loads it on one device) and every rank's optimizer
-    state; resuming needs the same world size, ``sp_size`` and strategy.
+    state; resuming needs the same world size, ``ring_size``, ``sp_size`` and strategy.
     """
 
     # compute_loss divides by the target tokens of the whole accumulation window, as the dense Trainer does.
@@ -94,6 +97,7 @@ class OdysseusTrainer(transformers.Trainer):
         *trainer_args,
         strategy: str = "odysseus",
         sp_size: int | None = None,
+        ring_size: int = 1,
         zero3: bool = False,
         shard: str | None = None,
         checkpoint: bool = False,
@@ -115,17 +119,23 @@ class OdysseusTrainer(transformers.Trainer):
         self.spec = registry.get(strategy)
         device = args.device  # accelerate joins the launched ranks into one process group here
         world = world_size()
-        sp = world if sp_size is None else sp_size
-        if not isinstance(sp, int) or sp < 1 or world % sp:
-            raise ValueError(f"OdysseusTrainer: sp_size={sp_size!r}; expected a divisor of the world size {world}")
-        dp = world // sp
+        if not isinstance(ring_size, int) or ring_size < 1 or world % ring_size:
+            raise ValueError(f"OdysseusTrainer: ring_size={ring_size!r}; expected a divisor of the world size {world}")
+        sp = world // ring_size if sp_size is None else sp_size
+        if not isinstance(sp, int) or sp < 1 or world % (ring_size * sp):
+            raise ValueError(
+                f"OdysseusTrainer: sp_size={sp_size!r} with ring_size={ring_size}; expected ring_size * sp_size to "
+                f"divide the world size {world}"
+            )
+        dp = world // (ring_size * sp)
+        self.ring_size = ring_size
         if args.per_device_train_batch_size % dp:
             raise ValueError(
                 f"OdysseusTrainer: per_device_train_batch_size={args.per_device_train_batch_size} sequences per step "
                 f"cannot be split over the {dp} data-parallel replicas of world {world} with sp_size={sp}: pass a "
                 f"multiple of {dp} (each replica trains on per_device_train_batch_size / {dp} of them)"
             )
-        self.mesh = job_mesh(device, dp, sp) if world > 1 else None
+        self.mesh = job_mesh(device, dp, ring_size, sp) if world > 1 else None
         model.to(device)
         with torch.random.fork_rng(devices=[]):  # Trainer's data order must not depend on what splitting draws
             parallelize_llama(
@@ -145,8 +155,16 @@ class OdysseusTrainer(transformers.Trainer):
 
     @property
     def sp_group(self):
-        """The process group the layers are split over (None on one process)."""
+        """The ``sp`` process group of the layers' head-parallel part (None on one process)."""
         return None if self.mesh is None else self.mesh.get_group("sp")
+
+    @property
+    def seq_group(self):
+        """What a replica's sequence is split over, for the loss: the ``sp`` group, or the ``(ring, sp)`` mesh
+        whose layout the ring's ranks hold their tokens in (None on one process)."""
+        if self.mesh is None or "ring" not in self.mesh.mesh_dim_names:
+            return self.sp_group
+        return self.mesh["ring", "sp"]
 
     def _dp(self) -> tuple[int, int]:
         """(this rank's replica, number of replicas)."""
@@ -252,7 +270,7 @@ class OdysseusTrainer(transformers.Trainer):
         if return_outputs:
             raise NotImplementedError("OdysseusTrainer does not return model outputs (logits); it computes the loss")
         ids, positions, labels = self._shard(inputs)
-        group = self.sp_group
+        group = self.seq_group
         with self.accelerator.autocast():
             if self.loss_chunk:
                 base = self.accelerator.unwrap_model(model).base_model
@@ -336,7 +354,7 @@ class OdysseusTrainer(transformers.Trainer):
     def _layout(self) -> dict:
         """What a checkpoint's optimizer shards depend on: a resume must match it."""
         world = dist.get_world_size() if self.mesh is not None else 1
-        return {"strategy": self.spec.name, "world": world, "dp": self._dp()[1]}
+        return {"strategy": self.spec.name, "world": world, "dp": self._dp()[1], "ring": self.ring_size}
 
     def predict(self, *args, **kwargs):
         raise NotImplementedError("OdysseusTrainer does not predict; save the model and run it dense")

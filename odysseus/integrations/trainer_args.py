@@ -1,5 +1,6 @@
 """What :class:`~odysseus.integrations.trainer.OdysseusTrainer` accepts before it splits anything: the
-``TrainingArguments`` it can honour, the launched world, and the ``(dp, sp)`` mesh it builds from them."""
+``TrainingArguments`` it can honour, the launched world, and the ``(dp, sp)`` or ``(dp, ring, sp)`` mesh it builds
+from them."""
 
 from __future__ import annotations
 
@@ -58,11 +59,15 @@ def world_size() -> int:
     return world
 
 
-def job_mesh(device: torch.device, dp: int, sp: int):
-    """The job's ``(dp, sp)`` DeviceMesh (dp-major: a replica's sp ranks are consecutive), one per shape."""
+def job_mesh(device: torch.device, dp: int, ring: int, sp: int):
+    """The job's ``(dp, sp)`` DeviceMesh, or ``(dp, ring, sp)`` with a ring (dp-major, sp innermost: an sp
+    group's ranks are consecutive, so it sits inside a node), one per shape."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    key = (device.type, dp, sp)
+    key = (device.type, dp, ring, sp)
     if key not in _MESHES:  # init_device_mesh makes new groups on every call
-        _MESHES[key] = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+        if ring == 1:
+            _MESHES[key] = init_device_mesh(device.type, (dp, sp), mesh_dim_names=("dp", "sp"))
+        else:
+            _MESHES[key] = init_device_mesh(device.type, (dp, ring, sp), mesh_dim_names=("dp", "ring", "sp"))
     return _MESHES[key]
