@@ -45,8 +45,9 @@ class HeadSplitAttention(RegionModule):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
-        check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
-        span = self.region.open(x, position_ids)
+        span = self.region.open(
+            x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
+        )
         check_window(c.sliding_window, span.total, type(self).__name__)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         w_qkv = torch.cat([p.weight for p in projections]).t()

@@ -41,9 +41,10 @@ class UlyssesAttention(RegionModule):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
-        check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
+        span = self.region.open(
+            x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
+        )
         B, L_r, _ = x.shape
-        span = self.region.open(x, position_ids)
         check_window(c.sliding_window, span.total, type(self).__name__)
         every = span.positions(position_ids, B, x.device)  # (B or 1, L): the whole sequence's positions
         pos = every[:, span.offset : span.offset + L_r]
