@@ -229,8 +229,27 @@ def test_per_rank_weights_raise_on_every_rank(world):
 
 
 def _deepcopy_zero3(rank, world, strategy):
-    par = odysseus.zero3(odysseus.parallelize(make_block(), strategy))
+    par = odysseus.parallelize(make_block(), strategy)
+    ema = odysseus.zero3(copy.deepcopy(par))  # the recipe: deepcopy before zero3, shard the copy too
+    odysseus.zero3(par)
     _expect(TypeError, "EMA", lambda: copy.deepcopy(par))
+    # The other recipe: a shard-wise EMA of the ZeRO-3 model's parameters, DTensors included.
+    shadow = {n: p.detach().clone() for n, p in par.named_parameters()}
+    (par(local_input(strategy, _x())) ** 2).sum().backward()
+    odysseus.finalize_grads(par)
+    torch.optim.SGD(par.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        for n, p in par.named_parameters():
+            shadow[n].lerp_(p.detach(), 0.5)
+    want = {
+        n: (a + b) / 2
+        for (n, a), b in zip(odysseus.dense_state_dict(ema).items(), odysseus.dense_state_dict(par).values())
+    }
+    for n, p in ema.named_parameters():
+        with torch.no_grad():
+            p.copy_(shadow[n])
+    for n, t in odysseus.dense_state_dict(ema).items():
+        assert_close(t, want[n], rtol=1e-6, atol=1e-7, what=f"EMA {n}")
     model = parallelize_llama(tiny_llama(), strategy)
     for layer in model.model.layers:
         odysseus.zero3(layer)
@@ -240,3 +259,21 @@ def _deepcopy_zero3(rank, world, strategy):
 @pytest.mark.parametrize("strategy", ["odysseus", "ulysses"])
 def test_deepcopy_of_a_zero3_model_raises_with_the_recipe(strategy):
     run_ranks(2, _deepcopy_zero3, strategy, **FAST)
+
+
+@pytest.mark.gpu
+def test_cuda_print_is_read_one_call_late_without_waiting():
+    # On an accelerator the print of a call is read at the next call (after the first call, which waits
+    # once), so each forward sends the previous forward's print; the values are the device sums'.
+    from odysseus.comm.prints import Fingerprinter, device_print
+
+    xs = [torch.randn(2, 40, 96, device="cuda", generator=torch.Generator("cuda").manual_seed(k)) for k in range(4)]
+    want = [[1, *device_print([x]).tolist()] for x in xs]
+    fp = Fingerprinter()
+    assert fp([xs[0]]) == want[0]  # the first call waits
+    assert fp([xs[1]])[0] == 0  # nothing pending yet: not valid, no wait
+    torch.cuda.synchronize()
+    assert fp([xs[2]]) == want[1]  # the previous call's print
+    torch.cuda.synchronize()
+    assert fp([xs[3]]) == want[2]
+    assert Fingerprinter(sync=True)([xs[3]]) == want[3]
