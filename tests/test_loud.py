@@ -76,9 +76,10 @@ def _frozen_step(strategy, when, zero3):
 FREEZE_CASES = [("before", None), ("after", None), ("before", "after"), ("after", "before"), ("after", "after")]
 
 
+@pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("when,zero3", FREEZE_CASES)
-def test_frozen_weights_stay_frozen(when, zero3):
-    assert all(run_ranks(2, _train_frozen, when, zero3, **FAST))
+def test_frozen_weights_stay_frozen(when, zero3, world):
+    assert all(run_ranks(world, _train_frozen, when, zero3, **FAST))
 
 
 def _llama_frozen(rank, world, strategy):
@@ -101,7 +102,7 @@ def _llama_frozen(rank, world, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_frozen_llama_layers_stay_frozen(strategy):
-    assert all(run_ranks(2, _llama_frozen, strategy, **FAST))
+    assert all(run_ranks(3, _llama_frozen, strategy, **FAST))
 
 
 # --- 2. misfed inputs raise by default ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ def _sums(t: torch.Tensor | None, seq_dim: int) -> torch.Tensor:
     return torch.stack([rows.sum(), (rows * weights).sum(), repeated])
 
 
+@torch.no_grad()  # a reading of the input, not part of the model: no graph, nothing saved for backward
 def device_print(tensors: list[torch.Tensor | None], seq_dim: int = 1) -> torch.Tensor:
     """``[trivial, h0, h1]`` as int64 bit patterns (on the first tensor's device): one print of all ``tensors``,
     whose sequence sits at ``seq_dim``. Trivial: the first tensor has fewer than :data:`MIN_TOKENS` tokens or
