@@ -226,6 +226,20 @@ def test_per_rank_weights_raise_on_every_rank(world):
     assert all(run_ranks(world, _seeded_per_rank, **FAST))
 
 
+def _replica_differs(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "sp"))
+    ref = make_block(seed=int(rank == 3))  # rank 3 (replica 1, sp rank 1) holds other weights
+    msg = _expect(ValueError, "the ranks hold different weights", lambda: odysseus.parallelize(ref, "odysseus", mesh))
+    assert "[(0, 1, 2), (3,)]" in msg, msg  # compared over every rank of the mesh, not within sp alone
+    return True
+
+
+def test_weights_differing_across_replicas_raise_on_every_rank():
+    assert all(run_ranks(4, _replica_differs, **FAST))
+
+
 # --- 6. deepcopy of a ZeRO-3 model --------------------------------------------------------------------------
 
 
