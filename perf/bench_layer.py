@@ -20,6 +20,11 @@ Rank 0 then profiles one step of each configuration with ``torch.profiler`` and 
 (``ody/ag_matmul``, ``ody/attn``, ``ody/matmul_rs``, ``ody/ffn``) and which collectives the trace holds. On
 CUDA those ranges are NVTX ranges too, so ``nsys profile -t cuda,nvtx torchrun ...`` shows them.
 
+``--input-checks default,off`` builds each configuration with the default input check (a fingerprint of the
+block's input in its first length exchange, ``odysseus.comm.prints``) and without it, timed side by side; the
+report then gives their ratio and the check's own time (the fingerprint of that input, timed alone) as a
+share of the step.
+
 ``--json`` writes every measurement; ``python -m odysseus.plan --calibrate that.json`` fits the cost
 model's rate and bandwidth to it.
 """
@@ -45,6 +50,7 @@ from torch import nn
 import odysseus
 from odysseus import finalize_grads, shard_sequence
 from odysseus import overlap as ody_overlap
+from odysseus.comm.prints import Fingerprinter
 from odysseus.launch import run_ranks
 from odysseus.plan import MODELS, calibrate, calibration_report, get_model
 from odysseus.reference import TransformerBlock, init_weights
@@ -87,12 +93,19 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _build(strategy: str, backend: str, cfg: odysseus.TransformerConfig, layers: int, dtype, device) -> nn.Module:
-    """``layers`` blocks with different seeded weights, split by ``strategy``."""
+INPUT_CHECKS = {"default": None, "off": False, "every": True}
+"""``--input-checks`` names -> ``check_inputs`` of :func:`odysseus.parallelize`."""
+
+
+def _build(
+    strategy: str, backend: str, cfg: odysseus.TransformerConfig, layers: int, dtype, device, check: str = "default"
+) -> nn.Module:
+    """``layers`` blocks with different seeded weights, split by ``strategy``, with the input check ``check``."""
     blocks, variant = [], Variant.parse(strategy)
     for k in range(layers):
         ref = init_weights(TransformerBlock(cfg), seed=k).to(device=device, dtype=dtype)
-        par = odysseus.parallelize(ref, variant.spec.name, backend="naive" if backend == "n/a" else backend)
+        backend_arg = "naive" if backend == "n/a" else backend
+        par = odysseus.parallelize(ref, variant.spec.name, backend=backend_arg, check_inputs=INPUT_CHECKS[check])
         if variant.zero3:
             par = odysseus.zero3(par, reshard_after_forward=True)
         blocks.append(par)
@@ -162,12 +175,14 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
                     resolve(backend, pg, device)
                 except (RuntimeError, ValueError, NotImplementedError) as err:
                     reason = f"{type(err).__name__}: {err}"
-            model = None if reason else _build(strategy, backend, cfg, opts["layers"], dtype, device)
-            for seq in opts["seqs"]:
-                split = Variant.parse(strategy).spec.sequence_split
-                configs.append(
-                    dict(strategy=strategy, backend=backend, seq=seq, model=model, reason=reason, sequence_split=split)
-                )
+            for check in opts["checks"]:
+                model = None if reason else _build(strategy, backend, cfg, opts["layers"], dtype, device, check)
+                for seq in opts["seqs"]:
+                    split = Variant.parse(strategy).spec.sequence_split
+                    configs.append(
+                        dict(strategy=strategy, backend=backend, seq=seq, model=model, reason=reason,
+                             sequence_split=split, check=check)
+                    )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     inputs = {}
     for seq in opts["seqs"]:
@@ -224,7 +239,10 @@ def bench_rank(rank: int, world: int, opts: dict) -> dict:
                 c["trace"] = path
     out = []
     for c in configs:
-        row = {k: c[k] for k in ("strategy", "backend", "seq")}
+        row = {k: c[k] for k in ("strategy", "backend", "seq", "check")}
+        if c["model"] is not None:  # the default check's own work on this input, timed alone
+            x = inputs[c["seq"]]["shard" if c["sequence_split"] else "full"][0]
+            row["check_alone_s"] = statistics.median(timer(lambda x=x: Fingerprinter()([x])) for _ in range(9))
         if c["model"] is None:
             row.update(status="skipped", reason=c["reason"])
         else:
@@ -276,6 +294,7 @@ def report(run: dict, section: str = "bench_layer") -> str:
     cost model fitted to the run's naive rows (``odysseus.plan.calibrate``) with its prediction per row."""
     cpu = run["device"] == "cpu"
     rows = []
+    checks = sorted({r.get("check", "default") for r in run["results"]})
     for seq in sorted({r["seq"] for r in run["results"]}):
         ok = [r for r in run["results"] if r["seq"] == seq and r["status"] == "ok"]
         best = min((r["median_s"] for r in ok), default=None)
@@ -293,7 +312,7 @@ def report(run: dict, section: str = "bench_layer") -> str:
             rows.append(
                 [
                     seq,
-                    r["strategy"],
+                    r["strategy"] + (f" (input check: {r['check']})" if len(checks) > 1 else ""),
                     r["backend"],
                     f"{r['median_s'] / best:.2f}",
                     f"{r['median_s'] * 1e3:.1f}",
@@ -318,11 +337,31 @@ def report(run: dict, section: str = "bench_layer") -> str:
             ["L", "strategy", "backend", "time / fastest", unit, "named ranges in trace", "collectives in trace"], rows
         ),
     ]
+    if {"default", "off"} <= set(checks):
+        lines += ["", input_check_report(run)]
     fit_rows = [r for r in run["results"] if r["status"] == "ok" and r["backend"] in ("naive", "n/a")]
+    fit_rows = [r for r in fit_rows if r.get("check", "default") == "default"]
     if len([r for r in fit_rows if not Variant.parse(r["strategy"]).zero3]) >= 3:  # what calibrate fits
         lines += ["", "Cost model fitted to this run's naive rows (`odysseus.plan.calibrate`):", ""]
         lines.append(calibration_report(calibrate(run)))
     return "\n".join(lines)
+
+
+def input_check_report(run: dict) -> str:
+    """The default input check's cost: each configuration's step with it over the same step without it
+    (measured side by side), and the check's own time as a share of the step."""
+    ok = [r for r in run["results"] if r["status"] == "ok"]
+    rows = []
+    for r in (r for r in ok if r.get("check") == "default"):
+        off = next(
+            o for o in ok if o.get("check") == "off" and all(o[k] == r[k] for k in ("strategy", "backend", "seq"))
+        )
+        rows.append(
+            [r["seq"], r["strategy"], r["backend"], f"{r['median_s'] / off['median_s']:.3f}",
+             f"{r['check_alone_s'] * 1e3:.3f}", f"{100 * r['check_alone_s'] / off['median_s']:.3f}%"]
+        )  # fmt: skip
+    head = ["L", "strategy", "backend", "step: default check / none", "check alone, ms", "check alone / step"]
+    return "Default input check against none:\n\n" + common.markdown_table(head, rows)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -348,6 +387,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=os.path.join(tempfile.gettempdir(), "odysseus-traces"),
         help="where rank 0 writes Chrome traces ('' for none)",
     )
+    p.add_argument(
+        "--input-checks", default="default", help=f"input checks to build each configuration with: {list(INPUT_CHECKS)}"
+    )
     p.add_argument("--json", help="write the measurements here (input of odysseus.plan --calibrate)")
     p.add_argument("--results", type=Path, help="markdown file in which this run's section is rewritten")
     p.add_argument("--section", default="bench_layer", help="name of that section (one per kind of run)")
@@ -359,6 +401,9 @@ def _options(args: argparse.Namespace) -> dict:
     for s in strategies:
         Variant.parse(s)  # names the bad one
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    checks = [c.strip() for c in args.input_checks.split(",") if c.strip()]
+    if not checks or not set(checks) <= set(INPUT_CHECKS):
+        raise ValueError(f"--input-checks={args.input_checks!r}: expected names from {list(INPUT_CHECKS)}")
     for b in backends:
         ody_overlap.check_backend(b)
     if args.model:
@@ -386,6 +431,7 @@ def _options(args: argparse.Namespace) -> dict:
     return dict(
         strategies=strategies,
         backends=backends,
+        checks=checks,
         config=config,
         seqs=common.parse_ints(args.seqs, "seqs"),
         batch=args.batch,

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-shot GPU check, at most 8 minutes on one H100 (torch 2.11 + triton 3.6, or newer):
 #   1. env            the card, torch and triton
-#   2. kernel_tests   the GPU kernel tests (pytest -m gpu): numerics, late data on a copy stream
+#   2. kernel_tests   the GPU kernel tests (pytest -m gpu): numerics, late data on a copy stream; the input print
+#                     read one call late (tests/test_loud.py)
 #   3. symm_tests     the symm backend on one GPU at worlds 2-4 (spawned ranks sharing the device):
 #                     fp32 parity of every gradient at 1e-5, bf16, shrinking/growing lengths, a stress run
 #                     with late copies over many epochs, a silent producer that must time out
@@ -36,7 +37,7 @@ step() {  # name, time limit in seconds, command...
 }
 
 # The command lines, shared by both modes so the dry run checks exactly what the GPU run executes.
-kernel_tests=("$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_numerics.py tests/test_kernels_late_data.py)
+kernel_tests=("$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_numerics.py tests/test_kernels_late_data.py tests/test_loud.py)
 symm_tests=("$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_overlap_gpu.py)
 bench_kernels=("$py" perf/bench_kernels.py)
 versions=("$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)")

@@ -193,3 +193,17 @@ def test_bench_layer_fails_when_a_step_raises(tmp_path, monkeypatch):
     assert "odysseus / naive / L=32: the first step failed" in str(err.value)
     assert "planted naive failure" in str(err.value)
     assert not out.exists()
+
+
+def test_bench_layer_times_the_input_check_against_none(tmp_path):
+    out = tmp_path / "bench.json"
+    run = bench_layer.main(
+        ["--local-world", "2", "--strategies", "tp,odysseus", "--backends", "naive", "--hidden", "64", "--heads",
+         "4", "--ffn", "128", "--seqs", "32", "--warmup", "0", "--repeats", "2", "--trace-dir", "",
+         "--input-checks", "default,off", "--json", str(out)]
+    )  # fmt: skip
+    rows = {(r["strategy"], r["check"]): r for r in run["results"]}
+    assert set(rows) == {(s, c) for s in ("tp", "odysseus") for c in ("default", "off")}
+    assert all(r["status"] == "ok" and 0 < r["check_alone_s"] < r["median_s"] for r in rows.values())
+    text = bench_layer.report(run)
+    assert "Default input check against none" in text and "(input check: off)" in text

@@ -277,8 +277,8 @@ def _refusals(rank, world):
     )
     expect(ValueError, "shard_sequence(x, mesh)", lambda: par(shard_sequence(torch.randn(1, n, 96), mesh.sp)))
     # Shards over sp alone of a sequence whose ring layout has the same lengths (64 = 4 chunks of 16): every ring
-    # rank holds the same tokens. The lengths cannot tell; check_inputs=True compares the ring ranks' inputs.
-    checked = odysseus.parallelize(ref, "odysseus", ring, check_inputs=True)
+    # rank holds the same tokens. The lengths cannot tell; the default input check compares the ring ranks' inputs.
+    checked = odysseus.parallelize(ref, "odysseus", ring)
     same = shard_sequence(torch.randn(1, 32, 96, generator=torch.Generator().manual_seed(0)), mesh.sp)
     expect(ValueError, "every ring rank holds the same input", lambda: checked(same))
     return errors

@@ -1,6 +1,6 @@
 """The host-side exchange of sequence lengths every module makes before its collectives, and the checks it
-carries: the layout (``shard_sequence``'s split, or equal lengths for TP), NaN/Inf, input fingerprints and
-the verdicts of checks that may differ between ranks."""
+carries: the layout (``shard_sequence``'s split, or equal lengths for TP), batch and hidden size, NaN/Inf,
+input fingerprints (:mod:`.prints`) and the verdicts of checks that may differ between ranks."""
 
 from __future__ import annotations
 
@@ -12,15 +12,8 @@ from ._compat import all_gather_tensor
 from .failures import named_failures
 from .groups import group_size, meta_group
 from .ledger import record
+from .prints import check_prints
 from .verdict import raise_agreed
-
-
-def fingerprint(x: torch.Tensor) -> list[int]:
-    """Two fp64 sums of ``x`` (plain and absolute) as int64 bit patterns: equal inputs give equal patterns.
-
-    Reading them synchronises the host with ``x``'s device, which is why ``check_inputs`` is opt-in."""
-    sums = torch.stack([x.sum(dtype=torch.float64), x.abs().sum(dtype=torch.float64)]).cpu()
-    return sums.view(torch.int64).tolist()
 
 
 @torch.compiler.disable  # host-side ints: run eagerly rather than trace a data-dependent exchange
@@ -33,19 +26,24 @@ def exchange_lengths(
     replicated: bool = False,
     prints: list[int] | None = None,
     error: Exception | None = None,
+    shape: tuple[int, int] | None = None,
+    hint: str = "check_inputs=True",
 ) -> list[int]:
     """Every rank's sequence length, checked: the :func:`shard_sizes` rule, or equal lengths if ``replicated``
     (every rank holds the whole sequence, as in TP).
 
     All ranks see the same list, so a bad layout raises the same ``ValueError`` on every rank. The same
     exchange carries verdicts that must agree: ``finite`` (whether this rank's input is free of NaN/Inf),
-    ``error`` (a check this rank failed; every rank then raises it, :mod:`.verdict`) and ``prints``
-    (:func:`fingerprint` of the input: identical on every rank means the full sequence was fed to a
-    sequence-split module; different means shards were fed to a replicated one). Every rank must pass
-    ``finite`` and ``prints`` alike (None or not).
+    ``error`` (a check this rank failed; every rank then raises it, :mod:`.verdict`), ``shape`` (the input's
+    ``(batch, hidden)``: a mismatch raises here, before a collective whose sizes disagree could abort the
+    process) and ``prints`` (a :class:`~.prints.Fingerprinter` print of the input: identical on every rank
+    means the full sequence was fed to a sequence-split module; different means shards were fed to a
+    replicated one; ``hint`` says in the message how to turn that check off). Every rank must pass
+    ``finite``, ``shape`` and ``prints`` alike (None or not).
     """
     world = group_size(pg)
-    report = [local_len, int(error is not None)] + ([] if finite is None else [int(finite)]) + (prints or [])
+    report = [local_len, int(error is not None)] + ([] if finite is None else [int(finite)])
+    report += list(shape or ()) + (prints or [])
     if world == 1:
         every = [report]
     else:
@@ -62,12 +60,15 @@ def exchange_lengths(
             where = f"rank {bad[0]}" if len(bad) == 1 else f"ranks {bad}"
             raise ValueError(f"{who}: the input holds NaN or Inf on {where} (check_finite=True)")
     lengths = [e[0] for e in every]
+    if shape is not None:
+        at = 2 + (finite is not None)
+        check_shapes([(e[at], n, e[at + 1]) for e, n in zip(every, lengths)], replicated, who)
     if replicated:
         check_replicated(lengths, who)
     else:
         check_layout(lengths, who)
     if prints and world > 1:
-        check_prints([tuple(e[len(e) - len(prints) :]) for e in every], lengths, replicated, who)
+        check_prints([e[len(e) - len(prints) :] for e in every], lengths, replicated, who, hint)
     return lengths
 
 
@@ -80,18 +81,12 @@ def check_replicated(lengths: list[int], who: str) -> None:
         )
 
 
-def check_prints(prints: list[tuple], lengths: list[int], replicated: bool, who: str) -> None:
-    """Raise where the inputs' fingerprints contradict the layout (``check_inputs=True``)."""
-    same = len(set(prints)) == 1
-    if replicated and not same:
-        groups = sorted({tuple(r for r, p in enumerate(prints) if p == q) for q in prints})
+def check_shapes(shapes: list[tuple[int, int, int]], replicated: bool, who: str) -> None:
+    """Raise unless every rank's input ``(batch, seq, hidden)`` has the same batch and hidden size."""
+    if len({(b, h) for b, _, h in shapes}) > 1:
+        each = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+        seq = "seq" if replicated else "seq_local"
         raise ValueError(
-            f"{who}: the ranks hold different inputs (ranks grouped by equal input: {groups}); a "
-            "tensor-parallel ('tp') module takes the same whole sequence on every rank (check_inputs=True)"
-        )
-    if not replicated and same and len(set(lengths)) == 1:
-        raise ValueError(
-            f"{who}: every rank holds the same {lengths[0]} tokens; a sequence-split module takes each rank's "
-            "odysseus.shard_sequence shard of the sequence, not the whole sequence on every rank "
-            "(check_inputs=True compares the ranks' inputs)"
+            f"{who}: the ranks' inputs (batch, {seq}, hidden) differ in batch or hidden size ({each}); every "
+            "rank of the group must be fed the same batch of sequences"
         )

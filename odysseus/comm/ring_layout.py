@@ -77,15 +77,18 @@ def gather_lengths(local: int, pg, who: str, extra: list[int] | None = None) -> 
 
 def ring_lengths(local_total: int, mesh: Mesh, who: str, prints: list[int] | None = None) -> list[int]:
     """Every ring rank's token count (``local_total`` here, the sum over its sp ranks), checked against the ring
-    layout of their sum: the same list, and the same error, on every ring rank. ``prints``: a fingerprint of
-    this rank's input (``check_inputs=True``); identical on every ring rank means every ring rank was fed the
-    same tokens (shards of the sp group alone, not of the mesh), which raises."""
+    layout of their sum: the same list, and the same error, on every ring rank. ``prints``: the
+    :mod:`odysseus.comm.prints` fingerprint ``[valid, trivial, h0, h1]`` of this rank's input (checked by default);
+    valid, non-trivial and identical on every ring rank means every ring rank was fed the same tokens (shards
+    of the sp group alone, not of the mesh), which raises."""
     every = gather_lengths(local_total, mesh.ring, who, prints)
     lengths = [e[0] for e in every] if prints else every
-    if prints and len(every) > 1 and len({tuple(e[1:]) for e in every}) == 1:
+    seen = [e[1:] for e in every] if prints else []
+    if len(seen) > 1 and all(p[0] and not p[1] for p in seen) and len({tuple(p[2:]) for p in seen}) == 1:
         raise ValueError(
             f"{who}: every ring rank holds the same input ({lengths[0]} tokens each); a mesh with a ring takes each "
-            "rank's odysseus.shard_sequence(x, mesh) tokens, not shards over sp alone (check_inputs=True)"
+            "rank's odysseus.shard_sequence(x, mesh) tokens, not shards over sp alone (checked by default; "
+            "check_inputs=False turns it off)"
         )
     n, R = sum(lengths), mesh.ring_size
     expected = [sum(e - s for s, e in chunks) for chunks in ring_chunks(n, R)]

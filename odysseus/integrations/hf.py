@@ -36,8 +36,9 @@ from torch import nn
 
 from ..comm.groups import group_size
 from ..comm.mesh import resolve_mesh
+from ..comm.weights import check_same_weights, whole_model_group
 from ..strategies import registry
-from .hf_hooks import _labels_hook, _model_call_hook, _no_generate
+from .hf_hooks import EntryCheck, _labels_hook, _model_call_hook, _no_generate
 from .hf_layer import DECODER_LAYERS, ParallelLlamaDecoderLayer, _layer_keys, check_llama_config, layers
 from .hf_state import finalize_model_grads, guard_save_pretrained, hf_state_dict, save_pretrained
 from .loss import causal_lm_loss, global_loss, lm_head_loss, model_loss, shift_labels_for_shard
@@ -74,7 +75,8 @@ def parallelize_llama(
     group=None,
     backend: str = "auto",
     *,
-    check_inputs: bool = False,
+    check_inputs: bool | None = None,
+    check_weights: bool = True,
     save_input: str = "gathered",
     checkpoint: bool = False,
     offload: bool = False,
@@ -88,9 +90,14 @@ def parallelize_llama(
     :data:`odysseus.STRATEGIES`. ``group``, ``backend``, ``save_input``, ``checkpoint`` (each layer keeps only its
     input and recomputes the rest in backward), ``offload`` (those inputs wait in host memory) and ``ffn_tile``:
     see :func:`odysseus.parallelize` (on a 2-D (dp, sp) mesh :func:`finalize_model_grads` sums over dp).
-    ``check_inputs=True`` makes every layer compare the ranks' inputs (see :func:`odysseus.parallelize`): the
-    full ``input_ids`` fed to every rank of a sequence-split model then raises on every rank. Collective: call
-    on every rank with the same weights.
+    ``check_inputs`` (see :func:`odysseus.parallelize`): by default (None) each forward compares a fingerprint
+    of the model's inputs across the ranks, inside the first layer's length exchange, so that the full
+    ``input_ids`` fed to every rank of a sequence-split model, or different ``input_ids``, ``position_ids`` or
+    ``labels`` on the ranks of a ``"tp"`` one, raise on every rank; ``True`` also compares every layer's
+    input, ``False`` nothing. ``check_weights`` (default True) compares a fingerprint of every weight of
+    ``model`` across the ranks once, here, and raises naming the first that differs; ``False`` skips it.
+    Collective: call on every rank with the same weights. Frozen weights (``requires_grad=False``) stay
+    frozen in the layers.
 
     Afterwards feed ``input_ids: (batch, seq)`` for ``"tp"`` and their :func:`odysseus.shard_sequence` shard
     ``(batch, seq_local)`` otherwise, and ``position_ids`` (packed sequences) in the same layout; outputs
@@ -129,10 +136,13 @@ def parallelize_llama(
             "(model.activation_checkpointing_disable()) and pass checkpoint=True to parallelize_llama"
         )
 
+    if check_weights:
+        check_same_weights(model.named_parameters(), whole_model_group(group), "parallelize_llama")
+
     owners = {}
     for name, layer in found:
         config = check_llama_config(hf_config, getattr(layer.self_attn, "layer_idx", None))
-        weights = layer.state_dict()
+        weights = layer.state_dict(keep_vars=True)  # parameters, so that requires_grad carries over
         if set(weights) != _layer_keys(config):
             raise ValueError(
                 f"{name} holds weights {sorted(weights)}; with its config's biases odysseus expects "
@@ -140,14 +150,18 @@ def parallelize_llama(
             )
         parent_name, _, child = name.rpartition(".")
         new = ParallelLlamaDecoderLayer(
-            config, strategy, group, weights=weights, backend=backend, check_inputs=check_inputs,
+            config, strategy, group, weights=weights, backend=backend, check_inputs=bool(check_inputs),
             save_input=save_input, checkpoint=checkpoint, offload=offload, ffn_tile=ffn_tile,
         )  # fmt: skip
         model.get_submodule(parent_name).register_module(child, new)
         owner, owner_name = _owner(model, name)
         owners[owner_name] = owner
+    entry = None if check_inputs is False else EntryCheck(replicated=not spec.sequence_split)
     for owner in owners.values():
-        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config, pg), with_kwargs=True)
+        owner.register_forward_pre_hook(_model_call_hook(owner, hf_config, pg, entry), with_kwargs=True)
+    if entry is not None and entry.replicated and model not in owners.values():
+        if "labels" in inspect.signature(model.forward).parameters:
+            model.register_forward_pre_hook(entry.labels_hook(model), with_kwargs=True)
     world = group_size(pg)
     if spec.sequence_split and world > 1 and "labels" in inspect.signature(model.forward).parameters:
         model.register_forward_pre_hook(_labels_hook(model, strategy, world), with_kwargs=True)

@@ -12,6 +12,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..comm.prints import Fingerprinter
 from ..comm.verdict import agree, attempt
 
 # Keyword arguments of transformers' flash-attention varlen path, which describe the unsplit sequence.
@@ -80,9 +81,44 @@ def _check_call(mod: nn.Module, given: dict, config) -> None:
         )
 
 
-def _model_call_hook(module: nn.Module, config, pg):
+class EntryCheck:
+    """The default input check of a ``parallelize_llama`` model: a print (:mod:`odysseus.comm.prints`) of the
+    model's inputs, handed to the first decoder layer, whose length exchange compares it across the ranks.
+
+    Sequence-split strategies print ``input_ids`` (or ``inputs_embeds``) alone: position ids may repeat
+    across shards (packed documents cut at shard boundaries). ``tp`` prints the ids, ``position_ids`` and the
+    labels (stashed by :meth:`labels_hook` on the model that takes them), which must all be the same on
+    every rank."""
+
+    HINT = "parallelize_llama checks the inputs by default; check_inputs=False turns it off"
+
+    def __init__(self, replicated: bool):
+        self.replicated = replicated
+        self.printer = Fingerprinter()
+        self.labels: torch.Tensor | None = None
+
+    def labels_hook(self, module: nn.Module):
+        names = _positional_names(module)
+
+        def hook(mod, args, kwargs):
+            self.labels = {**dict(zip(names, args)), **kwargs}.get("labels")
+
+        return hook
+
+    def hand_over(self, owner: nn.Module, given: dict) -> None:
+        """Print ``given``'s inputs for the first odysseus layer under ``owner`` (found at each call, so that a
+        ``copy.deepcopy`` of the model, whose hooks are the same functions, checks in its own layer)."""
+        ids = given.get("input_ids") if given.get("input_ids") is not None else given.get("inputs_embeds")
+        tensors = [ids, given.get("position_ids"), self.labels] if self.replicated else [ids]
+        self.labels = None  # this call's: a later call of the owner alone has none
+        first = next(m for m in owner.modules() if hasattr(getattr(m, "self_attn", None), "region"))
+        first.self_attn.region.given_prints = (self.printer(tensors), self.HINT)
+
+
+def _model_call_hook(module: nn.Module, config, pg, entry: EntryCheck | None = None):
     """A forward pre-hook for the module that runs the layers (``LlamaModel``): reject what the layers ignore,
-    on every rank at once (a padding mask on one rank must not leave the others waiting in the layers)."""
+    on every rank at once (a padding mask on one rank must not leave the others waiting in the layers); then
+    hand the ``entry`` check its inputs (None: not checked)."""
     names = _positional_names(module)
 
     @torch.compiler.disable  # a host-side exchange of the verdict
@@ -90,6 +126,8 @@ def _model_call_hook(module: nn.Module, config, pg):
         given = {**dict(zip(names, args)), **kwargs}
         _, error = attempt(lambda: _check_call(mod, given, config))
         agree(error, pg, type(mod).__name__)
+        if entry is not None:
+            entry.hand_over(mod, given)
         if "use_cache" in names and names.index("use_cache") >= len(args):
             # The config's default (use_cache=True for Llama) would make LlamaModel build a cache for nothing.
             kwargs = {**kwargs, "use_cache": False}

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from .. import reference
+from ..comm.verdict import attempt
 from ..ops.recompute import recompute
 from ..ops.rmsnorm import FusedRMSNorm
 from ..validation import check_input
 from . import registry
-from .module import ParamSpec, deepcopy_sharing_group, track
+from .module import ParamSpec, deepcopy_sharing_group, track, trainable
 
 
 class ParallelBlock(nn.Module):
@@ -57,7 +58,9 @@ class ParallelBlock(nn.Module):
         self.input_layernorm = FusedRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = attn_cls(config, group, weights=sub("self_attn."), **kwargs)
         self.post_attention_layernorm = FusedRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = ffn_cls(config, group, weights=sub("mlp."), **kwargs)
+        # The default input check looks at the block's input only: the attention's exchange carries it.
+        ffn_kwargs = {**kwargs, "check_inputs": kwargs.get("check_inputs") or False}
+        self.mlp = ffn_cls(config, group, weights=sub("mlp."), **ffn_kwargs)
         like = self.self_attn.q_proj.weight
         sync = "sum" if self.spec.sequence_split and self.self_attn.world > 1 else "none"
         self.param_specs: dict[str, ParamSpec] = {}
@@ -66,8 +69,10 @@ class ParallelBlock(nn.Module):
             if f"{name}.weight" in weights:
                 with torch.no_grad():
                     norm.weight.copy_(weights[f"{name}.weight"])
+                norm.weight.requires_grad_(trainable(weights[f"{name}.weight"]))  # frozen stays frozen
             self.param_specs[f"{name}.weight"] = ParamSpec(sync=sync)
         self.pg, self.mesh = self.self_attn.pg, self.self_attn.mesh
+        self.who = f"ParallelBlock[{strategy}]"
         track(self)
 
     def __deepcopy__(self, memo: dict) -> ParallelBlock:
@@ -77,7 +82,7 @@ class ParallelBlock(nn.Module):
     @classmethod
     def from_dense(cls, block: reference.TransformerBlock, strategy: str, group=None, **kwargs) -> ParallelBlock:
         """This rank's share of ``block``, on the block's device and in its dtype."""
-        return cls(block.config, strategy, group, weights=dict(block.state_dict()), **kwargs)
+        return cls(block.config, strategy, group, weights=dict(block.state_dict(keep_vars=True)), **kwargs)
 
     @property
     def sequence_split(self) -> bool:
@@ -85,7 +90,12 @@ class ParallelBlock(nn.Module):
         return self.spec.sequence_split
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        check_input(x, self.input_layernorm.weight, self.config.hidden_size, f"ParallelBlock[{self.strategy}]")
+        _, error = attempt(lambda: check_input(x, self.input_layernorm.weight, self.config.hidden_size, self.who))
+        if error is not None:
+            # Its attention runs the same check (against q_proj, on the norm's device and dtype) inside its
+            # length exchange, so the failure raises on every rank instead of leaving the others waiting there.
+            self.self_attn(x, position_ids)
+            raise error
         if self.checkpoint:
             return recompute(self._block, x, position_ids, offload=self.offload)
         return self._block(x, position_ids)

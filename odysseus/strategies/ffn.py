@@ -42,10 +42,11 @@ class ColumnRowFFN(RegionModule):
         self.add_linear("down_proj", 1, cols, row_bias_sync=down_bias_sync)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.gate_proj.weight, self.config.hidden_size, type(self).__name__)
         # The length exchange is a graph break under torch.compile: keep it outside the profiler range,
-        # which dynamo cannot resume inside.
-        span = self.region.open(x)
+        # which dynamo cannot resume inside. It runs the input check too, so a failure raises on every rank.
+        span = self.region.open(
+            x, None, lambda: check_input(x, self.gate_proj.weight, self.config.hidden_size, self.region.who)
+        )
         with ody_range("ody/ffn"):
             if self.ffn_tile is None:
                 return self._ffn(span, x)

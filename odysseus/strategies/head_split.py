@@ -45,9 +45,10 @@ class HeadSplitAttention(RegionModule):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
-        check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
-        span = self.region.open(x, position_ids)
-        ring = open_ring(self.mesh, span.total, type(self).__name__, x if self.check_inputs else None)
+        span = self.region.open(
+            x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
+        )
+        ring = open_ring(self.mesh, span.total, type(self).__name__, self.region.last_prints)
         check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         w_qkv = torch.cat([p.weight for p in projections]).t()

@@ -48,9 +48,21 @@ def live_specs() -> Iterator[tuple[nn.Module, str, ParamSpec]]:
             yield m, name, spec
 
 
+ZERO3_DEEPCOPY = (
+    "copy.deepcopy of a ZeRO-3 model (odysseus.zero3, FSDP2) is not supported: FSDP2's sharded parameters and "
+    "hooks cannot be copied. Deepcopy the model before zero3() and shard the copy too; or, for an EMA, keep "
+    "shard-wise averages: ema = {n: p.detach().clone() for n, p in model.named_parameters()} and after each "
+    "optimizer step, under torch.no_grad(), ema[n].lerp_(p.detach(), 1 - decay); odysseus.dense_state_dict "
+    "(hf_state_dict for a parallelize_llama model) gathers the dense tensors to save or evaluate"
+)
+
+
 def deepcopy_sharing_group(module: nn.Module, memo: dict) -> nn.Module:
     """``copy.deepcopy`` of a module that holds a process group: everything is copied but the groups (and the
-    mesh), which the copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks)."""
+    mesh), which the copy shares (a ProcessGroup cannot be copied or pickled; an EMA copy runs on the same ranks).
+    ``TypeError`` with a recipe for a ZeRO-3 module, which FSDP2 cannot copy."""
+    if any(hasattr(p, "placements") for p in module.parameters()):  # DTensors: sharded by FSDP2
+        raise TypeError(ZERO3_DEEPCOPY)
     for shared in (module.pg, module.mesh, module.mesh.dp, module.mesh.device_mesh):
         if shared is not None:
             memo.setdefault(id(shared), shared)
@@ -75,10 +87,13 @@ class ParallelModule(nn.Module):
     ``check_finite=True`` makes every forward reject an input holding NaN or Inf (on all ranks at once
     where the module exchanges lengths anyway). ``save_input`` (``"gathered"`` or ``"shard"``) and ``ring``
     choose what an all-gather⊗GEMM keeps for backward and how gathers stream (:mod:`odysseus.overlap.ops`).
-    ``check_inputs=True`` makes every forward compare a fingerprint of the ranks' inputs, so that the whole
-    sequence fed to every rank of a sequence-split module (or shards fed to a TP one) raises on every rank
-    (it synchronises the host with the device). ``ffn_tile``: the FFNs run that many tokens per rank at a
-    time, recomputing each tile in backward (:mod:`odysseus.strategies.ffn`); attention modules ignore it.
+    ``check_inputs`` compares a fingerprint of the ranks' inputs inside the length exchange, so that the whole
+    sequence fed to every rank of a sequence-split module (or shards fed to a TP one) raises on every rank:
+    ``None`` (the default) checks without making the host wait for the device (on an accelerator, each call
+    compares the previous call's inputs, :mod:`odysseus.comm.prints`), ``True`` checks every call at once
+    (waiting for the device), ``False`` does not check. A block checks in its first module only, unless True.
+    ``ffn_tile``: the FFNs run that many tokens per rank at a time, recomputing each tile in backward
+    (:mod:`odysseus.strategies.ffn`); attention modules ignore it.
     """
 
     def __init__(
@@ -93,7 +108,7 @@ class ParallelModule(nn.Module):
         check_finite: bool = False,
         save_input: str = "gathered",
         ring: Ring | None = None,
-        check_inputs: bool = False,
+        check_inputs: bool | None = None,
         ffn_tile: int | None = None,
         device=None,
         dtype=None,
@@ -137,24 +152,26 @@ class ParallelModule(nn.Module):
         shape = dense_shapes(self.config)[name]
         biased = has_bias(self.config, name)
         weight, bias = self._dense(name, shape, biased)
+        trainable = weight.requires_grad, bias is not None and bias.requires_grad
         if dim is not None:
             s, e = ranges[self.rank]
             weight = weight.narrow(dim, s, e - s)
             if dim == 0 and bias is not None:
                 bias = bias.narrow(0, s, e - s)
         lin = nn.Linear(weight.shape[1], weight.shape[0], bias=biased, device="meta")
-        lin.weight = self._param(weight)
+        lin.weight = self._param(weight, trainable[0])
         self.param_specs[f"{name}.weight"] = ParamSpec(dim, tuple(ranges), sync)
         if bias is not None:
-            lin.bias = self._param(bias)
+            lin.bias = self._param(bias, trainable[1])
             self.param_specs[f"{name}.bias"] = _bias_spec(dim, ranges, sync, row_bias_sync, shape[0], self.world)
         setattr(self, name, lin)
 
     def _dense(self, name: str, shape: tuple[int, int], biased: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The dense weight and bias of ``name``: from ``weights``, or freshly drawn (bias zero)."""
+        """The dense weight and bias of ``name``: from ``weights``, or freshly drawn (bias zero). Each keeps its
+        ``requires_grad`` (a frozen dense weight gives frozen shards), without the dense tensor's autograd graph."""
         if self._weights is None:
-            weight = seeded_normal(name, shape, self._seed, self._std)
-            return weight, weight.new_zeros(shape[0]) if biased else None
+            weight = seeded_normal(name, shape, self._seed, self._std).requires_grad_()
+            return weight, weight.new_zeros(shape[0]).requires_grad_() if biased else None
         # Taken out of the private copy: no reference to the dense tensors outlives construction.
         weight = self._weights.pop(f"{name}.weight", None)
         if weight is None:
@@ -168,12 +185,12 @@ class ParallelModule(nn.Module):
         for what, t, want in (("weight", weight, shape), ("bias", bias, shape[:1])):
             if t is not None and tuple(t.shape) != want:
                 raise ValueError(f"{name}: dense {what} has shape {tuple(t.shape)}, expected {want}")
-        return weight.detach(), None if bias is None else bias.detach()
+        return _detached(weight), None if bias is None else _detached(bias)
 
-    def _param(self, dense: torch.Tensor) -> nn.Parameter:
+    def _param(self, dense: torch.Tensor, requires_grad: bool) -> nn.Parameter:
         device = self._device if self._device is not None else dense.device
         dtype = self._dtype if self._dtype is not None else dense.dtype
-        return nn.Parameter(dense.to(device=device, dtype=dtype, copy=True))
+        return nn.Parameter(dense.detach().to(device=device, dtype=dtype, copy=True), requires_grad=requires_grad)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world={self.world}, backend={self.backend!r}"
@@ -181,7 +198,7 @@ class ParallelModule(nn.Module):
     @classmethod
     def from_dense(cls, ref: nn.Module, group=None, **kwargs) -> ParallelModule:
         """This rank's share of the reference module ``ref`` (same device and dtype as ``ref``)."""
-        return cls(ref.config, group, weights=dict(ref.state_dict()), **kwargs)
+        return cls(ref.config, group, weights=dict(ref.state_dict(keep_vars=True)), **kwargs)
 
 
 class RegionModule(ParallelModule):
@@ -209,6 +226,17 @@ class RegionModule(ParallelModule):
 
     def extra_repr(self) -> str:
         return f"{self.region!r}, {super().extra_repr()}"
+
+
+def trainable(dense: torch.Tensor) -> bool:
+    """Whether the shards of a given dense tensor train: a parameter's ``requires_grad`` carries over (frozen
+    stays frozen); a plain tensor (a ``state_dict()`` value, detached) gives trainable shards."""
+    return dense.requires_grad if isinstance(dense, nn.Parameter) else True
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """``t`` cut from its autograd graph, saying whether its shards train (:func:`trainable`)."""
+    return t.detach().requires_grad_(trainable(t))
 
 
 def _bias_spec(dim, ranges, sync: str, row_bias_sync: str, rows: int, world: int) -> ParamSpec:

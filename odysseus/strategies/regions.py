@@ -13,9 +13,10 @@ run the same module code; only the region differs.
 
 The check is one host-side exchange on every rank (:func:`odysseus.comm.exchange_lengths`), before any
 collective of the call: the lengths (the :func:`shard_sequence` rule, or equal lengths for TP), and the
-verdicts of the checks whose outcome may differ between ranks (position ids, a wrapping
-``DistributedDataParallel``, NaN/Inf with ``check_finite``, the inputs' fingerprints with
-``check_inputs``), so that a failure raises on every rank at once instead of leaving the others waiting.
+verdicts of the checks whose outcome may differ between ranks (the module's input check, position ids, a
+wrapping ``DistributedDataParallel``, NaN/Inf with ``check_finite``, the batch and hidden size, the inputs'
+fingerprints, :mod:`odysseus.comm.prints`), so that a failure raises on every rank at once instead of
+leaving the others waiting.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from .. import comm
 from ..comm import exchange_lengths
-from ..comm.lengths import fingerprint
+from ..comm.prints import PRINT_LEN, Fingerprinter
 from ..comm.verdict import attempt
 from ..layout import offsets, shard_sizes
 from ..overlap import ag_matmul, matmul_rs
@@ -77,9 +78,9 @@ class Region:
 
     From the module (:class:`~odysseus.strategies.module.ParallelModule`): the overlap ``backend``,
     ``save_input`` and ``ring``; ``check_finite`` (reject NaN/Inf inputs) and ``check_inputs`` (compare the
-    ranks' inputs, a cheap fingerprint that synchronises the host with the device, to catch the whole
-    sequence fed to every rank of a sequence-split module, or shards fed to a TP one, whose lengths alone
-    can look right).
+    ranks' inputs, a cheap fingerprint, to catch the whole sequence fed to every rank of a sequence-split
+    module, or shards fed to a TP one, whose lengths alone can look right: None, the default, checks without
+    waiting for the device, :mod:`odysseus.comm.prints`; True waits, every call; False does not check).
     """
 
     sequence_split: bool
@@ -89,23 +90,44 @@ class Region:
         self.dp = module.mesh.dp
         self.check_finite, self.check_inputs = module.check_finite, module.check_inputs
         self.save_input, self.ring = module.save_input, module.ring
+        # check_inputs None: the cheap entry check (no host wait); True: every call, waiting; False: none.
+        self.printer = None if module.check_inputs is False else Fingerprinter(sync=module.check_inputs is True)
+        self.given_prints: tuple[list[int], str] | None = None  # a model's entry print, for the next open only
+        self.last_prints: list[int] | None = None
 
     @torch.compiler.disable  # host-side checks and ints: one graph break, as the exchange always was
-    def open(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> Span:
-        """Check ``x: (batch, seq_here, hidden)`` and ``position_ids`` (in ``x``'s layout) on every rank at once."""
+    def open(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, check=None) -> Span:
+        """Check ``x: (batch, seq_here, hidden)`` and ``position_ids`` (in ``x``'s layout) on every rank at once;
+        ``check``: the module's own input check (dtype, device, width), run here so that it too raises on
+        every rank."""
 
         def local_checks() -> None:
+            if check is not None:
+                check()
             check_not_in_ddp(self.pg, self.who, self.dp)
             if position_ids is not None:
                 normalize_position_ids(position_ids, x.shape[0], x.shape[1], 0, x.device)
 
         _, error = attempt(local_checks)
-        finite = bool(torch.isfinite(x).all()) if self.check_finite else None
-        prints = fingerprint(x) if self.check_inputs else None
+        ok = error is None
+        finite = (bool(torch.isfinite(x).all()) if ok else True) if self.check_finite else None
+        prints, hint = self._prints(x if ok else None)
+        self.last_prints = prints  # a ring compares the same print over its own ranks (strategies/ring_span.py)
         sizes = exchange_lengths(
-            x.shape[1], self.pg, self.who, finite, replicated=not self.sequence_split, prints=prints, error=error
-        )
+            x.shape[1] if ok else 0, self.pg, self.who, finite, replicated=not self.sequence_split, prints=prints,
+            error=error, shape=(x.shape[0], x.shape[-1]) if ok else (0, 0), hint=hint,
+        )  # fmt: skip
         return Span(self, sizes)
+
+    def _prints(self, x: torch.Tensor | None) -> tuple[list[int] | None, str]:
+        """(this call's input print, or None where this region does not check; how to turn the check off)."""
+        given, self.given_prints = self.given_prints, None
+        if given is not None:
+            return given
+        if self.printer is None:
+            return None, ""
+        hint = "check_inputs=True" if self.printer.sync else "checked by default; check_inputs=False turns it off"
+        return (self.printer([x]) if x is not None else [0] * PRINT_LEN), hint
 
     def __repr__(self) -> str:
         return type(self).__name__

@@ -12,7 +12,6 @@ import torch
 
 from ..comm import primitives
 from ..comm.groups import group_rank
-from ..comm.lengths import fingerprint
 from ..comm.mesh import Mesh
 from ..comm.ring import RingPlan, ring_attention
 from ..comm.ring_layout import ring_lengths
@@ -55,13 +54,13 @@ class RingSpan:
         return ring_attention(q, k, v, plan)
 
 
-def open_ring(mesh: Mesh, local_total: int, who: str, x: torch.Tensor | None = None) -> RingSpan | None:
+def open_ring(mesh: Mesh, local_total: int, who: str, prints: list[int] | None = None) -> RingSpan | None:
     """The :class:`RingSpan` of a call whose ring rank holds ``local_total`` tokens (its sp ranks' together),
-    checked on every ring rank; None without a ring. ``x``: this rank's input, to compare across the ring
-    (``check_inputs=True``; reading its fingerprint synchronises the host with the device)."""
+    checked on every ring rank; None without a ring. ``prints``: the fingerprint of this rank's input the region
+    took for its own exchange (:mod:`odysseus.comm.prints`; None where inputs are not checked), compared across
+    the ring too."""
     if mesh.ring is None:
         return None
-    prints = None if x is None else fingerprint(x)
     return RingSpan(mesh, ring_lengths(local_total, mesh, who, prints))
 
 

@@ -41,10 +41,11 @@ class UlyssesAttention(RegionModule):
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
-        check_input(x, self.q_proj.weight, c.hidden_size, type(self).__name__)
+        span = self.region.open(
+            x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
+        )
         B, L_r, _ = x.shape
-        span = self.region.open(x, position_ids)
-        ring = open_ring(self.mesh, span.total, type(self).__name__, x if self.check_inputs else None)
+        ring = open_ring(self.mesh, span.total, type(self).__name__, self.region.last_prints)
         check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
         every = sequence_positions(span, ring, position_ids, B, x.device)  # (B or 1, L): the sp group's tokens
         pos = every[:, span.offset : span.offset + L_r]

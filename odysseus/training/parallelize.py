@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import reference
 from ..comm.mesh import resolve_group
+from ..comm.weights import check_same_weights, whole_model_group
 from ..overlap import Ring
 from ..strategies import registry
 from ..strategies.block import ParallelBlock
@@ -28,7 +29,8 @@ def parallelize(
     *,
     backend: str = "auto",
     check_finite: bool = False,
-    check_inputs: bool = False,
+    check_inputs: bool | None = None,
+    check_weights: bool = True,
     save_input: str = "gathered",
     ring: Ring | None = None,
     ffn_tile: int | None = None,
@@ -47,9 +49,15 @@ def parallelize(
     ``save_input`` whether their all-gather⊗GEMMs keep the gathered input for backward (``"gathered"``) or
     only this rank's shard, re-gathering it and streaming every gather through a ``ring`` of slots
     (``"shard"``: activations at 1/N, one more all-gather per op in backward);
-    ``check_finite=True`` rejects inputs holding NaN or Inf; ``check_inputs=True`` compares the ranks'
-    inputs on every call, so that the whole sequence fed to every rank of a sequence-split module (which
-    looks like a valid split of a longer one) or shards fed to ``"tp"`` raise on every rank.
+    ``check_finite=True`` rejects inputs holding NaN or Inf. ``check_inputs`` compares a fingerprint of the
+    ranks' inputs, so that the whole sequence fed to every rank of a sequence-split module (which looks like a
+    valid split of a longer one) or different inputs fed to ``"tp"`` raise on every rank: by default (None)
+    the returned module's input, inside the length exchange its first module makes anyway, without making
+    the host wait for the device (on an accelerator, each call then compares the previous call's inputs;
+    docs/RELIABILITY.md gives the rule); ``True`` every module's input, at once (a host wait per module);
+    ``False`` none. ``check_weights`` (default True): compare a fingerprint of every weight of ``module``
+    across the ranks once, here (one collective over every rank of the mesh), and raise ``ValueError`` naming
+    the first that differs, since each rank takes its share of its own copy; ``False`` skips it.
     ``ffn_tile``: the FFN runs that many tokens per rank at a time, each tile recomputed in backward.
     ``checkpoint`` (a block only): keep only the block's input for backward and recompute the rest;
     ``offload``: that input waits in host memory.
@@ -57,6 +65,8 @@ def parallelize(
     """
     spec = registry.get(strategy)
     resolve_group(group)  # the modules check the backend and save_input (ParallelModule)
+    if check_weights and isinstance(module, (reference.TransformerBlock, reference.Attention, reference.FFN)):
+        check_same_weights(module.named_parameters(), whole_model_group(group), f"parallelize({strategy!r})")
     kwargs = dict(
         backend=backend, check_finite=check_finite, check_inputs=check_inputs, save_input=save_input, ring=ring,
         ffn_tile=ffn_tile,
