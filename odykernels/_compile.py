@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel
+from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel, lookahead
 from odykernels.matmul import (
     SM80_CONFIGS,
     SM90_CONFIGS,
@@ -143,7 +143,8 @@ def _constexprs(name: str, path: str, cfg: TileConfig | None, dtype: str, out_dt
         "RECV_VEC": ALIGN_BYTES // _BYTES[out_dtype],
         "A_COL_MAJOR": False,
         "B_K_CONTIGUOUS": b_k_contiguous,
-        "LOOKAHEAD": cfg.num_stages,
+        "LOOKAHEAD": lookahead(cfg),  # what prepare_ag_matmul launches with
+        "PREFETCH": 0,  # interpreter only: compiled, the software pipeline loads ahead
         "USE_CLOCK": True,  # compiled kernels bound their waits by the GPU's global timer
         "USE_ASM": True,
     }

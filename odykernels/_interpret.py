@@ -1,0 +1,123 @@
+"""What Triton's interpreter leaves out of a GPU, put back for the CPU tests: programs in any order, a
+thread switch at every atomic, and the global timer.
+
+* **Program order.** A GPU runs a launch's programs in no fixed order, and at once; the interpreter runs
+  them one after another in index order, so a protocol that only works when program 0 goes first would
+  pass there. Here the i-th program the interpreter runs gets the index at position i of a seeded random
+  permutation of the grid. Each launch draws its permutation from one generator, so a process's runs are
+  reproducible. The seed comes from ``ODYSSEUS_PROGRAM_ORDER_SEED`` (an integer, default 0; ``index``
+  keeps index order); tests set it with :func:`odykernels.testing.program_order`.
+* **Thread switches.** Every atomic first yields the GIL. The kernels' flag reads and writes are all
+  atomics (``wait_flag`` polls with an acquire ``atomic_add`` of 0, ``notify`` is an exchange, the tile
+  counter an add), so host threads standing in for copy engines, streams and peers get to run between
+  any two flag operations of a program, not only when the interpreter's switch interval says so.
+* **The global timer.** ``%globaltimer`` is read with inline PTX, which the interpreter cannot run; the
+  host's monotonic clock (nanoseconds, like the GPU's timer) stands in for it, so the ``USE_CLOCK`` waits
+  run on the CPU too. Any other inline assembly still raises.
+
+:func:`install` patches the interpreter's one builder object, once per process; ``_runtime`` calls it
+before every interpreted launch.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+
+import numpy as np
+import triton.language as tl
+from triton.runtime import interpreter
+
+ORDER_SEED_ENV = "ODYSSEUS_PROGRAM_ORDER_SEED"
+GLOBALTIMER_ASM = "mov.u64 $0, %globaltimer;"
+"""The PTX of ``odykernels.signal.global_time_ns`` (and of ``triton.language.extra.cuda.globaltimer``)."""
+
+_lock = threading.Lock()
+_installed = False
+_rng: random.Random | None = None
+"""Draws each launch's program order; None: index order."""
+
+
+def _env_seed() -> int | None:
+    value = os.environ.get(ORDER_SEED_ENV, "0")
+    if value == "index":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{ORDER_SEED_ENV}={value!r}: expected an integer seed or 'index'") from None
+
+
+def set_program_order(seed: int | None) -> None:
+    """Run the programs of later interpreted launches in orders drawn from ``seed`` (None: index order)."""
+    global _rng
+    _rng = None if seed is None else random.Random(seed)
+
+
+def program_order_seed_from_env() -> None:
+    """Reset the program order to what ``ODYSSEUS_PROGRAM_ORDER_SEED`` says (the process's default)."""
+    set_program_order(_env_seed())
+
+
+program_order_seed_from_env()
+
+
+class _Results:
+    """What ``tl.inline_asm_elementwise`` reads its outputs from (``get_result(i)``): here one value."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def get_result(self, index: int):
+        return self.handle
+
+
+def install() -> None:
+    """Patch the interpreter's builder (once): shuffled program indices, a yield per atomic, the host timer."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        builder = interpreter.interpreter_builder
+        set_grid_dim, set_grid_idx = builder.set_grid_dim, builder.set_grid_idx
+        atomic_rmw, atomic_cas, inline_asm = (
+            builder.create_atomic_rmw,
+            builder.create_atomic_cas,
+            builder.create_inline_asm,
+        )
+        order: list[list[int] | None] = [None]
+
+        def shuffled_grid_dim(nx, ny, nz):
+            set_grid_dim(nx, ny, nz)
+            n = nx * ny * nz
+            order[0] = None if _rng is None else _rng.sample(range(n), n)
+
+        def shuffled_grid_idx(x, y, z):
+            # The interpreter walks x, y, z in index order; program number i of the walk becomes order[i].
+            if order[0] is not None:
+                _, ny, nz = builder.grid_dim
+                x, rest = divmod(order[0][(x * ny + y) * nz + z], ny * nz)
+                y, z = divmod(rest, nz)
+            set_grid_idx(x, y, z)
+
+        def yielding_rmw(*args):
+            time.sleep(0)  # releases the GIL: other host threads run before this atomic
+            return atomic_rmw(*args)
+
+        def yielding_cas(*args):
+            time.sleep(0)
+            return atomic_cas(*args)
+
+        def host_timer_asm(asm, constraints, values, ty, is_pure, pack):
+            if asm.strip() == GLOBALTIMER_ASM:
+                return _Results(interpreter.TensorHandle(np.array([time.monotonic_ns()], dtype=np.int64), tl.int64))
+            return inline_asm(asm, constraints, values, ty, is_pure, pack)
+
+        builder.set_grid_dim = shuffled_grid_dim
+        builder.set_grid_idx = shuffled_grid_idx
+        builder.create_atomic_rmw = yielding_rmw
+        builder.create_atomic_cas = yielding_cas
+        builder.create_inline_asm = host_timer_asm
+        _installed = True
