@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
+from odykernels._memory_order import memory_order, param_indices
 from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel, lookahead
 from odykernels.matmul import (
     SM80_CONFIGS,
@@ -210,11 +211,16 @@ def compile_kernel(
     finally:
         knobs.nvidia.dump_ptxas_log = saved
     _PTXAS_LOGS[id(compiled)] = log.getvalue()
+    _ARGS[id(compiled)] = [
+        (a, signature[a].startswith("tensordesc")) for a in kernel.arg_names if signature[a] != "constexpr"
+    ]
     return compiled
 
 
 # `ptxas -v` reports of the kernels compiled by this process (empty for a kernel Triton took from its cache).
 _PTXAS_LOGS: dict[int, str] = {}
+# The non-constexpr arguments of each compiled kernel (name, is a tensor descriptor): its PTX parameters.
+_ARGS: dict[int, list[tuple[str, bool]]] = {}
 
 
 def ptxas_report(compiled) -> dict[str, int | None]:
@@ -250,10 +256,12 @@ def inspect(compiled, capability: int) -> dict:
     """What the compiled code shows: instruction counts, store widths, shared memory, registers, spills.
 
     ``st_global`` counts each ``st.global`` variant by its suffix (e.g. ``.v4.b32``: 128-bit);
+    ``memory_order`` is :func:`odykernels._memory_order.memory_order` (flag accesses and their semantics);
     ``tma_prologue`` is how many K steps of TMA loads the software pipeline issues before its loop
     (-1 if the kernel has no TMA loads, 0 if the loop is not pipelined).
     """
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    order = memory_order(ptx, param_indices(ptx, _ARGS[id(compiled)]))
     stores = collections.Counter(m.group(1) for m in re.finditer(r"\bst\.global((?:\.[a-z0-9]+)*)", ptx))
     tma_copies = len(re.findall(r"ttng\.async_tma_copy_global_to_local", ttgir))
     # Two descriptor loads (A and B) per K step: the loop body holds one step, the prologue the rest.
@@ -267,6 +275,7 @@ def inspect(compiled, capability: int) -> dict:
         "fence_proxy_async_global": "fence.proxy.async.global" in ptx,
         "st_global": dict(stores),
         "tma_prologue": tma_prologue,
+        "memory_order": order,
         "shared": compiled.metadata.shared,
         "smem_limit": SMEM_LIMIT[divmod(capability, 10)],
         **resource_usage(compiled.asm["cubin"]),

@@ -18,6 +18,7 @@ import torch
 from odykernels import ag_matmul, reduce_slots, split_rows
 from odykernels._chunks import chunk_starts
 from odykernels.signal import FLAG_DTYPE
+from odykernels.testing import program_order
 
 EPOCH = 5
 M, K, N = 61, 24, 40  # chunks of 2-4 M-tiles and 3 N-tiles of 16 under the interpreter
@@ -49,6 +50,21 @@ def _deliver(pieces, flags, started: threading.Event, first_s: float = 0.3, betw
 @pytest.mark.parametrize("n", [N, 24])  # 3 or 2 N-tiles: which tile of a chunk each program meets first
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ag_matmul_waits_for_chunks_that_land_late_numerics(world, n, programs):
+    _ag_matmul_late(world, n, programs, "pointer")
+
+
+@pytest.mark.parametrize(
+    "path, programs, seed", [("pointer", 3, 1), ("pointer", 3, 2), ("tma", 3, 1), ("tma", 3, 2), ("tma", 1, 1)]
+)
+def test_ag_matmul_late_chunks_any_program_order_and_tma_prefetch_numerics(path, programs, seed):
+    """Programs in several seeded orders (the protocol must not need program 0 first), and the TMA path,
+    whose interpreted loads are issued num_stages - 1 iterations early like the compiled pipeline's: a flag
+    acquired later than that (a LOOKAHEAD shorter than num_stages) reads rows that have not landed."""
+    with program_order(seed):
+        _ag_matmul_late(3, N, programs, path)
+
+
+def _ag_matmul_late(world: int, n: int, programs: int, path: str) -> None:
     a, b = _randn(M, K, seed=1), _randn(K, n, seed=2)
     sizes, starts = split_rows(M, world), chunk_starts(split_rows(M, world))
     for rank in range(world):
@@ -63,9 +79,9 @@ def test_ag_matmul_waits_for_chunks_that_land_late_numerics(world, n, programs):
         producer.start()
         out = torch.full((M, n), float("nan"))
         started.set()
-        ag_matmul(a_full, b, sizes, rank, flags, EPOCH, out=out, timeout_s=30, max_programs=programs)
+        ag_matmul(a_full, b, sizes, rank, flags, EPOCH, out=out, timeout_s=30, max_programs=programs, path=path)
         producer.join()
-        _assert_close(out, a.double() @ b.double(), 1e-4, f"world {world} rank {rank}")
+        _assert_close(out, a.double() @ b.double(), 1e-4, f"{path} world {world} rank {rank}")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
