@@ -13,7 +13,9 @@ the tile would come after its own loads. Each program therefore acquires a tile'
 ``num_stages``) iterations ahead of the tile's first K step, and before the loop for the tiles whose loads
 the pipeline's prologue issues; a bitmask remembers the chunks already acquired, so a program waits at most
 once per chunk. ``tests/test_kernels_compile.py`` checks in the compiled code that the prologue is shallower than
-the lookahead.
+the lookahead (:func:`lookahead`, which the launcher and ``_compile`` share). Under the interpreter the kernel
+issues its loads ``num_stages - 1`` iterations early itself (:func:`prefetch_step`), so a window too short
+reads stale rows on the CPU too.
 """
 
 from __future__ import annotations

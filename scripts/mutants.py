@@ -329,8 +329,8 @@ MUTANTS = [
         "gpu-wait-poll-plain-load",
         "memory order: wait_flag's timed poll reads the flag with a plain volatile load instead of an acquire",
         "odykernels/signal.py",
-        '< limit):\n                seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")',
-        "< limit):\n                seen = tl.load(flag_ptr, volatile=True)",
+        'start < limit):\n                seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")',
+        "start < limit):\n                seen = tl.load(flag_ptr, volatile=True)",
         ("tests/test_kernels_compile.py", "-k", "sm80-reduce_slots-pointer-bf16"),
     ),
     Mutant(
