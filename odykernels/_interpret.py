@@ -12,8 +12,9 @@ thread switch at every atomic, and the global timer.
   counter an add), so host threads standing in for copy engines, streams and peers get to run between
   any two flag operations of a program, not only when the interpreter's switch interval says so.
 * **The global timer.** ``%globaltimer`` is read with inline PTX, which the interpreter cannot run; the
-  host's monotonic clock (nanoseconds, like the GPU's timer) stands in for it, so the ``USE_CLOCK`` waits
-  run on the CPU too. Any other inline assembly still raises.
+  host's monotonic clock (nanoseconds, like the GPU's timer) stands in for it, and the TMA path's timed
+  spin (inline PTX too) runs as a host loop on that clock, so both ``USE_CLOCK`` waits run on the CPU.
+  Any other inline assembly still raises.
 
 :func:`install` patches the interpreter's one builder object, once per process; ``_runtime`` calls it
 before every interpreted launch.
@@ -33,6 +34,8 @@ from triton.runtime import interpreter
 ORDER_SEED_ENV = "ODYSSEUS_PROGRAM_ORDER_SEED"
 GLOBALTIMER_ASM = "mov.u64 $0, %globaltimer;"
 """The PTX of ``odykernels.signal.global_time_ns`` (and of ``triton.language.extra.cuda.globaltimer``)."""
+SPIN_LABEL = "$$ODY_SPIN:"
+"""The loop label of ``odykernels.signal._spin_acquire_fenced``, the TMA path's timed wait, run by :func:`_spin`."""
 
 _lock = threading.Lock()
 _installed = False
@@ -65,13 +68,31 @@ program_order_seed_from_env()
 
 
 class _Results:
-    """What ``tl.inline_asm_elementwise`` reads its outputs from (``get_result(i)``): here one value."""
+    """What ``tl.inline_asm_elementwise`` reads its outputs from (``get_result(i)``)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, *handles):
+        self.handles = handles
 
     def get_result(self, index: int):
-        return self.handle
+        return self.handles[index]
+
+
+def _host_ns() -> interpreter.TensorHandle:
+    return interpreter.TensorHandle(np.array([time.monotonic_ns()], dtype=np.int64), tl.int64)
+
+
+def _spin(builder, flag_ptr, want, limit_ns) -> _Results:
+    """``signal._spin_acquire_fenced`` on the host: poll ``*flag_ptr`` until it reads ``want`` or ``limit_ns`` of
+    host time pass; (the last value read, 1 if it was ``want``). One program is one thread here, so the
+    threads' join is trivial, and the CPU has no async proxy to fence."""
+    start = time.monotonic_ns()
+    while True:
+        time.sleep(0)  # as at every atomic: let the writers run
+        seen = builder.create_load(flag_ptr, None, None, False)
+        if seen.data[0] == want.data[0] or time.monotonic_ns() - start >= limit_ns.data[0]:
+            break
+    ok = np.array([seen.data[0] == want.data[0]], dtype=np.uint32)
+    return _Results(seen, interpreter.TensorHandle(ok, tl.uint32))
 
 
 def install() -> None:
@@ -112,7 +133,9 @@ def install() -> None:
 
         def host_timer_asm(asm, constraints, values, ty, is_pure, pack):
             if asm.strip() == GLOBALTIMER_ASM:
-                return _Results(interpreter.TensorHandle(np.array([time.monotonic_ns()], dtype=np.int64), tl.int64))
+                return _Results(_host_ns())
+            if SPIN_LABEL in asm:
+                return _spin(builder, *values)
             return inline_asm(asm, constraints, values, ty, is_pure, pack)
 
         builder.set_grid_dim = shuffled_grid_dim

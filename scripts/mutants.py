@@ -384,6 +384,14 @@ MUTANTS = [
         ("tests/test_kernels_emulation.py", "-k", "deadline"),
     ),
     Mutant(
+        "gpu-tma-clock-units",
+        "deadline: the TMA path's timed spin gets its budget in microseconds as nanoseconds (1000x too short)",
+        "odykernels/signal.py",
+        "limit = tl.where(earlier == 0, budget, 0).to(tl.int64) * 1000  # microseconds -> nanoseconds",
+        "limit = tl.where(earlier == 0, budget, 0).to(tl.int64)  # microseconds -> nanoseconds",
+        ("tests/test_kernels_emulation.py", "-k", "deadline and tma"),
+    ),
+    Mutant(
         "gpu-program-zero-waits",
         "program order: ag_matmul's program 0 acquires every chunk first and the others never wait (right only "
         "if program 0 runs first)",

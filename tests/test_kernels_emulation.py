@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from odykernels import _interpret
 from odykernels._runtime import launchable
 from odykernels.ag_matmul import lookahead, prepare_ag_matmul
 from odykernels.matmul import INTERPRETER_CONFIG, SM80_CONFIGS, SM90_CONFIGS
-from odykernels.signal import FLAG_DTYPE, new_status, read_status, wait_flag
+from odykernels.signal import FLAG_DTYPE, new_status, read_status, wait_flag, wait_flag_for_tma
 from odykernels.testing import program_order
 
 CPU = torch.device("cpu")
@@ -32,8 +33,11 @@ def _order_kernel(out_ptr, counter_ptr):
 
 
 @triton.jit
-def _deadline_kernel(flag_ptr, status_ptr, ok_ptr, expected, budget):
-    ok = wait_flag(flag_ptr, expected, budget, status_ptr, 0, 0, True)
+def _deadline_kernel(flag_ptr, status_ptr, ok_ptr, expected, budget, FOR_TMA: tl.constexpr):
+    if FOR_TMA:
+        ok = wait_flag_for_tma(flag_ptr, expected, budget, status_ptr, 0, 0, True)
+    else:
+        ok = wait_flag(flag_ptr, expected, budget, status_ptr, 0, 0, True)
     tl.store(ok_ptr, ok.to(tl.int32))
 
 
@@ -60,23 +64,25 @@ def test_programs_run_in_seeded_random_order():
     assert len(firsts) == 3 and list(range(6)) not in [r[0] for r in runs.values()], runs
 
 
-def _deadline(budget_us: int) -> float:
+def _deadline(budget_us: int, for_tma: bool) -> float:
     flag = torch.zeros(1, dtype=FLAG_DTYPE)  # never set: the wait must give up at its deadline
     status, ok = new_status(CPU), torch.ones(1, dtype=torch.int32)
     start = time.monotonic()
-    launchable(_deadline_kernel, CPU)[(1,)](flag, status, ok, 1, budget_us)
+    launchable(_deadline_kernel, CPU)[(1,)](flag, status, ok, 1, budget_us, FOR_TMA=for_tma)
     elapsed = time.monotonic() - start
     assert ok.item() == 0 and read_status(status)[:3] == [1, 0, 1], read_status(status)
     return elapsed
 
 
-def test_gpu_timer_deadline_fires_between_t_and_2t():
-    """USE_CLOCK=True under the interpreter: the host clock stands in for %globaltimer (ns), the budget is µs.
-    T = 0.3 s: long next to a launch's set-up, so a 2 T bound holds on a loaded 2-core machine, and a unit
-    error (budget read as ns or ms) lands 1000x outside [T, 2T]."""
-    _deadline(1)  # set-up (twins, first launch) outside the timing
+@pytest.mark.parametrize("for_tma", [False, True], ids=["wait_flag", "wait_flag_for_tma"])
+def test_gpu_timer_deadline_fires_between_t_and_2t(for_tma):
+    """USE_CLOCK=True under the interpreter: the host clock stands in for %globaltimer (ns), the budget is µs;
+    for the TMA path's wait, its inline-PTX spin runs as a host loop. T = 0.3 s: long next to a launch's
+    set-up, so a 2 T bound holds on a loaded 2-core machine, and a unit error (budget read as ns or ms)
+    lands 1000x outside [T, 2T]."""
+    _deadline(1, for_tma)  # set-up (twins, first launch) outside the timing
     T = 0.3
-    elapsed = _deadline(int(T * 1e6))
+    elapsed = _deadline(int(T * 1e6), for_tma)
     assert T <= elapsed < 2 * T, f"a {T} s deadline fired after {elapsed:.4f} s"
 
 
@@ -93,22 +99,14 @@ def test_lookahead_covers_the_pipeline():
     assert kw["PREFETCH"] == kw["num_stages"] - 1, kw
 
 
-@pytest.mark.parametrize("seed", [None, 3])
-def test_program_order_seed_env(seed, monkeypatch):
-    from odykernels import _interpret
-
-    monkeypatch.setenv(_interpret.ORDER_SEED_ENV, "index" if seed is None else str(seed))
-    with program_order(7):
-        pass  # leaving the context reads the environment again
+def test_program_order_seed_from_env(monkeypatch):
+    monkeypatch.setenv(_interpret.ORDER_SEED_ENV, "index")
+    _interpret.program_order_seed_from_env()
     try:
-        expected = list(range(6)) if seed is None else None
-        order = _run_order(6)
-        assert sorted(order) == list(range(6))
-        if expected is not None:
-            assert order == expected
+        assert _run_order(6) == list(range(6))
+        monkeypatch.setenv(_interpret.ORDER_SEED_ENV, "nope")
+        with pytest.raises(ValueError, match="ODYSSEUS_PROGRAM_ORDER_SEED='nope': expected an integer seed or 'index'"):
+            _interpret.program_order_seed_from_env()
     finally:
         monkeypatch.delenv(_interpret.ORDER_SEED_ENV)
-        _interpret.program_order_seed_from_env()
-    monkeypatch.setenv(_interpret.ORDER_SEED_ENV, "nope")
-    with pytest.raises(ValueError, match="ODYSSEUS_PROGRAM_ORDER_SEED='nope'"):
         _interpret.program_order_seed_from_env()
