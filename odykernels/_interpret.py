@@ -41,6 +41,13 @@ _lock = threading.Lock()
 _installed = False
 _rng: random.Random | None = None
 """Draws each launch's program order; None: index order."""
+_atomics = [0]
+
+
+def atomic_count() -> int:
+    """How many atomics interpreted kernels have run in this process: a test's host thread can wait for a
+    kernel to reach its first flag (every flag access is an atomic) before it starts writing the data."""
+    return _atomics[0]
 
 
 def _env_seed() -> int | None:
@@ -124,10 +131,12 @@ def install() -> None:
             set_grid_idx(x, y, z)
 
         def yielding_rmw(*args):
+            _atomics[0] += 1
             time.sleep(0)  # releases the GIL: other host threads run before this atomic
             return atomic_rmw(*args)
 
         def yielding_cas(*args):
+            _atomics[0] += 1
             time.sleep(0)
             return atomic_cas(*args)
 
