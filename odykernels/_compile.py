@@ -23,7 +23,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel
+from odykernels._memory_order import memory_order, param_indices
+from odykernels.ag_matmul import _ag_matmul_kernel, _ag_matmul_tma_kernel, lookahead
 from odykernels.matmul import (
     SM80_CONFIGS,
     SM90_CONFIGS,
@@ -143,7 +144,8 @@ def _constexprs(name: str, path: str, cfg: TileConfig | None, dtype: str, out_dt
         "RECV_VEC": ALIGN_BYTES // _BYTES[out_dtype],
         "A_COL_MAJOR": False,
         "B_K_CONTIGUOUS": b_k_contiguous,
-        "LOOKAHEAD": cfg.num_stages,
+        "LOOKAHEAD": lookahead(cfg),  # what prepare_ag_matmul launches with
+        "PREFETCH": 0,  # interpreter only: compiled, the software pipeline loads ahead
         "USE_CLOCK": True,  # compiled kernels bound their waits by the GPU's global timer
         "USE_ASM": True,
     }
@@ -209,11 +211,16 @@ def compile_kernel(
     finally:
         knobs.nvidia.dump_ptxas_log = saved
     _PTXAS_LOGS[id(compiled)] = log.getvalue()
+    _ARGS[id(compiled)] = [
+        (a, signature[a].startswith("tensordesc")) for a in kernel.arg_names if signature[a] != "constexpr"
+    ]
     return compiled
 
 
 # `ptxas -v` reports of the kernels compiled by this process (empty for a kernel Triton took from its cache).
 _PTXAS_LOGS: dict[int, str] = {}
+# The non-constexpr arguments of each compiled kernel (name, is a tensor descriptor): its PTX parameters.
+_ARGS: dict[int, list[tuple[str, bool]]] = {}
 
 
 def ptxas_report(compiled) -> dict[str, int | None]:
@@ -249,10 +256,12 @@ def inspect(compiled, capability: int) -> dict:
     """What the compiled code shows: instruction counts, store widths, shared memory, registers, spills.
 
     ``st_global`` counts each ``st.global`` variant by its suffix (e.g. ``.v4.b32``: 128-bit);
+    ``memory_order`` is :func:`odykernels._memory_order.memory_order` (flag accesses and their semantics);
     ``tma_prologue`` is how many K steps of TMA loads the software pipeline issues before its loop
     (-1 if the kernel has no TMA loads, 0 if the loop is not pipelined).
     """
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
+    order = memory_order(ptx, param_indices(ptx, _ARGS[id(compiled)]))
     stores = collections.Counter(m.group(1) for m in re.finditer(r"\bst\.global((?:\.[a-z0-9]+)*)", ptx))
     tma_copies = len(re.findall(r"ttng\.async_tma_copy_global_to_local", ttgir))
     # Two descriptor loads (A and B) per K step: the loop body holds one step, the prologue the rest.
@@ -266,6 +275,7 @@ def inspect(compiled, capability: int) -> dict:
         "fence_proxy_async_global": "fence.proxy.async.global" in ptx,
         "st_global": dict(stores),
         "tma_prologue": tma_prologue,
+        "memory_order": order,
         "shared": compiled.metadata.shared,
         "smem_limit": SMEM_LIMIT[divmod(capability, 10)],
         **resource_usage(compiled.asm["cubin"]),

@@ -22,6 +22,8 @@ from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from odykernels import _interpret
+
 # The interpreter runs programs one after another; a few programs per grid are enough to exercise the
 # persistent loops (each program takes several tiles) without paying for many.
 CPU_PROGRAMS = 3
@@ -83,6 +85,7 @@ class _InterpretedLaunch:
     """``twin[grid](...)`` with triton.language's jit functions twinned (and the index fix) during the run."""
 
     def __init__(self, twin: InterpretedFunction):
+        _interpret.install()  # programs in any order, a yield per atomic, the host timer
         self.twin = twin
 
     def __getitem__(self, grid):

@@ -13,7 +13,9 @@ the tile would come after its own loads. Each program therefore acquires a tile'
 ``num_stages``) iterations ahead of the tile's first K step, and before the loop for the tiles whose loads
 the pipeline's prologue issues; a bitmask remembers the chunks already acquired, so a program waits at most
 once per chunk. ``tests/test_kernels_compile.py`` checks in the compiled code that the prologue is shallower than
-the lookahead.
+the lookahead (:func:`lookahead`, which the launcher and ``_compile`` share). Under the interpreter the kernel
+issues its loads ``num_stages - 1`` iterations early itself (:func:`prefetch_step`), so a window too short
+reads stale rows on the CPU too.
 """
 
 from __future__ import annotations
@@ -26,8 +28,17 @@ import triton.language as tl
 
 from odykernels._chunks import check_chunks, chunk_rows, chunk_tile, mtile_table
 from odykernels._runtime import Launch, is_interpreted, normalize_device, run_checked
-from odykernels._tiles import flat_loop_bounds, store_tile, tile_dot, tile_offsets, tma_dot_step, wrapped_cols
-from odykernels.matmul import check_operands, gemm_launch_metadata, out_tensor, out_vec, plan_gemm
+from odykernels._tiles import (
+    flat_loop_bounds,
+    load_a,
+    load_b,
+    store_tile,
+    tile_dot,
+    tile_offsets,
+    tma_dot_step,
+    wrapped_cols,
+)
+from odykernels.matmul import TileConfig, check_operands, gemm_launch_metadata, out_tensor, out_vec, plan_gemm
 from odykernels.signal import DEFAULT_TIMEOUT_S, check_status, check_waits, new_status, wait_flag, wait_flag_for_tma
 
 
@@ -73,6 +84,27 @@ def acquire_tile_chunk(
     return ready
 
 
+@triton.jit
+def prefetch_step(
+    loads, it, total, pid, progs, k_tiles, num_mtiles, num_pid_n, mtiles_ptr, a_desc, b_desc,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, A_COL_MAJOR: tl.constexpr,
+    B_K_CONTIGUOUS: tl.constexpr,
+):  # fmt: skip
+    """Interpreter only (``PREFETCH > 0``): load the A and B blocks of flattened iteration ``it`` now and queue
+    them in ``loads`` (a Python list: the interpreter runs the kernel as Python) for that iteration to use.
+
+    The compiled pipeline issues an iteration's loads up to ``num_stages - 1`` iterations early; this does the
+    same on the CPU, so rows that land between the load and its use are not seen, and a flag acquired too
+    late (a ``LOOKAHEAD`` shorter than the pipeline) reads stale rows.
+    """
+    if it < total:
+        ki = it % k_tiles
+        row_start, _, _, _, _, pid_n = chunk_tile(pid + (it // k_tiles) * progs, num_mtiles, num_pid_n, mtiles_ptr,
+                                                  GROUP_M)  # fmt: skip
+        a = load_a(a_desc, row_start, ki * BLOCK_K, A_COL_MAJOR)
+        loads.append((a, load_b(b_desc, ki * BLOCK_K, pid_n * BLOCK_N, B_K_CONTIGUOUS)))
+
+
 @triton.jit(do_not_specialize=["rank", "expected", "budget"], launch_metadata=gemm_launch_metadata("ag_matmul", "tma"))
 def _ag_matmul_tma_kernel(
     a_desc, b_desc, c_ptr, flags_ptr, status_ptr, mtiles_ptr,
@@ -81,7 +113,7 @@ def _ag_matmul_tma_kernel(
     rank, expected, budget,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_COL_MAJOR: tl.constexpr, B_K_CONTIGUOUS: tl.constexpr, INPUT_PRECISION: tl.constexpr, OUT_VEC: tl.constexpr,
-    LOOKAHEAD: tl.constexpr, USE_CLOCK: tl.constexpr,
+    LOOKAHEAD: tl.constexpr, USE_CLOCK: tl.constexpr, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
     # The flattened loop of _matmul_tma_kernel over M-tiles of the chunk table, plus the flag waits.
     pid = tl.program_id(0)
@@ -99,7 +131,19 @@ def _ag_matmul_tma_kernel(
         )  # fmt: skip
     tile, ki, row_start, row_end, pid_n = pid - progs, -1, 0, 0, 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PREFETCH > 0:  # interpreter: the pipeline's prologue, the loads of iterations [0, PREFETCH)
+        loads = []
+        for j in range(0, PREFETCH):
+            prefetch_step(
+                loads, j, total, pid, progs, k_tiles, num_mtiles, num_pid_n, mtiles_ptr, a_desc, b_desc,
+                BLOCK_N, BLOCK_K, GROUP_M, A_COL_MAJOR, B_K_CONTIGUOUS,
+            )  # fmt: skip
     for it in range(0, total):
+        if PREFETCH > 0:  # interpreter: issued before this iteration's acquire, as the pipeline may issue them
+            prefetch_step(
+                loads, it + PREFETCH, total, pid, progs, k_tiles, num_mtiles, num_pid_n, mtiles_ptr, a_desc, b_desc,
+                BLOCK_N, BLOCK_K, GROUP_M, A_COL_MAJOR, B_K_CONTIGUOUS,
+            )  # fmt: skip
         ki = tl.where(ki == k_tiles - 1, 0, ki + 1)
         if ki == 0:
             tile += progs
@@ -112,13 +156,26 @@ def _ag_matmul_tma_kernel(
             )  # fmt: skip
         # A chunk's partial last tile reads up to BLOCK_M - 1 rows past the chunk (the next chunk's rows,
         # maybe still landing, or zeros past M); those rows only reach output rows the store drops.
-        acc = tma_dot_step(
-            acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS, INPUT_PRECISION
-        )
+        if PREFETCH > 0:
+            a, b = loads.pop(0)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        else:
+            acc = tma_dot_step(
+                acc, a_desc, b_desc, row_start, ki, pid_n, BLOCK_N, BLOCK_K, A_COL_MAJOR, B_K_CONTIGUOUS,
+                INPUT_PRECISION,
+            )  # fmt: skip
         if ki == k_tiles - 1:
             rows, cols = tile_offsets(row_start, pid_n, BLOCK_M, BLOCK_N)
             store_tile(c_ptr, acc, rows, cols, row_end, N, stride_cm, stride_cn, OUT_VEC)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+def lookahead(cfg: TileConfig) -> int:
+    """The TMA kernel's ``LOOKAHEAD`` for ``cfg``: how many iterations before a tile's first K step its chunk's
+    flag is acquired. The software pipeline issues a step's loads up to ``num_stages - 1`` iterations early,
+    possibly before the acquire of the iteration that issues them, so one more: ``num_stages``. The launcher
+    and ``odykernels._compile`` both take it from here."""
+    return cfg.num_stages
 
 
 def prepare_ag_matmul(
@@ -189,10 +246,11 @@ def prepare_ag_matmul(
         *plan.operands, out, flags, status, table, num_mtiles, N, K, *plan.strides, out.stride(0), out.stride(1),
         rank, expected, budget,
     )  # fmt: skip
-    lookahead = {"LOOKAHEAD": plan.cfg.num_stages} if plan.path == "tma" else {}
-    launch = plan.launch(
-        num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **lookahead
-    )
+    tma = {}
+    if plan.path == "tma":
+        # Under the interpreter the kernel issues its loads num_stages - 1 iterations early itself (prefetch_step).
+        tma = {"LOOKAHEAD": lookahead(plan.cfg), "PREFETCH": plan.cfg.num_stages - 1 if interpreted else 0}
+    launch = plan.launch(num_mtiles, args, out, max_programs, OUT_VEC=out_vec(out, N), USE_CLOCK=not interpreted, **tma)
     launch.verify = verify
     return launch
 

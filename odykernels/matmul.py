@@ -208,8 +208,8 @@ DISABLED_CONFIGS: list[tuple[TileConfig, str]] = [
 
 # Interpreter only: every tl.dot costs about 7 ms on the CPU whatever its size, and tests run tiny shapes,
 # so the smallest legal dot (16x16x16) keeps them fast while a 2-wide group still exercises the ordering.
-# num_stages only sets ag_matmul's flag lookahead there (the interpreter does not pipeline): 3 makes the
-# lookahead span several tiles when K is one block.
+# num_stages sets ag_matmul's flag lookahead there and the depth of its emulated TMA prefetch (num_stages - 1
+# steps, see ag_matmul.prefetch_step): 3 makes the lookahead span several tiles when K is one block.
 INTERPRETER_CONFIG = TileConfig(16, 16, 16, group_m=2, num_warps=1, num_stages=3)
 
 # Largest dynamic shared memory per block, bytes, by compute capability (CUDA programming guide).

@@ -32,7 +32,6 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import globaltimer
 
 STATUS_WORDS = 4
 FLAG_DTYPE = torch.uint32
@@ -45,11 +44,21 @@ MAX_TIMEOUT_S = 2_000.0
 
 
 @triton.jit
+def global_time_ns():
+    """The GPU's global timer, nanoseconds (``%globaltimer``, as ``triton.language.extra.cuda.globaltimer``).
+
+    Written with ``tl.inline_asm_elementwise`` itself so that under the interpreter the call reaches the
+    builder, where :mod:`odykernels._interpret` answers it with the host's clock.
+    """
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
 def wait_flag(flag_ptr, expected, budget, status_ptr, index, tile, USE_CLOCK: tl.constexpr):
     """Spin (acquire, system scope) until ``*flag_ptr == expected``, within ``budget``.
 
-    ``budget`` is microseconds of GPU global time when ``USE_CLOCK``, else a number of reads (the CPU
-    interpreter cannot read a clock). Returns whether the flag was seen; on a timeout fills the status
+    ``budget`` is microseconds of GPU global time when ``USE_CLOCK`` (under the interpreter the host clock
+    stands in for the timer), else a number of reads. Returns whether the flag was seen; on a timeout fills the status
     record (see module docstring) with ``index`` (which flag) and ``tile`` (which output tile waited).
     Loads issued after this call observe everything the producer wrote before its release, for the whole
     program (the barrier at the end).
@@ -61,9 +70,9 @@ def wait_flag(flag_ptr, expected, budget, status_ptr, index, tile, USE_CLOCK: tl
         earlier = tl.atomic_add(status_ptr, 0, sem="relaxed", scope="gpu")
         limit = tl.where(earlier == 0, budget, 0).to(tl.int64)
         if USE_CLOCK:
-            start = globaltimer()
+            start = global_time_ns()
             limit = limit * 1000  # microseconds -> the timer's nanoseconds
-            while (seen != want) & (globaltimer() - start < limit):
+            while (seen != want) & (global_time_ns() - start < limit):
                 seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")
         else:
             polls = tl.full([], 1, tl.int64)

@@ -6,8 +6,12 @@ only), CUDA tensors through the compiled kernels on one GPU. Chunks follow :func
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
+from odykernels import _interpret
 from odykernels._chunks import split_rows
 from odykernels.ag_matmul import ag_matmul
 from odykernels.matmul_rs import ALIGN_BYTES, matmul_rs, reduce_slots
@@ -115,3 +119,14 @@ def simulate_matmul_rs(
     for r in range(world):
         sim.produce(r, a_per_rank[r], b_per_rank[r], epoch, path)
     return [sim.reduce(d, epoch) for d in range(world)]
+
+
+@contextlib.contextmanager
+def program_order(seed: int | None) -> Iterator[None]:
+    """Interpreted launches inside run their programs in orders drawn from ``seed`` (None: index order);
+    afterwards the process's default (``ODYSSEUS_PROGRAM_ORDER_SEED``) again. See :mod:`odykernels._interpret`."""
+    _interpret.set_program_order(seed)
+    try:
+        yield
+    finally:
+        _interpret.program_order_seed_from_env()

@@ -444,6 +444,93 @@ MUTANTS = [
         "    if False:",
         ("tests/test_loud.py", "-k", "deepcopy"),
     ),
+    # GPU-path mutants of the kernels (issue 21): memory order read from the PTX, programs in any order, the
+    # interpreted TMA prefetch, the GPU-timer deadline on the CPU.
+    Mutant(
+        "gpu-wait-poll-plain-load",
+        "memory order: wait_flag's timed poll reads the flag with a plain volatile load instead of an acquire",
+        "odykernels/signal.py",
+        'start < limit):\n                seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")',
+        "start < limit):\n                seen = tl.load(flag_ptr, volatile=True)",
+        ("tests/test_kernels_compile.py", "-k", "sm80-reduce_slots-pointer-bf16"),
+    ),
+    Mutant(
+        "gpu-wait-first-read-gpu-scope",
+        "memory order: wait_flag's first read of the flag is an acquire at GPU scope, not system scope",
+        "odykernels/signal.py",
+        '    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="sys")\n    if seen != want:',
+        '    seen = tl.atomic_add(flag_ptr, 0, sem="acquire", scope="gpu")\n    if seen != want:',
+        ("tests/test_kernels_compile.py", "-k", "sm80-ag_matmul-pointer-bf16-64x64x64"),
+    ),
+    Mutant(
+        "gpu-tma-spin-plain-load",
+        "memory order: the TMA path's inline-PTX spin polls the flag with a plain ld.global",
+        "odykernels/signal.py",
+        "ld.global.acquire.sys.u32 $0, [$2];",
+        "ld.global.u32 $0, [$2];",
+        ("tests/test_kernels_compile.py", "-k", "sm90-ag_matmul-tma-bf16-64x64x64"),
+    ),
+    Mutant(
+        "gpu-counter-relaxed",
+        "memory order: matmul_rs's tile counter is a relaxed add, so the last tile's notify does not publish "
+        "the other programs' tiles",
+        "odykernels/matmul_rs.py",
+        'done = tl.atomic_add(counters_ptr + dest, 1, sem="acq_rel", scope="sys")',
+        'done = tl.atomic_add(counters_ptr + dest, 1, sem="relaxed", scope="sys")',
+        ("tests/test_kernels_compile.py", "-k", "sm90-matmul_rs-tma-bf16-64x64x64"),
+    ),
+    Mutant(
+        "gpu-notify-relaxed",
+        "memory order: notify sets the flag with a relaxed exchange, no release",
+        "odykernels/signal.py",
+        'tl.atomic_xchg(flag_ptr, value.to(tl.uint32), sem="release", scope="sys")',
+        'tl.atomic_xchg(flag_ptr, value.to(tl.uint32), sem="relaxed", scope="sys")',
+        ("tests/test_kernels_compile.py", "-k", "sm80-matmul_rs-pointer-bf16-64x64x64"),
+    ),
+    Mutant(
+        "gpu-lookahead-short",
+        "lookahead: ag_matmul's TMA path acquires a tile's chunk num_stages - 1 iterations ahead, no earlier "
+        "than the pipeline issues the tile's loads",
+        "odykernels/ag_matmul.py",
+        "    return cfg.num_stages\n",
+        "    return cfg.num_stages - 1\n",
+        ("tests/test_kernels_late_data.py", "-k", "any_program_order and tma"),
+    ),
+    Mutant(
+        "gpu-clock-units",
+        "deadline: the GPU-timer wait compares nanoseconds with the budget in microseconds (1000x too short)",
+        "odykernels/signal.py",
+        "            limit = limit * 1000  # microseconds -> the timer's nanoseconds",
+        "            limit = limit  # microseconds -> the timer's nanoseconds",
+        ("tests/test_kernels_emulation.py", "-k", "deadline"),
+    ),
+    Mutant(
+        "gpu-tma-clock-units",
+        "deadline: the TMA path's timed spin gets its budget in microseconds as nanoseconds (1000x too short)",
+        "odykernels/signal.py",
+        "limit = tl.where(earlier == 0, budget, 0).to(tl.int64) * 1000  # microseconds -> nanoseconds",
+        "limit = tl.where(earlier == 0, budget, 0).to(tl.int64)  # microseconds -> nanoseconds",
+        ("tests/test_kernels_emulation.py", "-k", "deadline and tma"),
+    ),
+    Mutant(
+        "gpu-program-zero-waits",
+        "program order: ag_matmul's program 0 acquires every chunk first and the others never wait (right only "
+        "if program 0 runs first)",
+        "odykernels/ag_matmul.py",
+        "    for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):\n"
+        "        row_start, row_end, chunk, _, _, pid_n = "
+        "chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)\n"
+        "        if chunk != rank:\n",
+        "    for t in range(tl.where(tl.program_id(0) == 0, 0, num_mtiles * num_pid_n), num_mtiles * num_pid_n):\n"
+        "        _, _, c, _, _, _ = chunk_tile(t, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)\n"
+        "        if c != rank:\n"
+        "            wait_flag(flags_ptr + c, expected, budget, status_ptr, c, t, USE_CLOCK)\n"
+        "    for tile in range(tl.program_id(0), num_mtiles * num_pid_n, tl.num_programs(0)):\n"
+        "        row_start, row_end, chunk, _, _, pid_n = "
+        "chunk_tile(tile, num_mtiles, num_pid_n, mtiles_ptr, GROUP_M)\n"
+        "        if (chunk != rank) & (chunk < 0):\n",
+        ("tests/test_kernels_late_data.py", "-k", "any_program_order and pointer"),
+    ),
 ]
 
 

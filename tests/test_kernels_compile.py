@@ -8,6 +8,10 @@ deterministic picks at the Llama tensor-parallel shapes) and with an fp32 receiv
   (the pipeline prologue issues 1 .. num_stages-1 K steps), and ag_matmul's flag lookahead (num_stages
   iterations) is deeper than that prologue and its waits end in ``fence.proxy.async.global``;
 * every ``st.global`` is 128-bit (``.v4``): the outputs and matmul_rs's peer stores, never 16-bit scalars;
+* memory order (odykernels/_memory_order.py, instructions tied to flag words by data flow from
+  ``flags_ptr``): every flag read is an acquire at system scope and every loop that reads a flag holds one,
+  no plain ``ld.global`` of a flag word, every flag write (matmul_rs's notify) a release at system scope,
+  and the tile counter's increment ``atom.acq_rel.sys``;
 * no spills (ptxas's ``-v`` report: 0 bytes of spill stores and loads; and no stack frame in the cubin),
   at most 255 registers, shared memory within the card's limit (and, on the TMA path, within the estimate
   the config pruning uses).
@@ -34,6 +38,7 @@ from odykernels._compile import (
     selectable,
     selected,
 )
+from odykernels.ag_matmul import lookahead
 from odykernels.matmul import TileConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +85,7 @@ JOBS = _jobs()
 _CHILD = """
 import json, sys
 from odykernels._compile import compile_kernel, inspect
+from odykernels.ag_matmul import lookahead
 from odykernels.matmul import TileConfig
 results = {}
 for job in json.loads(sys.stdin.read()):
@@ -95,7 +101,10 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict[str, dict]:
+def compiled(request, tmp_path_factory) -> dict[str, dict]:
+    # Only the jobs of the tests this session runs (``-k`` selects a few for a quick check or a mutant).
+    params = (getattr(item, "callspec", None) for item in request.session.items)
+    wanted = {p.params["job"] for p in params if p is not None and "job" in p.params}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
     procs = {}
@@ -103,8 +112,10 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
         payload = [
             {**dataclasses.asdict(j), "config": dataclasses.asdict(j.config) if j.config else None, "id": j.id}
             for j in JOBS
-            if j.capability == cap
+            if j.capability == cap and j in wanted
         ]
+        if not payload:
+            continue
         proc = subprocess.Popen(
             [sys.executable, "-c", _CHILD], cwd=ROOT, env=env, text=True,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -134,8 +145,10 @@ def test_compiled_code(compiled, job):
         if job.path == "tma":
             assert r["tma_loads"] > 0 and r["cp_async"] == 0, f"{what}: GEMM loads are not all TMA: {r}"
             stages = job.config.num_stages
-            # Pipelined (some K steps issued ahead), and never as far ahead as ag_matmul's lookahead.
+            # Pipelined (some K steps issued ahead), and never as far ahead as ag_matmul's lookahead (the value
+            # prepare_ag_matmul launches with).
             assert 1 <= r["tma_prologue"] <= stages - 1, f"{what}: TMA prologue depth {r['tma_prologue']}"
+            assert r["tma_prologue"] < lookahead(job.config), f"{what}: prologue {r['tma_prologue']} >= LOOKAHEAD"
             out_size = _BYTES[job.out_dtype or job.dtype]
             estimate = job.config.smem_bytes(_BYTES[job.dtype], out_size, "tma")
             assert r["shared"] <= estimate, f"{what}: {r['shared']} B of shared memory > the estimate {estimate}"
@@ -143,6 +156,7 @@ def test_compiled_code(compiled, job):
             assert r["tma_loads"] == 0 and r["cp_async"] > 0, f"{what}: expected cp.async loads: {r}"
         if job.name == "ag_matmul" and job.path == "tma":
             assert r["fence_proxy_async_global"], f"{what}: no fence.proxy.async.global after the flag waits"
+    _check_memory_order(job, r["memory_order"])
     stores = r["st_global"]
     assert stores, f"{what}: no global stores at all"
     assert all(kind.startswith(".v4.") for kind in stores), f"{what}: not only 128-bit stores: {stores}"
@@ -152,6 +166,17 @@ def test_compiled_code(compiled, job):
     assert r["ptxas_regs"] == r["regs"], f"{what}: ptxas used {r['ptxas_regs']} registers, the cubin says {r['regs']}"
     assert r["regs"] <= 255, f"{what}: {r['regs']} registers"
     assert r["shared"] <= r["smem_limit"], f"{what}: {r['shared']} B of shared memory > {r['smem_limit']}"
+
+
+def _check_memory_order(job: Job, order: dict) -> None:
+    """The flag protocol's memory order in the PTX (rules, and why system scope: odykernels/_memory_order.py)."""
+    what = job.id
+    assert not order["violations"], f"{what}: " + "; ".join(order["violations"])
+    waits = job.name in ("ag_matmul", "reduce_slots")
+    # Not vacuous: kernels that wait read flags (with acquire) in loops; matmul_rs notifies and counts.
+    assert (order["flag_reads"] > 0 and order["wait_loops"] > 0) == waits, f"{what}: flag reads {order}"
+    produces = job.name == "matmul_rs"
+    assert (order["notifies"] > 0 and order["counter_acq_rel"] > 0) == produces, f"{what}: notifies {order}"
 
 
 def test_every_kernel_and_capability_is_compiled():

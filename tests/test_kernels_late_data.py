@@ -15,9 +15,10 @@ import time
 import pytest
 import torch
 
-from odykernels import ag_matmul, reduce_slots, split_rows
+from odykernels import _interpret, ag_matmul, reduce_slots, split_rows
 from odykernels._chunks import chunk_starts
 from odykernels.signal import FLAG_DTYPE
+from odykernels.testing import program_order
 
 EPOCH = 5
 M, K, N = 61, 24, 40  # chunks of 2-4 M-tiles and 3 N-tiles of 16 under the interpreter
@@ -34,10 +35,17 @@ def _assert_close(actual, expected, tol, what):
     assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} wrong, {int(actual.isnan().sum())} NaN"
 
 
-def _deliver(pieces, flags, started: threading.Event, first_s: float = 0.3, between_s: float = 0.1):
-    """Producer thread: ``first_s`` after the consumer's launch began, write each (dst, src, index), then its
-    flag, ``between_s`` apart. The first delay is long next to a launch's set-up, so the kernel is running."""
-    started.wait()
+def _deliver(pieces, flags, atomics_before: int, first_s: float = 0.3, between_s: float = 0.1):
+    """Producer thread: ``first_s`` after the kernel's first flag operation (an atomic: it has reached a chunk
+    or slot it must wait for), write each (dst, src, index), then its flag, ``between_s`` apart.
+
+    Counting from the first flag operation, not from the launch, keeps the test independent of the machine's
+    load: every load the kernel issued before that wait is issued before any data lands. (On CPU only:
+    ``atomics_before`` is :func:`odykernels._interpret.atomic_count` before the launch; 30 s at most.)
+    """
+    deadline = time.monotonic() + 30
+    while _interpret.atomic_count() == atomics_before and time.monotonic() < deadline:
+        time.sleep(0.001)
     time.sleep(first_s - between_s)
     for dst, src, index in pieces:
         time.sleep(between_s)
@@ -49,6 +57,19 @@ def _deliver(pieces, flags, started: threading.Event, first_s: float = 0.3, betw
 @pytest.mark.parametrize("n", [N, 24])  # 3 or 2 N-tiles: which tile of a chunk each program meets first
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_ag_matmul_waits_for_chunks_that_land_late_numerics(world, n, programs):
+    _ag_matmul_late(world, n, programs, "pointer")
+
+
+@pytest.mark.parametrize("path, programs, seed", [("pointer", 3, 1), ("pointer", 3, 2), ("tma", 3, 1), ("tma", 1, 1)])
+def test_ag_matmul_late_chunks_any_program_order_and_tma_prefetch_numerics(path, programs, seed):
+    """Programs in several seeded orders (the protocol must not need program 0 first), and the TMA path,
+    whose interpreted loads are issued num_stages - 1 iterations early like the compiled pipeline's: a flag
+    acquired later than that (a LOOKAHEAD shorter than num_stages) reads rows that have not landed."""
+    with program_order(seed):
+        _ag_matmul_late(3, N, programs, path)
+
+
+def _ag_matmul_late(world: int, n: int, programs: int, path: str) -> None:
     a, b = _randn(M, K, seed=1), _randn(K, n, seed=2)
     sizes, starts = split_rows(M, world), chunk_starts(split_rows(M, world))
     for rank in range(world):
@@ -58,14 +79,12 @@ def test_ag_matmul_waits_for_chunks_that_land_late_numerics(world, n, programs):
         flags = torch.full((world,), EPOCH - 1, dtype=FLAG_DTYPE)
         ring = [(rank + s) % world for s in range(1, world)]
         pieces = [(a_full[starts[c] : starts[c + 1]], a[starts[c] : starts[c + 1]], c) for c in ring]
-        started = threading.Event()
-        producer = threading.Thread(target=_deliver, args=(pieces, flags, started))
+        producer = threading.Thread(target=_deliver, args=(pieces, flags, _interpret.atomic_count()))
         producer.start()
         out = torch.full((M, n), float("nan"))
-        started.set()
-        ag_matmul(a_full, b, sizes, rank, flags, EPOCH, out=out, timeout_s=30, max_programs=programs)
+        ag_matmul(a_full, b, sizes, rank, flags, EPOCH, out=out, timeout_s=30, max_programs=programs, path=path)
         producer.join()
-        _assert_close(out, a.double() @ b.double(), 1e-4, f"world {world} rank {rank}")
+        _assert_close(out, a.double() @ b.double(), 1e-4, f"{path} world {world} rank {rank}")
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -78,11 +97,9 @@ def test_reduce_slots_waits_for_slots_that_land_late_numerics(world):
         flags = torch.full((world,), EPOCH - 1, dtype=FLAG_DTYPE)
         order = [(rank + s) % world for s in range(1, world + 1)]  # own slot last, as producers finish
         pieces = [(recv[s, :rows], parts[s], s) for s in order]
-        started = threading.Event()
-        producer = threading.Thread(target=_deliver, args=(pieces, flags, started))
+        producer = threading.Thread(target=_deliver, args=(pieces, flags, _interpret.atomic_count()))
         producer.start()
         out = torch.full((rows, N), float("nan"))
-        started.set()
         reduce_slots(recv, flags, sizes, rank, EPOCH, out=out, timeout_s=30)
         producer.join()
         _assert_close(out, sum(p.double() for p in parts), 1e-5, f"world {world} rank {rank}")
