@@ -192,12 +192,12 @@ SM90_CONFIGS: dict[str, list[TileConfig]] = {
     "small_m": [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)],
 }
 # sm_80 (pointer path, cp.async + mma.sync): the configs this project used before the sm_90 path, for
-# every regime, except that the 128x256 tile steps K by 32 over 4 stages, not by 64 over 3: with K steps
-# of 64, triton 3.9 spills ag_matmul to an 8-byte stack (255 registers, 16 B of spill traffic, bf16 and
-# fp16); with 32 every kernel compiles spill-free on triton 3.6, 3.7.1 and 3.9 (233-252 registers, 72 KiB
-# of shared memory). Not timed (no A100 so far).
+# every regime, less 128x256 tiles. Without wgmma, 8 warps hold the 128x256 fp32 accumulator in 128 of
+# a thread's 255 registers, and what the loop needs beside it no longer fits on triton 3.9 (compiled for
+# sm_80, bf16): 128x256x64/8/3 spills ag_matmul to an 8-byte stack, and so do 128x256x32/8/3 and /8/4
+# (matmul with B row-major) and 128x256x64/8/4 (ag_matmul). On triton 3.6 and 3.7.1 they compiled at 233-255.
 SM80_CONFIGS: dict[str, list[TileConfig]] = {
-    regime: [_cfg(128, 256, 32, 8, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
+    regime: [_cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
     for regime in ("large", "short_k", "narrow_n", "small_m")
 }
 # Considered and left out, each with its reason (compiled for sm_90 bf16 with triton 3.7.1; not timed).
