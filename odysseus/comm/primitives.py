@@ -109,12 +109,12 @@ def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str 
         return x
     with named_failures(f"all_reduce {label}"):
         if torch.compiler.is_compiling():
-            # Traced, an in-place dist.all_reduce becomes `x.copy_(all_reduce(x))`. When x is what an
-            # autograd.Function returns (reduce_from_tp sums a clone in place and returns it), AOTAutograd
-            # on torch 2.11 takes that mutated output for one that needs no gradient: it feeds the backward
-            # a zero tangent, and, the backward then depending on no tangent, moves it into the forward
-            # graph. Every gradient upstream of the all-reduce came out as zeros (tp's x.grad; 2.13 and
-            # 2.15 were right). The functional all-reduce returns a fresh tensor, which traces correctly.
+            # Traced, an in-place dist.all_reduce becomes `x.copy_(all_reduce(x))`. Where x is what an
+            # autograd.Function returns (reduce_from_tp sums a clone in place), torch 2.11's AOTAutograd gave
+            # that output a zero tangent in the joint graph (TORCH_LOGS=aot_graphs, a tp block): the backward
+            # then depended on no tangent, the partitioner moved it into the forward graph, and every gradient
+            # upstream of the all-reduce came out as zeros (2.13 and 2.15 were right). The functional
+            # all-reduce returns a fresh tensor, which traces correctly; eager keeps the in-place one.
             x = funcol.all_reduce(x, "sum", pg)
         else:
             dist.all_reduce(x, group=pg)
