@@ -43,9 +43,9 @@ run() {  # name, command...: one row "name | result | seconds"
   # pytest's closing line ("3 failed, 40 passed in 9.1s"), else the exit status.
   result=$(grep -E '^=* ?[0-9]+ (passed|failed|error)' "$logs/$name.log" | tail -n 1 | sed -E 's/=+//g; s/ in [0-9.]+s.*//; s/^ +//')
   [ -n "$result" ] || result="exit $rc"
-  [ $rc -eq 0 ] || result="$result (FAILED, log: $logs/$name.log)"
+  [ $rc -eq 0 ] || result="$result: FAILED"
   rows+=("$name|$result|$((SECONDS - t0))")
-  echo "| $name | $result | $((SECONDS - t0)) s |" >&2
+  echo "| $name | $result | $((SECONDS - t0)) s |$([ $rc -eq 0 ] || echo " $logs/$name.log")" >&2
 }
 pytest=("$py" -m pytest -q -p no:cacheprovider)
 run compile "${pytest[@]}" tests/test_kernels_compile.py
