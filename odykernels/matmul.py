@@ -192,9 +192,12 @@ SM90_CONFIGS: dict[str, list[TileConfig]] = {
     "small_m": [_cfg(64, 128, 64, 4, 4), _cfg(128, 128, 64, 8, 4), _cfg(64, 64, 64, 4, 4)],
 }
 # sm_80 (pointer path, cp.async + mma.sync): the configs this project used before the sm_90 path, for
-# every regime. 128x256x64 / 8 warps / 3 stages needs 144 KiB of the A100's 163 KiB.
+# every regime, less 128x256 tiles. Without wgmma, 8 warps hold the 128x256 fp32 accumulator in 128 of
+# a thread's 255 registers, and what the loop needs beside it no longer fits on triton 3.9 (compiled for
+# sm_80, bf16): 128x256x64/8/3 spills ag_matmul to an 8-byte stack, and so do 128x256x32/8/3 and /8/4
+# (matmul with B row-major) and 128x256x64/8/4 (ag_matmul). On triton 3.6 and 3.7.1 they compiled at 233-255.
 SM80_CONFIGS: dict[str, list[TileConfig]] = {
-    regime: [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
+    regime: [_cfg(128, 128, 64, 8, 4), _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 64, 4, 4)]
     for regime in ("large", "short_k", "narrow_n", "small_m")
 }
 # Considered and left out, each with its reason (compiled for sm_90 bf16 with triton 3.7.1; not timed).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from ..layout import all_reduce_bytes, gather_bytes, offsets, scatter_bytes
 from . import ledger
@@ -98,7 +99,8 @@ def all_to_all(
 
 
 def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str = "") -> torch.Tensor:
-    """Sum ``x`` over ranks in place and return it.
+    """Sum ``x`` over ranks and return the sum: ``x`` itself, summed in place, in eager mode; a new tensor
+    under ``torch.compile`` (callers use the returned tensor, never ``x`` afterwards).
 
     Counted as a reduce-scatter plus an all-gather (:func:`odysseus.layout.all_reduce_bytes`).
     """
@@ -106,7 +108,16 @@ def all_reduce(x: torch.Tensor, pg, *, category: str = "activation", label: str 
     if world == 1:
         return x
     with named_failures(f"all_reduce {label}"):
-        dist.all_reduce(x, group=pg)
+        if torch.compiler.is_compiling():
+            # Traced, an in-place dist.all_reduce becomes `x.copy_(all_reduce(x))`. Where x is what an
+            # autograd.Function returns (reduce_from_tp sums a clone in place), torch 2.11's AOTAutograd gave
+            # that output a zero tangent in the joint graph (TORCH_LOGS=aot_graphs, a tp block): the backward
+            # then depended on no tangent, the partitioner moved it into the forward graph, and every gradient
+            # upstream of the all-reduce came out as zeros (2.13 and 2.15 were right). The functional
+            # all-reduce returns a fresh tensor, which traces correctly; eager keeps the in-place one.
+            x = funcol.all_reduce(x, "sum", pg)
+        else:
+            dist.all_reduce(x, group=pg)
     moved = all_reduce_bytes(x.numel(), world, rank, x.element_size())
     ledger.record("all_reduce", moved, moved, world, category, label, pg)
     return x
