@@ -66,25 +66,6 @@ def check_get_buffer(
     return count
 
 
-def check_barrier_channel(channel: int, world: int) -> None:
-    """``_SymmetricMemory.barrier(channel, timeout_ms)``.
-
-    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory-inl.cuh, ``check_channel`` (2.14.1 lines
-    116-124; SYMM_CONTRACT §5). torch 2.11 bounds the channel by ``pad / 4 * world``, which lets channels past
-    the pad through; 2.14's ``pad / (4 * world)`` is the bound that keeps the signals inside it.
-    """
-    if channel < 0:
-        raise RuntimeError(
-            f"channel for barrier(), put_signal() and wait_signal() must be non-negative (got {channel})"
-        )
-    channels = SIGNAL_PAD_BYTES // (4 * world)
-    if channel >= channels:
-        raise RuntimeError(
-            f"The maximum supported channel for barrier(), put_signal() and wait_signal() is {channels - 1} "
-            f"(got {channel})"
-        )
-
-
 def check_rendezvous_sizes(nbytes: list[int]) -> None:
     """Every rank's allocation has the same byte size.
 
