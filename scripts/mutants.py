@@ -68,12 +68,13 @@ MUTANTS = [
     ),
     Mutant(
         "flag-before-data",
-        "waits: the copy engine raises a chunk's flag before copying the chunk",
-        "odysseus/overlap/transport/cpu.py",
-        "                dst.copy_(src)\n                # Stores stay in order",
-        "                flags[index].fill_(value)\n                time.sleep(0.05)\n                dst.copy_(src)\n"
-        "                # Stores stay in order",
-        ("tests/test_symm.py", "-k", "late_pulls"),
+        "transport (CUDA path): a pull's flag is written on the copy stream before the copy, not after it",
+        "odysseus/overlap/transport/device.py",
+        "            self.rt.copy(dst, src)\n            if flags is not None:\n"
+        "                self.write_flag(flags, index, value)",
+        "            if flags is not None:\n                self.write_flag(flags, index, value)\n"
+        "            self.rt.copy(dst, src)",
+        ("tests/test_symm_transport.py", "-k", "flag_written_before_its_copy"),
     ),
     Mutant(
         "early-notify",
@@ -322,6 +323,56 @@ MUTANTS = [
         "    if len(set(hosts)) > 1:\n        return False",
         "    if False:\n        return False",
         ("tests/test_mesh.py", "-k", "hosts"),
+    ),
+    # GPU path, transport (issue 21): each killed 10 runs of 10 (make mutants, -k symm-).
+    Mutant(
+        "symm-ag-stage-barrier",
+        "barriers: ag_matmul overwrites its stage without waiting for the peers still pulling the previous call",
+        "odysseus/overlap/symm.py",
+        "    stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents\n"
+        "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
+        "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy"),
+    ),
+    Mutant(
+        "symm-rs-slot-barrier",
+        "barriers: matmul_rs pushes into the peers' slots without waiting for them to reduce the previous call",
+        "odysseus/overlap/symm.py",
+        "    data.barrier(0, TIMEOUT_S)  # every peer has reduced the previous call's slots: they may be overwritten\n",
+        "",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and reduction"),
+    ),
+    Mutant(
+        "symm-copy-wait-stream",
+        "streams (CUDA path): pulls are not ordered after the current stream (copy_stream.wait_stream removed)",
+        "odysseus/overlap/transport/device.py",
+        "        self.rt.wait_stream(self.copy_stream, self.rt.current_stream())\n",
+        "",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy"),
+    ),
+    Mutant(
+        "symm-epoch-wraps-to-zero",
+        "epochs: a workspace's epoch wraps from 2**31 - 1 to 0, the never-written flag value",
+        "odysseus/overlap/symm.py",
+        "self.epoch = self.epoch % (2**31 - 1) + 1",
+        "self.epoch = (self.epoch + 1) % 2**31",
+        ("tests/test_symm_transport.py", "-k", "epochs_wrap"),
+    ),
+    Mutant(
+        "symm-host-reads-early",
+        "streams: ag_matmul returns without handing its outputs off (the host reads them before the kernel ran)",
+        "odysseus/overlap/symm.py",
+        "    engine.hand_off(_host_wait_s())  # the caller's torch ops read out and full\n",
+        "",
+        ("tests/test_symm.py", "-k", "block_parity_numerics and tp-sp-2"),
+    ),
+    Mutant(
+        "symm-barrier-timeout-tag",
+        "no device trap: a barrier's timeout is recorded as a GEMM wait's (tag = channel), so it is misreported",
+        "odykernels/barrier.py",
+        "base, -1 - channel, epoch, budget)",
+        "base, channel, epoch, budget)",
+        ("tests/test_symm.py", "-k", "dead_peer and barrier"),
     ),
 ]
 
