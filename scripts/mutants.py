@@ -332,7 +332,7 @@ MUTANTS = [
         "    stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents\n"
         "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
         "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
-        ("tests/test_symm_transport.py", "-k", "back_to_back and copy"),
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy-ag"),
     ),
     Mutant(
         "symm-rs-slot-barrier",
@@ -340,7 +340,7 @@ MUTANTS = [
         "odysseus/overlap/symm.py",
         "    data.barrier(0, TIMEOUT_S)  # every peer has reduced the previous call's slots: they may be overwritten\n",
         "",
-        ("tests/test_symm_transport.py", "-k", "back_to_back and reduction"),
+        ("tests/test_symm_transport.py", "-k", "back_to_back and reduction-rs"),
     ),
     Mutant(
         "symm-copy-wait-stream",
@@ -348,7 +348,7 @@ MUTANTS = [
         "odysseus/overlap/transport/device.py",
         "        self.rt.wait_stream(self.copy_stream, self.rt.current_stream())\n",
         "",
-        ("tests/test_symm_transport.py", "-k", "back_to_back and copy"),
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy-ag"),
     ),
     Mutant(
         "symm-epoch-wraps-to-zero",

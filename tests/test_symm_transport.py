@@ -22,7 +22,7 @@ from odykernels import race
 from odykernels.barrier import LAST_EPOCH
 from odysseus.comm import resolve_group, shard_sizes
 from odysseus.layout import offsets
-from odysseus.overlap import Ring, symm
+from odysseus.overlap import Ring, stream, symm
 from odysseus.overlap.transport import FLAG_DTYPE, device, transport_for
 
 CPU = torch.device("cpu")
@@ -61,7 +61,9 @@ def _late_rank_delays(rank: int, late: str) -> None:
         odykernels.prepare_reduce_slots = prepare
 
 
-def _back_to_back(rank, world, late, wrap):
+def _back_to_back(rank, world, late, ops, wrap):
+    """``CALLS`` calls of each op in ``ops`` ("ag": ag_matmul and the streamed gather, "rs": matmul_rs), one op
+    at a time: no collective, and no other op's barrier, between two calls of an op. Returns the epochs."""
     symm.TIMEOUT_S = 10.0
     if wrap:  # the epochs of workspaces and barriers wrap during the calls
         symm.EPOCH_START = 2**31 - 3
@@ -71,34 +73,36 @@ def _back_to_back(rank, world, late, wrap):
     sizes = shard_sizes(L, world)
     o = offsets(sizes)
     problems = [_inputs(call, world) for call in range(CALLS)]
-    want_ag = [x.double() @ w.double() for x, w, _, _ in problems]
-    want_rs = [torch.einsum("rblk,rkn->bln", xs.double(), ws.double()) for *_, xs, ws in problems]
-    want_rs = [want[:, o[rank] : o[rank + 1]] for want in want_rs]
-    got_ag, got_rs, got_stream = [], [], []
-    for x, w, xs, ws in problems:  # no collective between the calls
-        got_ag.append(symm.ag_matmul(x[:, o[rank] : o[rank + 1]].contiguous(), w, sizes, pg)[0])
-        got_rs.append(symm.matmul_rs(xs[rank], ws[rank], sizes, pg))
-        pieces = symm.gather_stream(x[:, o[rank] : o[rank + 1]].contiguous(), sizes, pg, Ring(tokens=2, slots=2))
-        got_stream.append(odysseus.overlap.stream.ag_matmul(pieces, w, L, B))
+    mine = [x[:, o[rank] : o[rank + 1]].contiguous() for x, *_ in problems]
+    got, want = [], []
+    if "ag" in ops:
+        want += [("ag_matmul", x.double() @ w.double()) for x, w, _, _ in problems]
+        got += [symm.ag_matmul(x, w, sizes, pg)[0] for x, (_, w, *_) in zip(mine, problems)]
+        want += [("streamed gather", x.double() @ w.double()) for x, w, _, _ in problems]
+        ring = Ring(tokens=2, slots=2)
+        got += [
+            stream.ag_matmul(symm.gather_stream(x, sizes, pg, ring), w, L, B) for x, (_, w, *_) in zip(mine, problems)
+        ]
+    if "rs" in ops:
+        full = [torch.einsum("rblk,rkn->bln", xs.double(), ws.double()) for *_, xs, ws in problems]
+        want += [("matmul_rs", f[:, o[rank] : o[rank + 1]]) for f in full]
+        got += [symm.matmul_rs(xs[rank], ws[rank], sizes, pg) for *_, xs, ws in problems]
     odysseus.check_overlap()
-    for call in range(CALLS):
-        assert_close(got_ag[call], want_ag[call], **TOL, what=f"ag_matmul call {call}")
-        assert_close(got_rs[call], want_rs[call], **TOL, what=f"matmul_rs call {call}")
-        assert_close(got_stream[call], want_ag[call], **TOL, what=f"streamed gather call {call}")
-    epochs = [ws.epoch for ws in symm._WORKSPACES.values()]
-    return epochs
+    for i, (a, (what, b)) in enumerate(zip(got, want)):
+        assert_close(a, b, **TOL, what=f"{what} call {i % CALLS}")
+    return [ws.epoch for ws in symm._WORKSPACES.values()]
 
 
-@pytest.mark.parametrize("late", ["copy", "reduction"])
-def test_symm_back_to_back_calls_with_a_late_rank(late):
+@pytest.mark.parametrize("late, ops", [("copy", "ag"), ("reduction", "rs")])
+def test_symm_back_to_back_calls_with_a_late_rank(late, ops):
     # The stage barrier (all-gather), the slot barrier (reduce-scatter) and the ring slots are all that keep a
     # fast rank from overwriting what the late one still reads.
-    for epochs in run_ranks(3, _back_to_back, late, False, timeout=180):
-        assert epochs == [CALLS, CALLS], epochs
+    for epochs in run_ranks(3, _back_to_back, late, ops, False, timeout=180):
+        assert epochs[-1] == CALLS, epochs
 
 
 def test_symm_epochs_wrap_during_back_to_back_calls():
-    for epochs in run_ranks(2, _back_to_back, "copy", True, timeout=180):
+    for epochs in run_ranks(2, _back_to_back, "copy", ("ag", "rs"), True, timeout=180):
         # 2**31 - 3 -> 2**31 - 2 -> 2**31 - 1 -> 1 -> ...: every workspace crossed the wrap.
         assert epochs == [CALLS - 2, CALLS - 2], epochs
 
