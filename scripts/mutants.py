@@ -8,6 +8,7 @@ to catch it, so the whole suite runs in a few minutes and a surviving mutant nam
 
     python scripts/mutants.py            # every mutant; exit 1 if any survives or no longer applies
     python scripts/mutants.py -k epoch   # those whose name contains "epoch"
+    python scripts/mutants.py -k symm- --repeat 10   # killed only if killed in each of 10 runs
     make mutants
 
 A mutant is *killed* when its tests fail (pytest exit 1). It *survives* when they pass. It is *broken* when
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-k", default="", help="run only mutants whose name contains this")
     p.add_argument("--timeout", type=float, default=300, help="seconds per mutant's tests")
+    p.add_argument("--repeat", type=int, default=1, help="runs per mutant; killed only if killed in every run")
     args = p.parse_args(argv)
     chosen = [m for m in MUTANTS if args.k in m.name]
     if not chosen:
@@ -425,7 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     print("| mutant | mechanism | outcome | time | tests' last line |\n|---|---|---|---|---|")
     for m in chosen:
-        outcome, seconds, detail = run(m, args.timeout)
+        runs = [run(m, args.timeout) for _ in range(args.repeat)]
+        outcome = next((o for o, _, _ in runs if o != "killed"), "killed")
+        seconds, detail = sum(t for _, t, _ in runs), runs[-1][2]
+        if args.repeat > 1:
+            detail = f"{sum(o == 'killed' for o, _, _ in runs)} of {args.repeat} runs killed; {detail}"
         bad += outcome != "killed"
         print(f"| {m.name} | {m.mechanism} | {outcome} | {seconds:.0f} s | {detail[:160]} |", flush=True)
     print(f"\n{len(chosen) - bad} of {len(chosen)} mutants killed")
