@@ -31,6 +31,9 @@ CPU = torch.device("cpu")
 
 
 def _block_parity(rank, world, strategy, save_input="gathered"):
+    runtime = transport_for(CPU).rt
+    runtime.copy_jitter_s = 0.002  # every copy of the streams lands up to 2 ms late, in a seeded order
+    runtime.rng.seed(1000 * world + rank)
     ref = make_block(torch.float32, **SMALL)
     par = odysseus.parallelize(ref, strategy, backend="symm", save_input=save_input, ring=Ring(tokens=2, slots=2))
     g = torch.Generator().manual_seed(1)

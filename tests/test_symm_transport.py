@@ -43,23 +43,41 @@ def _inputs(call: int, world: int):
     )
 
 
-def _late_rank_delays(rank: int, late: str) -> float:
-    """Rank 1's reductions start 300 ms late; or the delay of each of its pulls in the first call of an op."""
+def _store():
+    return torch.distributed.distributed_c10d._get_default_store()
+
+
+def _hold_until(key: str) -> None:
+    """Block (the stream this runs on) until rank 0 has started the call named ``key``, then 300 ms more.
+
+    Skew by events, not by time alone: however loaded the machine, rank 0 has queued its next call, which
+    (were the barrier missing) would overwrite what this rank is about to read."""
+    _store().wait([key])
+    time.sleep(0.3)
+
+
+def _late_rank(rank: int, late: str, op: str, call: int) -> None:
+    """Before call ``call`` of ``op``: rank 0 announces it; rank 1's copy engine ("copy") or reduction
+    ("reduction") holds its work of the op's first call until rank 0 has started the second."""
+    if rank == 0 and call == 1:
+        _store().set(f"{op}-1", "started")
     if rank != 1:
-        return 0.0
+        return
+    engine = transport_for(CPU)
     if late == "copy":
-        return 0.4
-    else:
+        engine.delay_s = 1.0 if call == 0 else 0.0  # delay_s > 0 queues an rt.sleep before each pull
+        engine.rt.sleep = lambda seconds: engine.rt.current_stream().put(lambda: _hold_until(f"{op}-1"))
+    elif late == "reduction" and op == "rs" and call == 0:
         real = odykernels.prepare_reduce_slots
 
         def prepare(*args, **kwargs):
             launch = real(*args, **kwargs)
             run = launch.run
-            launch.run = lambda: time.sleep(0.3) or run()  # runs on the stream: the reduction is late
+            launch.run = lambda: _hold_until("rs-1") or run()  # runs on the stream: a late reduction
+            odykernels.prepare_reduce_slots = real  # the first call's reduction only
             return launch
 
         odykernels.prepare_reduce_slots = prepare
-    return 0.0
 
 
 def _back_to_back(rank, world, late, ops, wrap):
@@ -69,12 +87,6 @@ def _back_to_back(rank, world, late, ops, wrap):
     if wrap:  # the epochs of workspaces and barriers wrap during the calls
         symm.EPOCH_START = 2**31 - 3
         device.BARRIER_START = LAST_EPOCH - 2
-    delay = _late_rank_delays(rank, late)
-    engine = transport_for(CPU)
-
-    def late_once(call):  # the copy engine is late in an op's first call only: the next call overwrites
-        engine.delay_s = delay if call == 0 else 0.0
-        return call
 
     pg = resolve_group()
     sizes = shard_sizes(L, world)
@@ -84,17 +96,19 @@ def _back_to_back(rank, world, late, ops, wrap):
     got, want = [], []
     if "ag" in ops:
         want += [("ag_matmul", x.double() @ w.double()) for x, w, _, _ in problems]
-        got += [symm.ag_matmul(mine[late_once(i)], p[1], sizes, pg)[0] for i, p in enumerate(problems)]
+        for call, (_, w, *_) in enumerate(problems):
+            _late_rank(rank, late, "ag", call)
+            got.append(symm.ag_matmul(mine[call], w, sizes, pg)[0])
         want += [("streamed gather", x.double() @ w.double()) for x, w, _, _ in problems]
-        ring = Ring(tokens=2, slots=2)
-        got += [
-            stream.ag_matmul(symm.gather_stream(mine[late_once(i)], sizes, pg, ring), p[1], L, B)
-            for i, p in enumerate(problems)
-        ]
+        for call, (_, w, *_) in enumerate(problems):
+            _late_rank(rank, late, "stream", call)
+            got.append(stream.ag_matmul(symm.gather_stream(mine[call], sizes, pg, Ring(2, 2)), w, L, B))
     if "rs" in ops:
         full = [torch.einsum("rblk,rkn->bln", xs.double(), ws.double()) for *_, xs, ws in problems]
         want += [("matmul_rs", f[:, o[rank] : o[rank + 1]]) for f in full]
-        got += [symm.matmul_rs(xs[rank], ws[rank], sizes, pg) for *_, xs, ws in problems]
+        for call, (*_, xs, ws) in enumerate(problems):
+            _late_rank(rank, late, "rs", call)
+            got.append(symm.matmul_rs(xs[rank], ws[rank], sizes, pg))
     odysseus.check_overlap()
     for i, (a, (what, b)) in enumerate(zip(got, want)):
         assert_close(a, b, **TOL, what=f"{what} call {i % CALLS}")
