@@ -55,8 +55,10 @@ class Guard:
 
 def region(t: torch.Tensor) -> tuple[int, int]:
     """The byte range ``[start, end)`` that ``t``'s elements span."""
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size() if t.numel() else t.data_ptr()
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
 def transfer_issued(dst: torch.Tensor) -> int:

@@ -76,7 +76,7 @@ class DeviceTransport:
     """Symmetric memory on one device, with one side stream as the copy engine's queue.
 
     ``delay_s`` (tests only) holds the copy stream that long before each pull, so kernels really wait on
-    flags that arrive during the wait.
+    flags that arrive during the wait. ``bytes_pulled`` counts the bytes of the pulls issued.
     """
 
     def __init__(self, rt: Runtime):
