@@ -1,4 +1,4 @@
-"""The symm backend end to end on CPU gloo ranks: the real symm.py and odykernels, over the CPU transport.
+"""The symm backend end to end on CPU gloo ranks: the real symm.py, transport and odykernels, runtime emulated.
 
 Each rank's buffers live in shared memory that every forked rank maps; the Triton interpreter runs the
 kernels, which wait on flags written by another thread (the copy engine) or another process (a peer's

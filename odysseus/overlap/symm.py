@@ -1,4 +1,4 @@
-"""The symm backend: odykernels' fused GEMMs fed through symmetric memory (CUDA, or the CPU stand-in).
+"""The symm backend: odykernels' fused GEMMs fed through symmetric memory (CUDA, or its emulation on CPU).
 
 all-gather⊗GEMM: each rank stages only its own chunk in its symmetric buffer. After a barrier, the copy
 engine pulls every peer's chunk (ring order from rank+1) straight into the ordinary tensor autograd keeps,
@@ -54,7 +54,7 @@ OVERLAPS_DGRAD = True
 """A streamed backward starts the re-gather's pulls (copy engine) before the input gradient's kernels."""
 
 TIMEOUT_S = float(os.environ.get("ODYSSEUS_SYMM_TIMEOUT_S", 60.0))
-"""Bound on every wait of the backend: kernel flag waits, barriers, and (CPU) the copy engine's queue."""
+"""Bound on every wait of the backend: kernel flag waits and barriers (and, emulated, a stream's wait for an event)."""
 EPOCH_START = 0
 """A workspace's epoch before its first call (tests start near the wrap at 2**31 - 1)."""
 ALIGN_BYTES = 16

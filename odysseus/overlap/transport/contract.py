@@ -3,7 +3,7 @@
 Each check mirrors a ``TORCH_CHECK`` of torch 2.11 (the GPU image's release) with its message, cited with
 file and line; where 2.14 is stricter, the stricter rule. docs/SYMM_CONTRACT.md has the full record, per
 torch release. ``TORCH_CHECK`` failures reach Python as ``RuntimeError``, so these raise that too: code
-that passes on the CPU stand-in does not fail the same check on its first CUDA call.
+that passes on the emulated runtime does not fail the same check on its first CUDA call.
 """
 
 from __future__ import annotations
