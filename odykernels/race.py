@@ -5,8 +5,9 @@ that data only after it has acquired the data's flag for the current epoch, and 
 finished. On a GPU a violation reads stale or half-written data now and then; here it is caught every time:
 
 - :func:`transfer_issued` / :func:`transfer_done` bracket a transfer (called by the runtime that runs it):
-  between the two its destination is *pending*; :func:`poison` fills a destination with NaN before a
-  transfer, so a read that slips through anyway shows up in the numbers.
+  between the two its destination is *pending*; :func:`check_signal`, called before a flag write, refuses
+  to publish a chunk of a queued launch (:func:`arm`) while a transfer into it is pending; :func:`poison`
+  fills a destination with NaN before a transfer, so a read that slips through anyway shows up in the numbers.
 - :func:`watch` runs a launch with its *guards*: ``(region, flag address, value, index)``. While it runs,
   every atomic a program makes on a guard's flag that returns the guard's value counts as that program's
   acquire; every load that touches a guard's region checks that no pending transfer overlaps the loaded
@@ -33,6 +34,7 @@ from triton.runtime import interpreter
 
 _local = threading.local()
 _pending: dict[int, tuple[int, int]] = {}
+_armed: dict[int, list] = {}  # guards of the launches queued and not yet finished, by launch token
 _lock = threading.Lock()
 _tokens = itertools.count()
 _hooked = False
@@ -73,6 +75,35 @@ def transfer_done(token: int) -> None:
     """The transfer of ``token`` has finished: its destination may be read (by a program that acquired it)."""
     with _lock:
         _pending.pop(token, None)
+
+
+def arm(guards: Sequence[Guard]) -> int:
+    """Register the guards of a launch when it is queued, for :func:`check_signal`; returns a token for
+    :func:`disarm` (called when the launch has run)."""
+    with _lock:
+        token = next(_tokens)
+        _armed[token] = list(guards)
+    return token
+
+
+def disarm(token: int) -> None:
+    """The launch of ``token`` has run: its guards no longer judge flag writes."""
+    with _lock:
+        _armed.pop(token, None)
+
+
+def check_signal(flag: int, value: int) -> None:
+    """Raise :class:`RaceError` if writing ``value`` at address ``flag`` would publish a chunk of a queued launch
+    while a transfer into that chunk is still pending: a flag raised before its data, caught at the write,
+    whatever the timing of the reader."""
+    with _lock:
+        for guards in _armed.values():
+            for g in guards:
+                if g.flag == flag and g.value == value and any(a < g.end and g.start < b for a, b in _pending.values()):
+                    raise RaceError(
+                        f"race: the flag of chunk {g.index} (epoch {value}) was written while a transfer into the "
+                        "chunk was still running"
+                    )
 
 
 def poison(t: torch.Tensor) -> None:

@@ -13,8 +13,9 @@ wait on an event is bounded (:data:`WAIT_S`); a failure inside a stream is raise
 that stream or of any stream that waited on it.
 
 **Race detector** (:mod:`odykernels.race`): every copy marks its destination pending until it has run and
-poisons it (NaN) first; a launch's guards are checked on every load, and the peer memory it pushes into is
-poisoned before it runs. ``copy_jitter_s`` (tests) delays every copy by a random time from ``rng``.
+poisons it (NaN) first; a launch's guards are checked on every load and on every flag write queued while
+it waits (no chunk of it published while a transfer into it is pending), and the peer memory it pushes
+into is poisoned before it runs. ``copy_jitter_s`` (tests) delays every copy by a random time from ``rng``.
 """
 
 from __future__ import annotations
@@ -235,10 +236,17 @@ class EmulatedRuntime(Runtime):
         self.current_stream().put(run)
 
     def stream_write_value32(self, flags: torch.Tensor, index: int, value: int) -> None:
-        self.current_stream().put(lambda: flags[index].fill_(value))
+        self.memset32(flags, index, value, 1)
 
     def memset32(self, flags: torch.Tensor, index: int, value: int, count: int) -> None:
-        self.current_stream().put(lambda: flags[index : index + count].fill_(value))
+        def write():
+            try:
+                for i in range(index, index + count):
+                    race.check_signal(flags[i:].data_ptr(), value)
+            finally:  # written anyway, as a GPU would: the readers go on, and the error is reported
+                flags[index : index + count].fill_(value)
+
+        self.current_stream().put(write)
 
     def sleep(self, seconds: float) -> None:
         self.current_stream().put(lambda: time.sleep(seconds))
@@ -248,11 +256,15 @@ class EmulatedRuntime(Runtime):
             return
         checked = [race.Guard(*race.region(r), flags[i:].data_ptr(), value, i) for r, flags, i, value in guards]
         name = launch.kernel.fn.__name__
+        armed = race.arm(checked)
 
         def run():
-            for t in pushes:
-                race.poison(t)
-            with race.watch(name, checked):
-                launch.run()
+            try:
+                for t in pushes:
+                    race.poison(t)
+                with race.watch(name, checked):
+                    launch.run()
+            finally:
+                race.disarm(armed)
 
         self.current_stream().put(run)
