@@ -8,6 +8,7 @@ to catch it, so the whole suite runs in a few minutes and a surviving mutant nam
 
     python scripts/mutants.py            # every mutant; exit 1 if any survives or no longer applies
     python scripts/mutants.py -k epoch   # those whose name contains "epoch"
+    python scripts/mutants.py -k symm- --repeat 10   # killed only if killed in each of 10 runs
     make mutants
 
 A mutant is *killed* when its tests fail (pytest exit 1). It *survives* when they pass. It is *broken* when
@@ -68,12 +69,13 @@ MUTANTS = [
     ),
     Mutant(
         "flag-before-data",
-        "waits: the copy engine raises a chunk's flag before copying the chunk",
-        "odysseus/overlap/transport/cpu.py",
-        "                dst.copy_(src)\n                # Stores stay in order",
-        "                flags[index].fill_(value)\n                time.sleep(0.05)\n                dst.copy_(src)\n"
-        "                # Stores stay in order",
-        ("tests/test_symm.py", "-k", "late_pulls"),
+        "transport (CUDA path): a pull's flag is written on the copy stream before the copy, not after it",
+        "odysseus/overlap/transport/device.py",
+        "            self.rt.copy(dst, src)\n            if flags is not None:\n"
+        "                self.write_flag(flags, index, value)",
+        "            if flags is not None:\n                self.write_flag(flags, index, value)\n"
+        "            self.rt.copy(dst, src)",
+        ("tests/test_symm_transport.py", "-k", "flag_written_before_its_copy"),
     ),
     Mutant(
         "early-notify",
@@ -531,6 +533,56 @@ MUTANTS = [
         "        if (chunk != rank) & (chunk < 0):\n",
         ("tests/test_kernels_late_data.py", "-k", "any_program_order and pointer"),
     ),
+    # GPU path, transport (issue 21): each killed 10 runs of 10 (make mutants, -k symm-).
+    Mutant(
+        "symm-ag-stage-barrier",
+        "barriers: ag_matmul overwrites its stage without waiting for the peers still pulling the previous call",
+        "odysseus/overlap/symm.py",
+        "    stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents\n"
+        "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
+        "    mine = stage.local[: L_r * B * K].view(L_r, B, K)\n    engine.copy(",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy-ag"),
+    ),
+    Mutant(
+        "symm-rs-slot-barrier",
+        "barriers: matmul_rs pushes into the peers' slots without waiting for them to reduce the previous call",
+        "odysseus/overlap/symm.py",
+        "    data.barrier(0, TIMEOUT_S)  # every peer has reduced the previous call's slots: they may be overwritten\n",
+        "",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and reduction-rs"),
+    ),
+    Mutant(
+        "symm-copy-wait-stream",
+        "streams (CUDA path): pulls are not ordered after the current stream (copy_stream.wait_stream removed)",
+        "odysseus/overlap/transport/device.py",
+        "        self.rt.wait_stream(self.copy_stream, self.rt.current_stream())\n",
+        "",
+        ("tests/test_symm_transport.py", "-k", "back_to_back and copy-ag"),
+    ),
+    Mutant(
+        "symm-epoch-wraps-to-zero",
+        "epochs: a workspace's epoch wraps from 2**31 - 1 to 0, the never-written flag value",
+        "odysseus/overlap/symm.py",
+        "self.epoch = self.epoch % (2**31 - 1) + 1",
+        "self.epoch = (self.epoch + 1) % 2**31",
+        ("tests/test_symm_transport.py", "-k", "epochs_wrap"),
+    ),
+    Mutant(
+        "symm-host-reads-early",
+        "streams: ag_matmul returns without handing its outputs off (the host reads them before the kernel ran)",
+        "odysseus/overlap/symm.py",
+        "    engine.hand_off(_host_wait_s())  # the caller's torch ops read out and full\n",
+        "",
+        ("tests/test_symm.py", "-k", "block_parity_numerics and tp-sp-2"),
+    ),
+    Mutant(
+        "symm-barrier-timeout-tag",
+        "no device trap: a barrier's timeout is recorded as a GEMM wait's (tag = channel), so it is misreported",
+        "odykernels/barrier.py",
+        "base, -1 - channel, epoch, budget)",
+        "base, channel, epoch, budget)",
+        ("tests/test_symm.py", "-k", "dead_peer and barrier"),
+    ),
 ]
 
 
@@ -574,6 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-k", default="", help="run only mutants whose name contains this")
     p.add_argument("--timeout", type=float, default=300, help="seconds per mutant's tests")
+    p.add_argument("--repeat", type=int, default=1, help="runs per mutant; killed only if killed in every run")
     args = p.parse_args(argv)
     chosen = [m for m in MUTANTS if args.k in m.name]
     if not chosen:
@@ -582,7 +635,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     print("| mutant | mechanism | outcome | time | tests' last line |\n|---|---|---|---|---|")
     for m in chosen:
-        outcome, seconds, detail = run(m, args.timeout)
+        runs = [run(m, args.timeout) for _ in range(args.repeat)]
+        outcome = next((o for o, _, _ in runs if o != "killed"), "killed")
+        seconds, detail = sum(t for _, t, _ in runs), runs[-1][2]
+        if args.repeat > 1:
+            detail = f"{sum(o == 'killed' for o, _, _ in runs)} of {args.repeat} runs killed; {detail}"
         bad += outcome != "killed"
         print(f"| {m.name} | {m.mechanism} | {outcome} | {seconds:.0f} s | {detail[:160]} |", flush=True)
     print(f"\n{len(chosen) - bad} of {len(chosen)} mutants killed")

@@ -143,3 +143,34 @@ def _silent_producer(rank, world):
 def test_symm_gpu_silent_producer_times_out():
     for rank, msg in enumerate(run_ranks(2, _silent_producer, start_method="spawn", timeout=300)):
         assert msg is not None and f"rank {rank} timed out waiting for source 1" in msg, msg
+
+
+def _dead_peer_barrier(rank, world):
+    """After a good call, rank 1 never reaches the next: rank 0's barrier times out, and its process lives on."""
+    _setup()
+    from odysseus.overlap import ag_matmul, symm
+
+    symm.TIMEOUT_S = 1.0
+    pg = resolve_group()
+    sizes = shard_sizes(64, world)
+    x, w = torch.randn(2, sizes[rank], 32, device="cuda"), torch.randn(32, 48, device="cuda")
+    ag_matmul(x, w, sizes, pg, "symm")
+    odysseus.check_overlap()
+    if rank == 1:  # hung, not gone: its memory stays mapped while rank 0 gives up
+        import time
+
+        time.sleep(10)
+        return None
+    ag_matmul(x, w, sizes, pg, "symm")
+    try:
+        odysseus.check_overlap()
+    except TimeoutError as err:
+        alive = (torch.ones(4, device="cuda") * 2).sum().item()  # no device trap: the context still works
+        return str(err), alive
+    return None
+
+
+def test_symm_gpu_dead_peer_barrier_times_out_without_trap():
+    msg, alive = run_ranks(2, _dead_peer_barrier, start_method="spawn", timeout=300)[0]
+    assert "rank 0 timed out on channel 0 waiting for rank 1 to arrive" in msg, msg
+    assert alive == 8.0

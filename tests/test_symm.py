@@ -1,4 +1,4 @@
-"""The symm backend end to end on CPU gloo ranks: the real symm.py and odykernels, over the CPU transport.
+"""The symm backend end to end on CPU gloo ranks: the real symm.py, transport and odykernels, runtime emulated.
 
 Each rank's buffers live in shared memory that every forked rank maps; the Triton interpreter runs the
 kernels, which wait on flags written by another thread (the copy engine) or another process (a peer's
@@ -23,7 +23,6 @@ from odysseus import CommLedger, gather_sequence, shard_sequence
 from odysseus.comm import resolve_group, shard_sizes
 from odysseus.overlap import Ring, ag_matmul, matmul_rs, symm
 from odysseus.overlap.transport import FLAG_DTYPE, contract, transport_for
-from odysseus.overlap.transport.cpu import CpuTransport
 
 SMALL = dict(hidden_size=48, num_heads=6, num_kv_heads=2, intermediate_size=40)
 B, L = 2, 13
@@ -32,6 +31,9 @@ CPU = torch.device("cpu")
 
 
 def _block_parity(rank, world, strategy, save_input="gathered"):
+    runtime = transport_for(CPU).rt
+    runtime.copy_jitter_s = 0.002  # every copy of the streams lands up to 2 ms late, in a seeded order
+    runtime.rng.seed(1000 * world + rank)
     ref = make_block(torch.float32, **SMALL)
     par = odysseus.parallelize(ref, strategy, backend="symm", save_input=save_input, ring=Ring(tokens=2, slots=2))
     g = torch.Generator().manual_seed(1)
@@ -193,6 +195,7 @@ def _dead_peer(rank, world, where):
             if rank == 1:
                 return None
             ag_matmul(x, w, sizes, pg, "symm")
+            odysseus.check_overlap()
         elif where == "producer":  # rank 1 reaches the call but its producer never runs
             if rank == 1:
                 odykernels.prepare_matmul_rs = lambda *a, **k: odykernels._runtime.Launch(None, CPU)
@@ -213,7 +216,7 @@ def _dead_peer(rank, world, where):
 @pytest.mark.parametrize(
     "where, ranks, message",
     [
-        ("barrier", [0], r"rank 0 waited 1 s on channel 0 for rank\(s\) \[1\] to arrive \(their chunks \[1\]"),
+        ("barrier", [0], r"barrier \(symm, group .*\): rank 0 timed out on channel 0 waiting for rank 1 to arrive"),
         ("producer", [0, 1], r"reduce_slots \(symm, group .*\): rank {r} timed out waiting for source 1: its flag "),
         ("pull", [0], r"ag_matmul \(symm, group .*\): rank 0 timed out waiting for chunk 1: its flag read 1, exp"),
     ],
@@ -255,7 +258,9 @@ def test_symm_hot_path_makes_no_host_read():
 
 
 def _copies(rank, world):
-    """Bytes copied by one ag_matmul: the own chunk twice (stage, gathered tensor), each peer chunk once."""
+    """Bytes copied by one ag_matmul: the own chunk twice (stage, gathered tensor), each peer chunk once.
+
+    Copies run on the runtime's streams (counted at the runtime); the host itself copies nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class CountCopies(TorchDispatchMode):
@@ -276,16 +281,21 @@ def _copies(rank, world):
     x, w = torch.randn(B, sizes[rank], K), torch.randn(K, 24)
     symm.ag_matmul(x, w, sizes, pg)  # workspaces and compile caches warm
     engine = transport_for(CPU)
+    queued = []
+    real_copy = engine.rt.copy
+    engine.rt.copy = lambda dst, src: queued.append(dst.nbytes) or real_copy(dst, src)
     before = engine.bytes_pulled
     with CountCopies():  # the backend itself: the custom op around it would hide its inner ops from the mode
         symm.ag_matmul(x, w, sizes, pg)
-    return CountCopies.bytes, engine.bytes_pulled - before
+    pulled = engine.bytes_pulled - before
+    return CountCopies.bytes, sum(queued) - pulled, pulled
 
 
 def test_symm_ag_matmul_copies_only_what_it_must():
     world = 3
     sizes, row = shard_sizes(L, world), B * 16 * 4
-    for rank, (local, pulled) in enumerate(run_ranks(world, _copies)):
+    for rank, (on_host, local, pulled) in enumerate(run_ranks(world, _copies)):
+        assert on_host == 0, (rank, on_host)
         assert local == 2 * sizes[rank] * row, (rank, local)
         assert pulled == (L - sizes[rank]) * row, (rank, pulled)
 
@@ -375,10 +385,11 @@ def test_symm_auto_falls_back_once_when_symm_fails(fault, backend, reason):
 # ------------------------------------------------------------------------------------ transport contract
 
 
-def test_symm_cpu_transport_enforces_cuda_preconditions():
-    engine = CpuTransport()
+def test_symm_transport_enforces_cuda_preconditions():
+    engine = transport_for(CPU)
     good = torch.zeros(4, dtype=FLAG_DTYPE)
     engine.write_flag(good, 3, 2**32 - 1)
+    engine.hand_off(10.0)  # the write is queued on the current stream
     assert good.tolist() == [0, 0, 0, 2**32 - 1]
     for flags, index, value, message in [
         (torch.zeros(4, dtype=torch.int32), 0, 1, "input must be a flat, contiguous uint32 tensor"),
@@ -404,17 +415,17 @@ def test_symm_cpu_transport_enforces_cuda_preconditions():
         contract.check_get_buffer(2, 2, (1,), torch.float32, 0, 32)
     with pytest.raises(RuntimeError, match="storage_offset must be non-negative"):
         contract.check_get_buffer(0, 2, (1,), torch.float32, -1, 32)
-    with pytest.raises(RuntimeError, match=r"maximum supported channel .* is 1151 \(got 1152\)"):
-        contract.check_barrier_channel(1152, 2)
     with pytest.raises(RuntimeError, match="buffer_size == reqs"):
         contract.check_rendezvous_sizes([64, 64, 32])
 
 
 def _buffer_contract(rank, world):
     pg = resolve_group()
-    buf = transport_for(CPU).allocate(pg, 10, torch.float32)
+    engine = transport_for(CPU)
+    buf = engine.allocate(pg, 10, torch.float32, 5.0)
     buf.local.copy_(torch.arange(10.0) + 100 * rank)
     buf.barrier(0, 5.0)
+    engine.hand_off(10.0)  # the barrier runs on the stream: the host reads peers after it
     peer = (rank + 1) % world
     seen = buf.peer(peer, (2, 3), torch.float32, offset=4)
     errors = []
@@ -424,13 +435,14 @@ def _buffer_contract(rank, world):
             buf.peer(*args, **kwargs)
         except RuntimeError as err:
             errors.append(str(err))
-    try:
-        buf.barrier(9216 // (4 * world), 5.0)
-    except RuntimeError as err:
+    try:  # 2 * world words a channel in the 9216-byte pad
+        buf.barrier(9216 // (8 * world), 5.0)
+    except ValueError as err:
         errors.append(str(err))
     buf.barrier(1, 5.0)
+    engine.hand_off(10.0)
     try:  # symmetric memory needs the same size on every rank
-        transport_for(CPU).allocate(pg, 10 + rank, torch.float32)
+        engine.allocate(pg, 10 + rank, torch.float32, 5.0)
     except RuntimeError as err:
         errors.append(str(err))
     return seen.tolist(), buf.peer_offsets()[rank].item(), errors
@@ -443,5 +455,5 @@ def test_symm_cpu_buffers_are_shared_and_bounds_checked():
         assert own_offset == 0
         assert len(errors) == 5, errors
         assert "exceeds the allocated size" in errors[0] and "exceeds the allocated size" in errors[1]
-        assert "Invalid peer rank: 3" in errors[2] and "maximum supported channel" in errors[3]
+        assert "Invalid peer rank: 3" in errors[2] and "channel=384 must be in [0, 384)" in errors[3]
         assert "the ranks allocated [40, 44, 48] bytes" in errors[4]

@@ -12,7 +12,7 @@ import odysseus
 from odysseus import STRATEGIES, CommLedger, finalize_grads
 from odysseus.plan import Case, Collective, bytes_per_rank, expected_collectives
 
-# The overlap backends whose ledger is checked (symm through the CPU transport).
+# The overlap backends whose ledger is checked (symm through the emulated runtime).
 LEDGER_BACKENDS = ["naive", "pipelined", "symm"]
 
 

@@ -7,8 +7,9 @@ Backends (``backend=`` on these ops, on the modules and on ``odysseus.paralleliz
   while the next is in flight; any process group, gloo included.
 - ``symm``: symmetric memory and the Triton kernels of ``odykernels``: chunks are pulled by the copy
   engine and consumed by the GEMM as their flags are set; partial products are written straight into
-  the peers' buffers. On CUDA through torch symmetric memory; on CPU gloo groups through a shared-memory
-  stand-in and the Triton interpreter (fp32/fp16), which runs the same code for tests.
+  the peers' buffers. On CUDA through torch symmetric memory; on CPU gloo groups the same transport code
+  runs over an emulated runtime (shared memory, a thread per stream) and the Triton interpreter (fp32/fp16),
+  for tests.
 - ``auto``: ``symm`` for CUDA tensors where every rank of the group runs on one host (node) and a first
   small call on the group agrees with ``naive``; ``pipelined`` (NCCL) for a group that spans hosts, and
   (with one warning naming the reason) where the first call fails. Decided once per group.

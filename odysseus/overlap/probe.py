@@ -52,15 +52,24 @@ def _try_symm(pg, device: torch.device, dtype: torch.dtype) -> str | None:
     """The agreed verdict: None if symm matches naive on a small problem on every rank, else the reason.
 
     Two rounds, each closed by an agreement, so a rank that cannot set up symmetric memory at all does not
-    leave its peers waiting for it in a collective: first the local checks, then the calls (which allocate
-    and rendezvous collectively).
+    leave its peers waiting for it in a collective: first the local checks and peer access between every
+    pair of the group's devices (exchanged first), then the calls (which allocate and rendezvous
+    collectively).
     """
     from . import naive, symm
 
     sizes, x, w, xr, wr = _problem(pg, device, dtype)
     try:
-        symm.transport_for(device).preflight()
+        engine = symm.transport_for(device)
+        mine = engine.device_id()
         verdict = None
+    except Exception as err:  # noqa: BLE001 - any failure means "do not use symm", with its reason
+        engine, mine, verdict = None, -1, _reason(err)
+    devices: list[int] = [-1] * group_size(pg)  # every rank's device, for the peer-access check
+    dist.all_gather_object(devices, mine, group=meta_group(pg))
+    try:
+        if engine is not None:  # a rank without a transport (-1) reports its own failure
+            engine.preflight([d for d in devices if d >= 0])
     except Exception as err:  # noqa: BLE001 - any failure means "do not use symm", with its reason
         verdict = _reason(err)
     verdict = _agree(pg, verdict)

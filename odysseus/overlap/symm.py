@@ -1,4 +1,4 @@
-"""The symm backend: odykernels' fused GEMMs fed through symmetric memory (CUDA, or the CPU stand-in).
+"""The symm backend: odykernels' fused GEMMs fed through symmetric memory (CUDA, or its emulation on CPU).
 
 all-gather⊗GEMM: each rank stages only its own chunk in its symmetric buffer. After a barrier, the copy
 engine pulls every peer's chunk (ring order from rank+1) straight into the ordinary tensor autograd keeps,
@@ -18,10 +18,16 @@ more (every rank computes the same size from the global lengths, so every rank g
 reused. Flags carry epochs (a per-workspace call counter), so they are never reset. A barrier before a
 rank overwrites its buffer keeps a call from clobbering what a peer still reads.
 
-No host synchronisation per op: every wait records a timeout in the workspace's status record, which
-:func:`check` reads once (``odysseus.check_overlap()``, called by ``finalize_grads``). Every kernel a call
-needs is compiled before the call's first barrier, so one rank's first-call compile never eats a peer's
-wait budget.
+Stream order: staging copies, barriers, kernel launches and pulls are queued on the runtime's streams
+(:mod:`.transport`), never run by the host, and a call's outputs go to the host's next torch ops through
+``hand_off`` (a no-op on CUDA, where those ops queue behind them; a wait on the emulated runtime's stream).
+Kernel launches carry their guards (which flag makes which region readable) and the peer memory they
+push into, for the emulated runtime's race detector.
+
+No host synchronisation per op: every wait (kernels' and barriers') records a timeout in the workspace's
+status record, which :func:`check` reads once (``odysseus.check_overlap()``, called by ``finalize_grads``).
+Every kernel a call needs is compiled before the call's first barrier, so one rank's first-call compile
+never eats a peer's wait budget.
 """
 
 from __future__ import annotations
@@ -34,20 +40,30 @@ from collections.abc import Iterator
 import torch
 
 import odykernels
+from odykernels import signal
+from odykernels.barrier import timeout_message
 from odykernels.signal import check_status, new_status
 
 from ..comm.groups import group_rank, group_size
 from ..layout import offsets
 from .stream import Piece, Ring, peer_pieces
-from .transport import FLAG_DTYPE, SymmetricBuffer, transport_for
+from .transport import FLAG_DTYPE, transport_for
+from .transport.device import DeviceBuffer
 
 OVERLAPS_DGRAD = True
 """A streamed backward starts the re-gather's pulls (copy engine) before the input gradient's kernels."""
 
 TIMEOUT_S = float(os.environ.get("ODYSSEUS_SYMM_TIMEOUT_S", 60.0))
-"""Bound on every wait of the backend: kernel flag waits, barriers, and (CPU) the copy engine's queue."""
+"""Bound on every wait of the backend: kernel flag waits and barriers (and, emulated, a stream's wait for an event)."""
+EPOCH_START = 0
+"""A workspace's epoch before its first call (tests start near the wrap at 2**31 - 1)."""
 ALIGN_BYTES = 16
 """Receive slots and rows start 16-byte aligned, so the producer's peer stores can be 128 bits wide."""
+
+
+def _host_wait_s() -> float:
+    """Bound on a host wait for a stream: its work holds a few bounded waits, each at most TIMEOUT_S."""
+    return 4 * TIMEOUT_S + 30
 
 
 def _grown(numel: int) -> int:
@@ -61,23 +77,23 @@ class _Workspace:
         self.pg, self.role, self.dtype, self.device = pg, role, dtype, device
         self.rank, self.world = group_rank(pg), group_size(pg)
         self.transport = transport_for(device)
-        self.data: SymmetricBuffer | None = None
+        self.status = new_status(device)
+        self.data: DeviceBuffer | None = None
         if symmetric_flags:  # peers write them: they live in symmetric memory too
-            self.flag_buffer = self.transport.allocate(pg, self.world, FLAG_DTYPE)
+            self.flag_buffer = self.transport.allocate(pg, self.world, FLAG_DTYPE, TIMEOUT_S, self.status)
             self.flags = self.flag_buffer.local
         else:  # only this rank's copy engine writes them
             self.flag_buffer = None
             self.flags = torch.zeros(self.world, dtype=FLAG_DTYPE, device=device)
         self.counters = torch.zeros(self.world, dtype=torch.int32, device=device)
-        self.status = new_status(device)
-        self.epoch = 0
+        self.epoch = EPOCH_START
 
-    def reserve(self, numel: int) -> SymmetricBuffer:
+    def reserve(self, numel: int) -> DeviceBuffer:
         """The data buffer, at least ``numel`` elements (collective when it grows: same ``numel`` on all ranks)."""
         if self.data is None or self.data.numel < numel:
             if self.data is not None:
                 self.data.barrier(0, TIMEOUT_S)  # peers are done with the old buffer before anyone drops it
-            self.data = self.transport.allocate(self.pg, _grown(numel), self.dtype)
+            self.data = self.transport.allocate(self.pg, _grown(numel), self.dtype, TIMEOUT_S, self.status)
         return self.data
 
     def next_epoch(self) -> int:
@@ -85,8 +101,16 @@ class _Workspace:
         return self.epoch
 
     def check(self) -> None:
+        """Raise ``TimeoutError`` if a barrier or kernel wait gave up (one host read of the record when none did)."""
         what, index = ("ag_matmul", "chunk") if self.role == "ag" else ("reduce_slots", "source")
-        check_status(self.status, self.rank, f"{what} (symm, group {self.pg.group_name})", index)
+        where = f"(symm, group {self.pg.group_name})"
+        words = signal.read_status(self.status)
+        if words[0] == 0:
+            return
+        message = timeout_message(words, self.rank, f"symmetric-memory barrier {where}")
+        if message is not None:
+            raise TimeoutError(message)
+        check_status(self.status, self.rank, f"{what} {where}", index)
 
 
 _WORKSPACES: dict[tuple, _Workspace] = {}
@@ -140,16 +164,18 @@ def ag_matmul(x_local: torch.Tensor, w: torch.Tensor, sizes: list[int], pg) -> t
         timeout_s=TIMEOUT_S, status=ws.status,
     ).compile()  # fmt: skip
 
+    engine = ws.transport
     stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents
     mine = stage.local[: L_r * B * K].view(L_r, B, K)
-    mine.copy_(x_local.transpose(0, 1))
-    full[o[rank] : o[rank + 1]].copy_(mine)
+    engine.copy(mine, x_local.transpose(0, 1))
+    engine.copy(full[o[rank] : o[rank + 1]], mine)
     stage.barrier(1, TIMEOUT_S)  # every rank's own chunk is in place
-    for step in range(1, world):
-        j = (rank + step) % world
-        ws.transport.pull(full[o[j] : o[j + 1]], stage.peer(j, (sizes[j], B, K), x_local.dtype), ws.flags, j, ws.epoch)
-    out = launch.run()
-    ws.transport.wait_pulls(TIMEOUT_S)
+    peers = [(rank + step) % world for step in range(1, world)]
+    for j in peers:
+        engine.pull(full[o[j] : o[j + 1]], stage.peer(j, (sizes[j], B, K), x_local.dtype), ws.flags, j, ws.epoch)
+    out = engine.launch(launch, guards=[(full[o[j] : o[j + 1]], ws.flags, j, ws.epoch) for j in peers])
+    engine.wait_pulls(TIMEOUT_S)
+    engine.hand_off(_host_wait_s())  # the caller's torch ops read out and full
     return out.view(L, B, -1).transpose(0, 1), full.transpose(0, 1)
 
 
@@ -184,8 +210,11 @@ def matmul_rs(x: torch.Tensor, w: torch.Tensor, sizes: list[int], pg, ring: Ring
     ).compile()
 
     data.barrier(0, TIMEOUT_S)  # every peer has reduced the previous call's slots: they may be overwritten
-    produce.run()
-    out = reduce.run()
+    slot = max_rows * row_stride
+    pushes = [data.peer(j, (world * slot,), x.dtype)[rank * slot : (rank + 1) * slot] for j in range(world)]
+    ws.transport.launch(produce, pushes=pushes)
+    out = ws.transport.launch(reduce, guards=[(recv[s], ws.flags, s, epoch) for s in range(world)])
+    ws.transport.hand_off(_host_wait_s())  # the caller's torch ops read out
     return out.view(sizes[rank], B, N).transpose(0, 1)
 
 
@@ -204,7 +233,7 @@ def gather_stream(x_local: torch.Tensor, sizes: list[int], pg, ring: Ring) -> It
 
     stage.barrier(0, TIMEOUT_S)  # every peer has finished pulling this buffer's previous contents
     mine = stage.local[: L_r * B * K].view(L_r, B, K)
-    mine.copy_(x_local.transpose(0, 1))
+    ws.transport.copy(mine, x_local.transpose(0, 1))
     stage.barrier(1, TIMEOUT_S)  # every rank's own chunk is in place
 
     def pull(i: int):
@@ -215,10 +244,12 @@ def gather_stream(x_local: torch.Tensor, sizes: list[int], pg, ring: Ring) -> It
         return ws.transport.mark(), buf
 
     pending = deque(pull(i) for i in range(min(len(slots), len(wanted))))
+    ws.transport.hand_off(_host_wait_s())  # the consumer's torch ops read mine
     yield o[rank], o[rank + 1], mine
     for i, (_, t0, t1) in enumerate(wanted):
         token, buf = pending.popleft()
         ws.transport.wait(token, TIMEOUT_S)
+        ws.transport.hand_off(_host_wait_s())  # ... and buf
         yield t0, t1, buf
         if i + len(slots) < len(wanted):
             pending.append(pull(i + len(slots)))

@@ -3,7 +3,7 @@
 Each check mirrors a ``TORCH_CHECK`` of torch 2.11 (the GPU image's release) with its message, cited with
 file and line; where 2.14 is stricter, the stricter rule. docs/SYMM_CONTRACT.md has the full record, per
 torch release. ``TORCH_CHECK`` failures reach Python as ``RuntimeError``, so these raise that too: code
-that passes on the CPU stand-in does not fail the same check on its first CUDA call.
+that passes on the emulated runtime does not fail the same check on its first CUDA call.
 """
 
 from __future__ import annotations
@@ -64,25 +64,6 @@ def check_get_buffer(
             f"({buffer_bytes} bytes)"
         )
     return count
-
-
-def check_barrier_channel(channel: int, world: int) -> None:
-    """``_SymmetricMemory.barrier(channel, timeout_ms)``.
-
-    torch/csrc/distributed/c10d/symm_mem/CUDASymmetricMemory-inl.cuh, ``check_channel`` (2.14.1 lines
-    116-124; SYMM_CONTRACT §5). torch 2.11 bounds the channel by ``pad / 4 * world``, which lets channels past
-    the pad through; 2.14's ``pad / (4 * world)`` is the bound that keeps the signals inside it.
-    """
-    if channel < 0:
-        raise RuntimeError(
-            f"channel for barrier(), put_signal() and wait_signal() must be non-negative (got {channel})"
-        )
-    channels = SIGNAL_PAD_BYTES // (4 * world)
-    if channel >= channels:
-        raise RuntimeError(
-            f"The maximum supported channel for barrier(), put_signal() and wait_signal() is {channels - 1} "
-            f"(got {channel})"
-        )
 
 
 def check_rendezvous_sizes(nbytes: list[int]) -> None:
