@@ -168,6 +168,7 @@ def _misuse(rank, world, out):
         "fsdp": attempt(args={"fsdp": "full_shard"}),
         "batch": attempt(sp_size=1, args={"per_device_train_batch_size": 3}),
         "sp_size": attempt(sp_size=3),
+        "ring_size": attempt(ring_size=3),
         "padding": attempt(collator=padded),
     }
 
@@ -178,7 +179,8 @@ def test_trainer_misuse_raises_on_every_rank(tmp_path):
         "deepspeed": "TrainingArguments(deepspeed=",
         "fsdp": "TrainingArguments(fsdp=",
         "batch": "per_device_train_batch_size=3 sequences per step cannot be split over the 2 data-parallel",
-        "sp_size": "sp_size=3; expected a divisor of the world size 2",
+        "sp_size": "sp_size=3 with ring_size=1; expected ring_size * sp_size to divide the world size 2",
+        "ring_size": "ring_size=3; expected a divisor of the world size 2",
         "padding": "attention_mask holds 56 padding tokens",
     }
     for rank, got in enumerate(run_ranks(2, _misuse, str(tmp_path), timeout=200)):
