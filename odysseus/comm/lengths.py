@@ -16,6 +16,20 @@ from .prints import check_prints
 from .verdict import raise_agreed
 
 
+def gather_ints(report: list[int], pg: dist.ProcessGroup | None, who: str) -> list[list[int]]:
+    """Every rank's ``report`` (the same number of ints on each) over ``pg``'s gloo twin, the same list on every
+    rank: one all-gather, recorded as the length exchange it is part of."""
+    world = group_size(pg)
+    if world == 1:
+        return [list(report)]
+    mine = torch.tensor(report, dtype=torch.int64)
+    gathered = torch.empty(world * len(report), dtype=torch.int64)
+    with named_failures(f"{who}: length exchange"):
+        all_gather_tensor(gathered, mine, group=meta_group(pg))
+    record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
+    return gathered.view(world, len(report)).tolist()
+
+
 @torch.compiler.disable  # host-side ints: run eagerly rather than trace a data-dependent exchange
 def exchange_lengths(
     local_len: int,
@@ -44,15 +58,7 @@ def exchange_lengths(
     world = group_size(pg)
     report = [local_len, int(error is not None)] + ([] if finite is None else [int(finite)])
     report += list(shape or ()) + (prints or [])
-    if world == 1:
-        every = [report]
-    else:
-        mine = torch.tensor(report, dtype=torch.int64)
-        gathered = torch.empty(world * len(report), dtype=torch.int64)
-        with named_failures(f"{who}: length exchange"):
-            all_gather_tensor(gathered, mine, group=meta_group(pg))
-        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
-        every = gathered.view(world, len(report)).tolist()
+    every = gather_ints(report, pg, who)
     raise_agreed([bool(e[1]) for e in every], error, pg, who)
     if finite is not None:
         bad = [r for r, e in enumerate(every) if not e[2]]

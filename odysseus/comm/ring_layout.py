@@ -11,11 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..layout import ring_chunks, ring_shards
-from ._compat import all_gather_tensor
 from .autograd import all_gather_seq, split_seq
-from .failures import named_failures
-from .groups import group_size, meta_group
-from .ledger import record
+from .groups import group_size
+from .lengths import gather_ints
 from .mesh import Mesh
 
 
@@ -61,17 +59,7 @@ def gather_ring(x_local: torch.Tensor, mesh: Mesh, dim: int) -> torch.Tensor:
 def gather_lengths(local: int, pg, who: str, extra: list[int] | None = None) -> list[int] | list[list[int]]:
     """Every rank's ``local`` count over ``pg`` (its gloo twin), the same list on every rank; with ``extra``
     ints riding along, ``[local, *extra]`` of every rank."""
-    report = [local, *(extra or [])]
-    world = group_size(pg)
-    if world == 1:
-        every = [report]
-    else:
-        mine = torch.tensor(report, dtype=torch.int64)
-        flat = torch.empty(world * len(report), dtype=torch.int64)
-        with named_failures(f"{who}: length exchange"):
-            all_gather_tensor(flat, mine, group=meta_group(pg))
-        record("all_gather", mine.nbytes * (world - 1), mine.nbytes * (world - 1), world, "metadata", "lengths", pg)
-        every = flat.view(world, len(report)).tolist()
+    every = gather_ints([local, *(extra or [])], pg, who)
     return every if extra else [e[0] for e in every]
 
 
