@@ -126,10 +126,17 @@ def test_ring_conserves_work_and_activations_per_rank():
 
 def test_ring_memory_transients_by_hand():
     case = Case("ulysses", ODD, 1, 20, 2, 0, ring=3)  # 20 tokens, 3 query heads, 1 kv head, hd 16
-    kv, q = 1280, 20 * 3 * 16
+    # What comm/ring.py and ops/ring_attention.py allocate at step 0 (the diagonal block), as MemoryTracker
+    # measured it (perf/memory.py's ring cases): hops of K/V in bf16, one fp32 token of query heads (Q), the
+    # causal mask (a byte per query-key pair), one 20 x 20 score tile per head in fp32.
+    kv, Q, T, tile = 1280, 3 * 16 * 4, 20, 3 * 20 * 20 * 4
     fwd, bwd = ring_transients(case)
-    assert fwd == 2 * kv + q * (2 + 4) + 3 * 20 * 4
-    assert bwd == 4 * kv + q * 4 + (q + 20 * 1 * 16 * 2) * 2
+    assert fwd == 2 * kv + T * Q + 3 * T * 4 + T * T + 2 * T * Q + T * Q + 2 * tile
+    assert bwd == 3 * kv + 6 * T * Q + 4 * T * Q + T * T + 2 * 3 * T * 4 + 2 * tile
+    # Past the tile (512 x 512 scores), only the mask and the whole-block buffers grow with the tokens.
+    long = dataclasses.replace(case, seq=1200)
+    kv, T, tile = 1280 * 60, 1200, 3 * 512 * 512 * 4
+    assert ring_transients(long)[1] == 3 * kv + 6 * T * Q + 4 * 512 * Q + T * T + 2 * 3 * 512 * 4 + 2 * tile
     peak = plan.block_peak(case)
     assert {"ring attention forward", "ring attention backward"} <= set(peak.moments)
     # Twice the ring ranks at the same tokens per ring rank: the same memory per rank.

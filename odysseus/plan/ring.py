@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..layout import all_reduce_bytes, shard_sizes
+from ..ops.ring_attention import TILE
 from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
 from .case import Case
 from .data_parallel import dp_grad_numel, dp_step_records
@@ -140,18 +141,29 @@ def ring_exposed(
 
 
 def ring_transients(case: Case) -> tuple[int, int]:
-    """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``.
+    """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``, at
+    ring step 0 (the diagonal block: every query against every key of this ring rank; later steps meet half).
 
-    Forward: two K/V blocks (the one attended, the next arriving), the step's output in the activations' dtype
-    and its fp32 log-sum-exp, and the fp32 running output the blocks merge into. Backward: two K/V blocks, two
-    dK/dV accumulators (the one being summed into, the one travelling; in the K/V dtype), the fp32 dQ
-    accumulator and one step's dQ, dK, dV from the kernel. None of them grows with R: O(L/(R*S)) per rank."""
+    What ``comm.ring`` and ``ops.ring_attention`` allocate, with ``T = L/R`` tokens, ``Q`` the fp32 bytes of one
+    token's query heads, scores tiled ``TILE x TILE`` (``tq, tk`` rows and columns of a tile) in fp32:
+
+    - forward: the stacked K/V block and the one arriving (:func:`hop_bytes` each), the fp32 running output and
+      lse, the causal mask of the block (one byte per query-key pair, ``T^2``), K and V expanded to the query
+      heads in fp32, and a tile's query rows in fp32 with two ``tq x tk`` score tensors;
+    - backward (MemoryTracker's peak inside the tile loop, checked by ``perf/memory.py``): the stacked K/V, the
+      dK/dV buffer and the block arriving; the fp32 dQ accumulator and the dQ tiles made so far (``T`` rows),
+      the mask, K, V, dK, dV expanded in fp32; a tile's query rows and output gradient, the einsum's result and
+      its scaled copy (fp32, ``tq`` rows each), the row dot and the lse (``tq`` per head) and two score
+      tensors (P and dS).
+
+    Only the mask grows faster than ``T``: the rest is O(L/(R*S)) per rank."""
     if case.ring == 1:
         return 0, 0
-    B, L, e, s, hd = case.batch, case.seq, case.dtype_bytes, case.shape, case.config.head_dim
-    kv, q = hop_bytes(case), B * L * s.q_heads * hd
-    forward = 2 * kv + q * (e + FP32) + B * s.q_heads * L * FP32
-    backward = 4 * kv + q * FP32 + (q + B * L * s.kv_heads * hd * 2) * e
+    B, T, hq = case.batch, case.seq, case.shape.q_heads
+    tq = tk = min(T, TILE)
+    Q, kv, mask = B * hq * case.config.head_dim * FP32, hop_bytes(case), T * T if case.config.causal else 0
+    forward = 2 * kv + T * Q + B * hq * T * FP32 + mask + 2 * T * Q + tq * Q + 2 * B * hq * tq * tk * FP32
+    backward = 3 * kv + 6 * T * Q + 4 * tq * Q + mask + 2 * B * hq * tq * FP32 + 2 * B * hq * tq * tk * FP32
     return forward, backward
 
 
