@@ -127,16 +127,22 @@ def test_ring_conserves_work_and_activations_per_rank():
 def test_ring_memory_transients_by_hand():
     case = Case("ulysses", ODD, 1, 20, 2, 0, ring=3)  # 20 tokens, 3 query heads, 1 kv head, hd 16
     # What comm/ring.py and ops/ring_attention.py allocate at step 0 (the diagonal block), as MemoryTracker
-    # measured it (perf/memory.py's ring cases): hops of K/V in bf16, one fp32 token of query heads (Q), the
-    # causal mask (a byte per query-key pair), one 20 x 20 score tile per head in fp32.
-    kv, Q, T, tile = 1280, 3 * 16 * 4, 20, 3 * 20 * 20 * 4
+    # measured it (perf/memory.py's ring cases): both passes hold the 3 ring ranks' int64 token indices and the
+    # causal mask (a byte per query-key pair); hops of K/V in bf16, one fp32 token of query heads (Q), score
+    # tiles of 3 heads in fp32.
+    kv, Q, T = 1280, 3 * 16 * 4, 20
+    both = 3 * T * 8 + T * T
     fwd, bwd = ring_transients(case)
-    assert fwd == 2 * kv + T * Q + 3 * T * 4 + T * T + 2 * T * Q + T * Q + 2 * tile
-    assert bwd == 3 * kv + 6 * T * Q + 4 * T * Q + T * T + 2 * 3 * T * 4 + 2 * tile
-    # Past the tile (512 x 512 scores), only the mask and the whole-block buffers grow with the tokens.
-    long = dataclasses.replace(case, seq=1200)
-    kv, T, tile = 1280 * 60, 1200, 3 * 512 * 512 * 4
-    assert ring_transients(long)[1] == 3 * kv + 6 * T * Q + 4 * 512 * Q + T * T + 2 * 3 * 512 * 4 + 2 * tile
+    assert fwd == both + 2 * kv + T * Q + 3 * T * 4 + 2 * T * Q + T * Q + 2 * (3 * T * T * 4)
+    # Backward, one key tile: dQ, K, V, dK, dV in fp32; the row tile (rows, output gradient, dQ tile, row dot,
+    # lse); P and dS with dQ's einsum result and its scaled copy.
+    assert bwd == both + 3 * kv + 5 * T * Q + (3 * T * Q + 2 * 3 * T * 4) + (2 * 3 * T * T * 4 + 2 * T * Q)
+    # Past the 512 x 512 tile: at the second key tile's mask fill of the last full row tile (512 rows, 512
+    # before it), the last tile's P and dS beside the new scores, their masked copy and the negated mask tile.
+    kv, T = 1280 * 60, 1200
+    row = 3 * 512 * Q + 2 * 3 * 512 * 4 + 512 * Q
+    tiles = 2 * 3 * 512 * (512 + 512) * 4 + 512 * 512
+    assert ring_transients(dataclasses.replace(case, seq=T))[1] == 3 * T * 8 + T * T + 3 * kv + 5 * T * Q + row + tiles
     peak = plan.block_peak(case)
     assert {"ring attention forward", "ring attention backward"} <= set(peak.moments)
     # Twice the ring ranks at the same tokens per ring rank: the same memory per rank.

@@ -284,6 +284,8 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         moments["ring attention forward"] = core + ring_fwd
         o_grad = d * q_width * e
         resident = core + grads["ffn"] + grads["norms"] // 2 + o_grad + n * e + B * case.seq * q_width * e
+        if not heads_split(case):  # Ulysses: o_proj's input (its own storage, after the all-to-all) is released
+            resident -= B * case.shape.tokens * c.num_heads * c.head_dim * e
         moments["ring attention backward"] = resident + ring_bwd
     made = {
         "ring attention forward": 0,

@@ -140,30 +140,51 @@ def ring_exposed(
     return exposed + hop_s, passes * (ring - 1) + 2 * ring - 1
 
 
+def _backward_tile_loop(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
+    """Peak bytes inside ``block_backward``'s tile loop over a ``T x T`` block beyond its whole-block buffers.
+
+    A row tile of ``r`` queries holds its rows and output gradient, its dQ tile (fp32, ``r * Q`` each), the row
+    dot and the lse (fp32, ``r`` per head) and the dQ tiles of the rows before. With one key tile the peak is at
+    dQ's update: P and dS (``r x T`` fp32 per head) and the einsum's result with its scaled copy. With more, it
+    is at the next key tile's mask fill: the last tile's P and dS are still bound while the new scores, their
+    masked copy and the negated mask tile are made."""
+    tk1 = min(TILE, T - TILE)
+    best = 0
+    for before in {(T - 1) // TILE * TILE, max(0, T // TILE - 1) * TILE}:  # the last row tile, the last full one
+        r = min(TILE, T - before)
+        rows = 3 * r * Q + 2 * B * hq * r * FP32 + before * Q
+        if T <= TILE:
+            tiles = 2 * B * hq * r * T * FP32 + 2 * r * Q
+        else:
+            tiles = 2 * B * hq * r * (TILE + tk1) * FP32 + (r * tk1 if causal else 0)
+        best = max(best, rows + tiles)
+    return best
+
+
 def ring_transients(case: Case) -> tuple[int, int]:
     """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``, at
     ring step 0 (the diagonal block: every query against every key of this ring rank; later steps meet half).
 
     What ``comm.ring`` and ``ops.ring_attention`` allocate, with ``T = L/R`` tokens, ``Q`` the fp32 bytes of one
-    token's query heads, scores tiled ``TILE x TILE`` (``tq, tk`` rows and columns of a tile) in fp32:
+    token's query heads, scores tiled ``TILE x TILE`` in fp32 (checked against MemoryTracker by
+    ``perf/memory.py``):
 
+    - both: every ring rank's token indices (int64, the ring's plan, held from forward to backward) and the
+      causal mask of the block (one byte per query-key pair, ``T^2``);
     - forward: the stacked K/V block and the one arriving (:func:`hop_bytes` each), the fp32 running output and
-      lse, the causal mask of the block (one byte per query-key pair, ``T^2``), K and V expanded to the query
-      heads in fp32, and a tile's query rows in fp32 with two ``tq x tk`` score tensors;
-    - backward (MemoryTracker's peak inside the tile loop, checked by ``perf/memory.py``): the stacked K/V, the
-      dK/dV buffer and the block arriving; the fp32 dQ accumulator and the dQ tiles made so far (``T`` rows),
-      the mask, K, V, dK, dV expanded in fp32; a tile's query rows and output gradient, the einsum's result and
-      its scaled copy (fp32, ``tq`` rows each), the row dot and the lse (``tq`` per head) and two score
-      tensors (P and dS).
+      lse, K and V expanded to the query heads in fp32, and a tile's query rows in fp32 with two score tiles;
+    - backward: the stacked K/V, the dK/dV buffer and the block arriving; the fp32 dQ accumulator, K, V, dK, dV
+      expanded in fp32 (``T * Q`` each) and the tile loop (:func:`_backward_tile_loop`).
 
     Only the mask grows faster than ``T``: the rest is O(L/(R*S)) per rank."""
     if case.ring == 1:
         return 0, 0
-    B, T, hq = case.batch, case.seq, case.shape.q_heads
-    tq = tk = min(T, TILE)
-    Q, kv, mask = B * hq * case.config.head_dim * FP32, hop_bytes(case), T * T if case.config.causal else 0
-    forward = 2 * kv + T * Q + B * hq * T * FP32 + mask + 2 * T * Q + tq * Q + 2 * B * hq * tq * tk * FP32
-    backward = 3 * kv + 6 * T * Q + 4 * tq * Q + mask + 2 * B * hq * tq * FP32 + 2 * B * hq * tq * tk * FP32
+    B, T, hq, causal = case.batch, case.seq, case.shape.q_heads, case.config.causal
+    tq = min(T, TILE)
+    Q, kv = B * hq * case.config.head_dim * FP32, hop_bytes(case)
+    both = case.ring * T * 8 + (T * T if causal else 0)
+    forward = both + 2 * kv + T * Q + B * hq * T * FP32 + 2 * T * Q + tq * Q + 2 * B * hq * tq * tq * FP32
+    backward = both + 3 * kv + 5 * T * Q + _backward_tile_loop(B, T, hq, Q, causal)
     return forward, backward
 
 
