@@ -133,7 +133,9 @@ def test_ring_memory_transients_by_hand():
     kv, Q, T = 1280, 3 * 16 * 4, 20
     both = 3 * T * 8 + T * T
     fwd, bwd = ring_transients(case)
-    assert fwd == both + 2 * kv + T * Q + 3 * T * 4 + 2 * T * Q + T * Q + 2 * (3 * T * T * 4)
+    # Forward, one key tile: the fp32 running output and lse; K, V in fp32, the row's queries and, at the
+    # exponent, three score tiles (scores, less their lse, exp) with the lse.
+    assert fwd == both + 2 * kv + T * Q + 3 * T * 4 + 2 * T * Q + T * Q + 3 * (3 * T * T * 4) + 3 * T * 4
     # Backward, one key tile: dQ, K, V, dK, dV in fp32; the row tile (rows, output gradient, dQ tile, row dot,
     # lse); P and dS with dQ's einsum result and its scaled copy.
     assert bwd == both + 3 * kv + 5 * T * Q + (3 * T * Q + 2 * 3 * T * 4) + (2 * 3 * T * T * 4 + 2 * T * Q)

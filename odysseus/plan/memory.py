@@ -281,10 +281,16 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         ring_fwd, ring_bwd = ring_transients(case)
         q_width = case.shape.q_heads * c.head_dim
         core = saved - parts["ffn"] - parts["norm"] - x
-        moments["ring attention forward"] = core + ring_fwd
+        # Forward: the attention's saved output does not exist yet, and its lse is the running one (in ring_fwd).
+        made_later = B * case.seq * q_width * e + B * case.shape.q_heads * case.seq * FP32
+        if not heads_split(case):  # nor does Ulysses' o_proj input (its own storage, after the all-to-all)
+            made_later += B * case.shape.tokens * c.num_heads * c.head_dim * e
+        else:  # the fused QKV output v was copied from is still referenced
+            made_later -= B * case.seq * (case.shape.q_heads + 2 * case.shape.kv_heads) * c.head_dim * e
+        moments["ring attention forward"] = core - made_later + ring_fwd
         o_grad = d * q_width * e
         resident = core + grads["ffn"] + grads["norms"] // 2 + o_grad + n * e + B * case.seq * q_width * e
-        if not heads_split(case):  # Ulysses: o_proj's input (its own storage, after the all-to-all) is released
+        if not heads_split(case):  # Ulysses: o_proj's input is released by now
             resident -= B * case.shape.tokens * c.num_heads * c.head_dim * e
         moments["ring attention backward"] = resident + ring_bwd
     made = {

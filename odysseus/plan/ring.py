@@ -161,6 +161,29 @@ def _backward_tile_loop(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
     return best
 
 
+def _forward_block(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
+    """Peak bytes of ``block_forward`` over a ``T x T`` block and the ring's merge of its result, beyond the
+    ring's running output and lse. Inside: K and V expanded in fp32 (``T * Q`` each), the outputs and lse of the
+    row tiles before, the row's queries, running output and lse; with one key tile the peak is at the exponent
+    (scores, scores less lse, their exp), with more at the next key tile's mask fill (the last tile's scores
+    still bound beside the new ones, their masked copy and the negated mask tile). After: the tiles' outputs
+    and lse concatenated beside the list; the merge's weights and products."""
+    lse_row = B * hq * FP32
+    tk1 = min(TILE, T - TILE)
+    loop = 0
+    for before in {(T - 1) // TILE * TILE, max(0, T // TILE - 1) * TILE}:
+        r = min(TILE, T - before)
+        rows = before * (Q + lse_row) + r * Q
+        if T <= TILE:  # the first key tile's lse is all the row has
+            tiles = 3 * B * hq * r * T * FP32 + r * lse_row
+        else:  # the first key tile's output and lse, the row's running ones
+            tiles = B * hq * r * (TILE + 2 * tk1) * FP32 + (r * tk1 if causal else 0) + r * Q + r * lse_row
+        loop = max(loop, rows + tiles)
+    inside = 2 * T * Q + max(loop, 2 * T * (Q + lse_row))
+    merge = T * (Q + lse_row) + 3 * T * Q + 4 * T * lse_row
+    return max(inside, merge)
+
+
 def ring_transients(case: Case) -> tuple[int, int]:
     """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``, at
     ring step 0 (the diagonal block: every query against every key of this ring rank; later steps meet half).
@@ -180,10 +203,9 @@ def ring_transients(case: Case) -> tuple[int, int]:
     if case.ring == 1:
         return 0, 0
     B, T, hq, causal = case.batch, case.seq, case.shape.q_heads, case.config.causal
-    tq = min(T, TILE)
     Q, kv = B * hq * case.config.head_dim * FP32, hop_bytes(case)
     both = case.ring * T * 8 + (T * T if causal else 0)
-    forward = both + 2 * kv + T * Q + B * hq * T * FP32 + 2 * T * Q + tq * Q + 2 * B * hq * tq * tq * FP32
+    forward = both + 2 * kv + T * Q + B * hq * T * FP32 + _forward_block(B, T, hq, Q, causal)
     backward = both + 3 * kv + 5 * T * Q + _backward_tile_loop(B, T, hq, Q, causal)
     return forward, backward
 
