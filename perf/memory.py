@@ -170,7 +170,7 @@ def deviation_table(rows: list[dict]) -> str:
     |deviation|, the moments the peak fell at."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        layout = f"{r['ring']} x {r['world'] // r['ring']}" if r["ring"] > 1 else None
+        layout = f"{r['ring']} x {r['world'] // r['ring']}" if r["ring"] > 1 else ""
         groups[(r["strategy"], r["mode"], layout)].append(r)
     ring = any(layout for _, _, layout in groups)
     names = [v.name for v in VARIANTS]
