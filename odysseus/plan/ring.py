@@ -145,7 +145,8 @@ def _backward_tile_loop(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
 
     A row tile of ``r`` queries holds its rows and output gradient, its dQ tile (fp32, ``r * Q`` each), the row
     dot and the lse (fp32, ``r`` per head) and the dQ tiles of the rows before. With one key tile the peak is at
-    dQ's update: P and dS (``r x T`` fp32 per head) and the einsum's result with its scaled copy. With more, it
+    dS (P, the einsum's scores and them less the row dot: ``r x T`` fp32 per head) or at dQ's update (P, dS and
+    the einsum's result with its scaled copy), whichever is larger. With more, it
     is at the next key tile's mask fill: the last tile's P and dS are still bound while the new scores, their
     masked copy and the negated mask tile are made."""
     tk1 = min(TILE, T - TILE)
@@ -153,8 +154,8 @@ def _backward_tile_loop(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
     for before in {(T - 1) // TILE * TILE, max(0, T // TILE - 1) * TILE}:  # the last row tile, the last full one
         r = min(TILE, T - before)
         rows = 3 * r * Q + 2 * B * hq * r * FP32 + before * Q
-        if T <= TILE:
-            tiles = 2 * B * hq * r * T * FP32 + 2 * r * Q
+        if T <= TILE:  # P and dS, and dS's einsum (result, less the row dot) or dQ's (result, scaled copy)
+            tiles = 2 * B * hq * r * T * FP32 + max(B * hq * r * T * FP32, 2 * r * Q)
         else:
             tiles = 2 * B * hq * r * (TILE + tk1) * FP32 + (r * tk1 if causal else 0)
         best = max(best, rows + tiles)
