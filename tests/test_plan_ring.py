@@ -10,8 +10,10 @@ import pytest
 
 from odysseus import plan
 from odysseus.config import TransformerConfig
+from odysseus.ops import ring_attention as ops_ring_attention
 from odysseus.plan import MODELS, Assumptions, Case, forms, get_hardware
 from odysseus.plan import __main__ as cli
+from odysseus.plan import ring as plan_ring
 from odysseus.plan.efficiency import SEQ, TFLOPS, attention_efficiency, figure_tflops
 from odysseus.plan.forms import weight_numel
 from odysseus.plan.ring import (
@@ -125,6 +127,7 @@ def test_ring_conserves_work_and_activations_per_rank():
 
 
 def test_ring_memory_transients_by_hand():
+    assert plan_ring.TILE == ops_ring_attention.TILE  # the planner's copy of the score tile
     case = Case("ulysses", ODD, 1, 20, 2, 0, ring=3)  # 20 tokens, 3 query heads, 1 kv head, hd 16
     # What comm/ring.py and ops/ring_attention.py allocate at step 0 (the diagonal block), as MemoryTracker
     # measured it (perf/memory.py's ring cases): both passes hold the 3 ring ranks' int64 token indices and the

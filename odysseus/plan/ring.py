@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 
 from ..layout import all_reduce_bytes, shard_sizes
-from ..ops.ring_attention import TILE
 from ..strategies.registry import ATTENTION_WEIGHTS, FFN_WEIGHTS
 from .case import Case
 from .data_parallel import dp_grad_numel, dp_step_records
@@ -40,6 +39,9 @@ from .forms import Record, _fsdp_local, _fsdp_units_by_part, weight_numel
 from .presets import Assumptions, Hardware
 
 FP32 = 4
+TILE = 512
+"""``odysseus.ops.ring_attention.TILE``: the query rows and key columns of one tile of scores (the planner imports
+no torch code; tests/test_plan_ring.py checks the two agree)."""
 
 
 def chunk_sizes(seq: int, ring: int) -> list[int]:
