@@ -16,6 +16,10 @@ are extrapolated only once they match, on every rank:
   one ``step()``), exactly equal to ``odysseus.plan.parameter_bytes``; for the ZeRO-3 variants FSDP2's
   sharded parameters count their padded storage, gradients and moments their unpadded shard.
 
+The same checks run on ``("ring", "sp")`` meshes (:data:`RING_LAYOUTS`; ring attention, ``odysseus.plan.ring``) for
+every strategy that splits the sequence, without ZeRO-3, on :data:`RING_SHAPES`: odd chunks, batch 2, GQA
+expanded per block, and a ring rank's sequence past the ``512 x 512`` score tile.
+
 Shapes cover even and uneven sequences, batch 2, several widths and GQA (with expanded kv heads at N = 8),
 and one longer sequence where activations outweigh the weights, so the forms are checked in every
 variable they extrapolate in. The ZeRO-3 variants' saved activations are their base strategy's (FSDP2
@@ -55,6 +59,15 @@ TOLERANCE = 0.05
 """Largest relative difference between a measured peak and ``block_peak``."""
 LONG_SHAPE = (dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=172), 1, 253)
 """A sequence long enough that activations, not weights, set the peak at every N."""
+RING_LAYOUTS = ((2, 1), (2, 2))
+"""(ring, sp) sizes of the ``("ring", "sp")`` meshes measured: pure ring attention, and the ring under sp."""
+RING_SHAPES = [
+    (dict(hidden_size=96, num_heads=6, num_kv_heads=2, intermediate_size=160), 1, 60),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=172), 2, 44),
+    (dict(hidden_size=64, num_heads=8, num_kv_heads=4, intermediate_size=172), 1, 2084),
+]
+"""Sequences of ``2R`` equal odd chunks (15 and 11 tokens; 521, so a ring rank's 1042 tokens span three tiles of
+scores), batch 2, kv heads shared by the query heads of a rank."""
 
 
 def _local_bytes(t: torch.Tensor, padded: bool = False) -> int:
@@ -77,18 +90,28 @@ def combos() -> list[tuple]:
     ]
 
 
-def _measure(rank: int, world: int, shapes: list) -> list[dict]:
+def ring_combos() -> list[tuple]:
+    """:func:`combos` of the strategies a ring runs under (those that split the sequence), without ZeRO-3."""
+    return [(v, mode, backend) for v, mode, backend in combos() if v.spec.sequence_split and not v.zero3]
+
+
+def _measure(rank: int, world: int, shapes: list, ring: int = 1) -> list[dict]:
+    mesh = None
+    if ring > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (ring, world // ring), mesh_dim_names=("ring", "sp"))
     out = []
     for k, (cfg_kw, B, L) in enumerate(shapes):
         ref = init_weights(TransformerBlock(odysseus.TransformerConfig(**cfg_kw))).to(torch.bfloat16)
         g = torch.Generator().manual_seed(k)
         x = torch.randn(B, L, ref.config.hidden_size, generator=g, dtype=torch.bfloat16)
-        for v, mode, backend in combos():
-            par = odysseus.parallelize(ref, v.spec.name, backend=backend, save_input=mode)
+        for v, mode, backend in combos() if ring == 1 else ring_combos():
+            par = odysseus.parallelize(ref, v.spec.name, mesh, backend=backend, save_input=mode)
             if v.zero3:
                 par = odysseus.zero3(par)
             # Its own storage, as a layer input in a model is (a shard_sequence view would hold the whole x).
-            xin = (shard_sequence(x) if v.spec.sequence_split else x).detach().clone().requires_grad_()
+            xin = (shard_sequence(x, mesh) if v.spec.sequence_split else x).detach().clone().requires_grad_()
             dy = torch.randn(xin.shape, generator=g, dtype=xin.dtype)
             par(xin).backward(dy)  # first calls initialise lazily (FSDP2, length exchanges): not measured
             finalize_grads(par)
@@ -109,42 +132,56 @@ def _measure(rank: int, world: int, shapes: list) -> list[dict]:
     return out
 
 
-def verify(worlds: list[int], shapes: list) -> tuple[int, list[dict]]:
-    """Measure every strategy, mode and CPU backend at every world and shape. Raise on any difference in the
-    exact forms or a peak off by more than ``TOLERANCE``; return the cases checked and one row per peak."""
+def verify(worlds: list[int], shapes: list, ring_layouts=(), ring_shapes: list | None = None) -> tuple[int, list[dict]]:
+    """Measure every strategy, mode and CPU backend at every world and shape, and on every ``(ring, sp)`` layout
+    at every ring shape. Raise on any difference in the exact forms or a peak off by more than ``TOLERANCE``;
+    return the cases checked and one row per peak (``ring``: 1, or R on a ring layout)."""
+    runs = [(w, 1, shapes) for w in worlds] + [(R * S, R, ring_shapes) for R, S in ring_layouts]
     checked, rows = 0, []
     with common.norm_chunks(common.NORM_CHUNK_ROWS):  # the chunked RMSNorm backward, as long shards run it
-        for world in worlds:
-            for rank, cases in enumerate(run_ranks(world, _measure, shapes, timeout=1800)):
+        for world, R, run_shapes in runs:
+            S = world // R
+            for rank, cases in enumerate(run_ranks(world, _measure, run_shapes, R, timeout=1800)):
                 for got in cases:
-                    cfg_kw, B, L = shapes[got["shape"]]
+                    cfg_kw, B, L = run_shapes[got["shape"]]
                     s, mode = got["strategy"], got["mode"]
-                    case = Case(s, odysseus.TransformerConfig(**cfg_kw), B, L, world, rank, 2, save_input=mode)
+                    # sp innermost: this rank's sp rank; its ring rank holds L/R tokens
+                    cfg = odysseus.TransformerConfig(**cfg_kw)
+                    case = Case(s, cfg, B, L // R, S, rank % S, 2, save_input=mode, ring=R)
                     want = parameter_bytes(case)
                     if got["saved"] is not None:
                         want["saved"] = saved_activation_bytes(case)
                     measured = {k: got[k] for k in want}
-                    where = f"{s} at N={world}, rank {rank}, {mode}/{got['backend']}, shape {cfg_kw}, B={B}, L={L}"
+                    mesh = f"N={world}" if R == 1 else f"ring {R} x sp {S}"
+                    where = f"{s} at {mesh}, rank {rank}, {mode}/{got['backend']}, shape {cfg_kw}, B={B}, L={L}"
                     if measured != want:
                         raise AssertionError(f"{where}: measured {measured}, closed form {want}")
                     peak = block_peak(case, got["backend"])
                     dev = common.peak_deviation(where, got["peak"], peak.bytes, peak.moment, got["peak_op"], TOLERANCE)
-                    rows.append(dict(got, world=world, rank=rank, model=peak.bytes, moment=peak.moment, dev=dev))
+                    rows.append(
+                        dict(got, world=world, rank=rank, ring=R, model=peak.bytes, moment=peak.moment, dev=dev)
+                    )
                     checked += 1
     return checked, rows
 
 
 def deviation_table(rows: list[dict]) -> str:
-    """Per strategy and save_input: cases, the largest and the mean |deviation|, the moments the peak fell at."""
+    """Per strategy and save_input (and ``ring x sp`` on ring layouts): cases, the largest and the mean
+    |deviation|, the moments the peak fell at."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["strategy"], r["mode"])].append(r)
+        layout = f"{r['ring']} x {r['world'] // r['ring']}" if r["ring"] > 1 else ""
+        groups[(r["strategy"], r["mode"], layout)].append(r)
+    ring = any(layout for _, _, layout in groups)
+    names = [v.name for v in VARIANTS]
     out = []
-    for (s, mode), rs in sorted(groups.items(), key=lambda kv: ([v.name for v in VARIANTS].index(kv[0][0]), kv[0][1])):
+    for (s, mode, layout), rs in sorted(groups.items(), key=lambda kv: (names.index(kv[0][0]), kv[0][1:])):
         devs = [abs(r["dev"]) for r in rs]
         moments = sorted({r["moment"] for r in rs})
-        out.append([s, mode, len(rs), f"{max(devs):.2%}", f"{sum(devs) / len(devs):.3%}", ", ".join(moments)])
-    headers = ["strategy", "save_input", "cases", "max deviation", "mean deviation", "peak at (closed form)"]
+        stats = [len(rs), f"{max(devs):.2%}", f"{sum(devs) / len(devs):.3%}", ", ".join(moments)]
+        out.append([s, mode] + ([layout] if ring else []) + stats)
+    headers = ["strategy", "save_input"] + (["ring x sp"] if ring else [])
+    headers += ["cases", "max deviation", "mean deviation", "peak at (closed form)"]
     return common.markdown_table(headers, out)
 
 
@@ -267,7 +304,9 @@ def main(argv: list[str] | None = None) -> str:
     args = common.sweep_args(__doc__, argv, MODELS)
     worlds, seqs, check_worlds = args.worlds, args.seqs, args.check_worlds
     shapes = args.shapes if args.quick else [*args.shapes, LONG_SHAPE]
-    checked, rows = verify(check_worlds, shapes)
+    ring_layouts, ring_shapes = (RING_LAYOUTS[1:], RING_SHAPES[:1]) if args.quick else (RING_LAYOUTS, RING_SHAPES)
+    checked, rows = verify(check_worlds, shapes, ring_layouts, ring_shapes)
+    ring_rows = [r for r in rows if r["ring"] > 1]
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "memory.png"
     plot(args.model, worlds, rows, png)
@@ -288,6 +327,15 @@ def main(argv: list[str] | None = None) -> str:
             f"{max(abs(r['dev']) for r in rows):.2%} (tolerance {TOLERANCE:.0%}):",
             "",
             deviation_table(rows),
+            "",
+            f'Ring rows (`ring x sp` set): {len(ring_rows)} of these cases on `("ring", "sp")` meshes '
+            f"{', '.join(f'({R}, {S})' for R, S in ring_layouts)} at {len(ring_shapes)} shapes "
+            f"(B, L = {', '.join(f'{B}, {L}' for _, B, L in ring_shapes)}; `Case(..., seq=L/R, world=S, ring=R)`), "
+            f"worst {max(abs(r['dev']) for r in ring_rows):.2%}. What a ring rank holds in attention "
+            "(`odysseus.plan.ring.ring_transients`) is its own L/R tokens' K/V blocks (two in flight), fp32 "
+            "accumulators and K/V/dK/dV expanded to its query heads, all O(L/(R·S)) per rank (sp splits the "
+            "heads), score tiles of at most 512 x 512 per head, and one term that is not: the causal mask of "
+            "the diagonal block, one byte per query-key pair of the ring rank, (L/R)^2 bytes.",
             "",
             f"Extrapolated per block of {args.model} (d={cfg.hidden_size}, {cfg.num_heads} heads, "
             f"{cfg.num_kv_heads} kv heads, i={cfg.intermediate_size}), batch 1, bf16, rank 0. Block peaks on the "

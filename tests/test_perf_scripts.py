@@ -82,6 +82,16 @@ def test_longseq_check_fails_on_a_wrong_term(monkeypatch):
         longseq_memory.verify([1], longseq_memory.QUICK_SHAPES, longseq_memory.OPTIONS[4:5])
 
 
+def test_memory_ring_check_fails_on_a_wrong_ring_term(monkeypatch):
+    from odysseus.plan import memory as plan_memory
+
+    real = plan_memory.ring_transients
+    # The ring's backward transients 40% too small: the measured pure-ring peak must fall outside the tolerance.
+    monkeypatch.setattr(plan_memory, "ring_transients", lambda case: (real(case)[0], round(real(case)[1] * 0.6)))
+    with pytest.raises(AssertionError, match=r"at ring 2 x sp 1, rank 0, .*\(tolerance 5%\)"):
+        memory.verify([], [], [(2, 1)], memory.RING_SHAPES[:1])
+
+
 def test_sections_are_rewritten_in_place(tmp_path):
     results = tmp_path / "RESULTS.md"
     common.write_section("a", "A-BODY-1", results)

@@ -10,8 +10,10 @@ import pytest
 
 from odysseus import plan
 from odysseus.config import TransformerConfig
+from odysseus.ops import ring_attention as ops_ring_attention
 from odysseus.plan import MODELS, Assumptions, Case, forms, get_hardware
 from odysseus.plan import __main__ as cli
+from odysseus.plan import ring as plan_ring
 from odysseus.plan.efficiency import SEQ, TFLOPS, attention_efficiency, figure_tflops
 from odysseus.plan.forms import weight_numel
 from odysseus.plan.ring import (
@@ -125,11 +127,27 @@ def test_ring_conserves_work_and_activations_per_rank():
 
 
 def test_ring_memory_transients_by_hand():
+    assert plan_ring.TILE == ops_ring_attention.TILE  # the planner's copy of the score tile
     case = Case("ulysses", ODD, 1, 20, 2, 0, ring=3)  # 20 tokens, 3 query heads, 1 kv head, hd 16
-    kv, q = 1280, 20 * 3 * 16
+    # What comm/ring.py and ops/ring_attention.py allocate at step 0 (the diagonal block), as MemoryTracker
+    # measured it (perf/memory.py's ring cases): both passes hold the 3 ring ranks' int64 token indices and the
+    # causal mask (a byte per query-key pair); hops of K/V in bf16, one fp32 token of query heads (Q), score
+    # tiles of 3 heads in fp32.
+    kv, Q, T = 1280, 3 * 16 * 4, 20
+    both = 3 * T * 8 + T * T
     fwd, bwd = ring_transients(case)
-    assert fwd == 2 * kv + q * (2 + 4) + 3 * 20 * 4
-    assert bwd == 4 * kv + q * 4 + (q + 20 * 1 * 16 * 2) * 2
+    # Forward, one key tile: the fp32 running output and lse; K, V in fp32, the row's queries and, at the
+    # exponent, three score tiles (scores, less their lse, exp) with the lse.
+    assert fwd == both + 2 * kv + T * Q + 3 * T * 4 + 2 * T * Q + T * Q + 3 * (3 * T * T * 4) + 3 * T * 4
+    # Backward, one key tile: dQ, K, V, dK, dV in fp32; the row tile (rows, output gradient, dQ tile, row dot,
+    # lse); P and dS with dQ's einsum result and its scaled copy.
+    assert bwd == both + 3 * kv + 5 * T * Q + (3 * T * Q + 2 * 3 * T * 4) + (2 * 3 * T * T * 4 + 2 * T * Q)
+    # Past the 512 x 512 tile: at the second key tile's mask fill of the last full row tile (512 rows, 512
+    # before it), the last tile's P and dS beside the new scores, their masked copy and the negated mask tile.
+    kv, T = 1280 * 60, 1200
+    row = 3 * 512 * Q + 2 * 3 * 512 * 4 + 512 * Q
+    tiles = 2 * 3 * 512 * (512 + 512) * 4 + 512 * 512
+    assert ring_transients(dataclasses.replace(case, seq=T))[1] == 3 * T * 8 + T * T + 3 * kv + 5 * T * Q + row + tiles
     peak = plan.block_peak(case)
     assert {"ring attention forward", "ring attention backward"} <= set(peak.moments)
     # Twice the ring ranks at the same tokens per ring rank: the same memory per rank.

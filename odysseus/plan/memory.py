@@ -21,9 +21,10 @@ transients, derived from the modules:
   activations.
 - **finalize_grads**: the zero-padded dense gradients of shared kv heads, the flat all-reduce buffer and
   the new gradients, while the old ones are still referenced.
-- **ring attention forward/backward** (``ring > 1``): the K/V blocks in flight, the merge's accumulators and, in
-  backward, the travelling dK/dV accumulators (``odysseus.plan.ring.ring_transients``; from the protocol, not
-  yet measured).
+- **ring attention forward/backward** (``ring > 1``): the K/V blocks in flight, the fp32 accumulators, K and V
+  expanded in fp32, the diagonal block's causal mask and one tile of scores (``odysseus.plan.ring.ring_transients``,
+  measured by ``perf/memory.py``); ``finalize_grads`` then sums the gradients over the ring in a second flat
+  buffer.
 
 The backend enters through its gathers: ``naive`` gathers a whole input at once, ``pipelined`` streams it
 through the ring's slots; ``symm`` stages a rank's chunk in a persistent symmetric workspace and receives
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from ..layout import HeadSplit, norm_chunk_tokens, shard_sizes
 from ..strategies.registry import GATHER_SCATTER
 from .case import Case
+from .data_parallel import dp_grad_numel
 from .forms import _fsdp_local, _fsdp_units_by_part, dense_numel, ffn_split, heads_split
 from .overlap_memory import FP32, input_gemm_backward, output_gemm_backward, output_gemm_forward
 from .ring import ring_transients, ring_weight_numel, zero3_view
@@ -107,7 +109,8 @@ def saved_parts(case: Case) -> dict[str, int]:
     if heads_split(case):  # projections of this rank's heads on the full sequence, attention on them
         width = (s.q_heads + 2 * s.kv_heads) * hd
         attn = input_rows(case, case.spec.attention_comm) * d * e + d * width * e + 2 * L * hd * e
-        attn += _attention_core_bytes(case, L, width)
+        # On a ring, v reaches the ring op as a contiguous copy: the fused QKV output is not what it keeps.
+        attn += _attention_core_bytes(case, L, width if case.ring == 1 else None)
     else:  # projections on the shard, attention on all tokens of this rank's heads
         attn = B * s.tokens * d * e + 2 * s.tokens * hd * e + B * s.tokens * c.num_heads * hd * e
         attn += _attention_core_bytes(case, L, None)
@@ -196,16 +199,18 @@ def _fsdp_ffn(case: Case) -> tuple[int, int]:
 def sync_bytes(case: Case) -> int:
     """``finalize_grads``: the zero-padded dense gradients of split weights several ranks hold (shared kv
     heads) and the flat all-reduce buffer of everything it sums (the sums are copied back into the
-    gradients in place)."""
+    gradients in place). On a ring, every gradient FSDP2 does not reduce is then summed over the ring through a
+    second flat buffer, while the first is still referenced (``training.state._sum_over_replicas``)."""
+    ring = dp_grad_numel(case, "hybrid" if case.variant.zero3 else None) if case.ring > 1 else 0
     if case.world == 1:
-        return 0
+        return ring * case.dtype_bytes
     c, dense = case.config, dense_numel(case.config)
     padded = flat = 0
     if heads_split(case) and HeadSplit.build(c, case.world, case.rank).shared_kv:
         padded = flat = dense["k_proj"] + dense["v_proj"]
     if not case.variant.zero3:
         flat += sum(dense[n] for n in case.spec.replicated) + (2 * c.hidden_size if case.spec.sequence_split else 0)
-    return (padded + flat) * case.dtype_bytes
+    return (padded + flat + ring) * case.dtype_bytes
 
 
 def block_peak(case: Case, backend: str = "pipelined") -> Peak:
@@ -276,9 +281,17 @@ def block_peak(case: Case, backend: str = "pipelined") -> Peak:
         ring_fwd, ring_bwd = ring_transients(case)
         q_width = case.shape.q_heads * c.head_dim
         core = saved - parts["ffn"] - parts["norm"] - x
-        moments["ring attention forward"] = core + ring_fwd
+        # Forward: the attention's saved output does not exist yet, and its lse is the running one (in ring_fwd).
+        made_later = B * case.seq * q_width * e + B * case.shape.q_heads * case.seq * FP32
+        if not heads_split(case):  # nor does Ulysses' o_proj input (its own storage, after the all-to-all)
+            made_later += B * case.shape.tokens * c.num_heads * c.head_dim * e
+        else:  # the fused QKV output v was copied from is still referenced
+            made_later -= B * case.seq * (case.shape.q_heads + 2 * case.shape.kv_heads) * c.head_dim * e
+        moments["ring attention forward"] = core - made_later + ring_fwd
         o_grad = d * q_width * e
         resident = core + grads["ffn"] + grads["norms"] // 2 + o_grad + n * e + B * case.seq * q_width * e
+        if not heads_split(case):  # Ulysses: o_proj's input is released by now
+            resident -= B * case.shape.tokens * c.num_heads * c.head_dim * e
         moments["ring attention backward"] = resident + ring_bwd
     made = {
         "ring attention forward": 0,

@@ -39,6 +39,9 @@ from .forms import Record, _fsdp_local, _fsdp_units_by_part, weight_numel
 from .presets import Assumptions, Hardware
 
 FP32 = 4
+TILE = 512
+"""``odysseus.ops.ring_attention.TILE``: the query rows and key columns of one tile of scores (the planner imports
+no torch code; tests/test_plan_ring.py checks the two agree)."""
 
 
 def chunk_sizes(seq: int, ring: int) -> list[int]:
@@ -139,19 +142,74 @@ def ring_exposed(
     return exposed + hop_s, passes * (ring - 1) + 2 * ring - 1
 
 
-def ring_transients(case: Case) -> tuple[int, int]:
-    """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``.
+def _backward_tile_loop(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
+    """Peak bytes inside ``block_backward``'s tile loop over a ``T x T`` block beyond its whole-block buffers.
 
-    Forward: two K/V blocks (the one attended, the next arriving), the step's output in the activations' dtype
-    and its fp32 log-sum-exp, and the fp32 running output the blocks merge into. Backward: two K/V blocks, two
-    dK/dV accumulators (the one being summed into, the one travelling; in the K/V dtype), the fp32 dQ
-    accumulator and one step's dQ, dK, dV from the kernel. None of them grows with R: O(L/(R*S)) per rank."""
+    A row tile of ``r`` queries holds its rows and output gradient, its dQ tile (fp32, ``r * Q`` each), the row
+    dot and the lse (fp32, ``r`` per head) and the dQ tiles of the rows before. With one key tile the peak is at
+    dS (P, the einsum's scores and them less the row dot: ``r x T`` fp32 per head) or at dQ's update (P, dS and
+    the einsum's result with its scaled copy), whichever is larger. With more, it
+    is at the next key tile's mask fill: the last tile's P and dS are still bound while the new scores, their
+    masked copy and the negated mask tile are made."""
+    tk1 = min(TILE, T - TILE)
+    best = 0
+    for before in {(T - 1) // TILE * TILE, max(0, T // TILE - 1) * TILE}:  # the last row tile, the last full one
+        r = min(TILE, T - before)
+        rows = 3 * r * Q + 2 * B * hq * r * FP32 + before * Q
+        if T <= TILE:  # P and dS, and dS's einsum (result, less the row dot) or dQ's (result, scaled copy)
+            tiles = 2 * B * hq * r * T * FP32 + max(B * hq * r * T * FP32, 2 * r * Q)
+        else:
+            tiles = 2 * B * hq * r * (TILE + tk1) * FP32 + (r * tk1 if causal else 0)
+        best = max(best, rows + tiles)
+    return best
+
+
+def _forward_block(B: int, T: int, hq: int, Q: int, causal: bool) -> int:
+    """Peak bytes of ``block_forward`` over a ``T x T`` block and the ring's merge of its result, beyond the
+    ring's running output and lse. Inside: K and V expanded in fp32 (``T * Q`` each), the outputs and lse of the
+    row tiles before, the row's queries, running output and lse; with one key tile the peak is at the exponent
+    (scores, scores less lse, their exp), with more at the next key tile's mask fill (the last tile's scores
+    still bound beside the new ones, their masked copy and the negated mask tile). After: the tiles' outputs
+    and lse concatenated beside the list; the merge's weights and products."""
+    lse_row = B * hq * FP32
+    tk1 = min(TILE, T - TILE)
+    loop = 0
+    for before in {(T - 1) // TILE * TILE, max(0, T // TILE - 1) * TILE}:
+        r = min(TILE, T - before)
+        rows = before * (Q + lse_row) + r * Q
+        if T <= TILE:  # the first key tile's lse is all the row has
+            tiles = 3 * B * hq * r * T * FP32 + r * lse_row
+        else:  # the first key tile's output and lse, the row's running ones
+            tiles = B * hq * r * (TILE + 2 * tk1) * FP32 + (r * tk1 if causal else 0) + r * Q + r * lse_row
+        loop = max(loop, rows + tiles)
+    inside = 2 * T * Q + max(loop, 2 * T * (Q + lse_row))
+    merge = T * (Q + lse_row) + 3 * T * Q + 4 * T * lse_row
+    return max(inside, merge)
+
+
+def ring_transients(case: Case) -> tuple[int, int]:
+    """(forward, backward) bytes the ring attention holds beyond the block's saved tensors on ``case.rank``, at
+    ring step 0 (the diagonal block: every query against every key of this ring rank; later steps meet half).
+
+    What ``comm.ring`` and ``ops.ring_attention`` allocate, with ``T = L/R`` tokens, ``Q`` the fp32 bytes of one
+    token's query heads, scores tiled ``TILE x TILE`` in fp32 (checked against MemoryTracker by
+    ``perf/memory.py``):
+
+    - both: every ring rank's token indices (int64, the ring's plan, held from forward to backward) and the
+      causal mask of the block (one byte per query-key pair, ``T^2``);
+    - forward: the stacked K/V block and the one arriving (:func:`hop_bytes` each), the fp32 running output and
+      lse, K and V expanded to the query heads in fp32, and a tile's query rows in fp32 with two score tiles;
+    - backward: the stacked K/V, the dK/dV buffer and the block arriving; the fp32 dQ accumulator, K, V, dK, dV
+      expanded in fp32 (``T * Q`` each) and the tile loop (:func:`_backward_tile_loop`).
+
+    Only the mask grows faster than ``T``: the rest is O(L/(R*S)) per rank."""
     if case.ring == 1:
         return 0, 0
-    B, L, e, s, hd = case.batch, case.seq, case.dtype_bytes, case.shape, case.config.head_dim
-    kv, q = hop_bytes(case), B * L * s.q_heads * hd
-    forward = 2 * kv + q * (e + FP32) + B * s.q_heads * L * FP32
-    backward = 4 * kv + q * FP32 + (q + B * L * s.kv_heads * hd * 2) * e
+    B, T, hq, causal = case.batch, case.seq, case.shape.q_heads, case.config.causal
+    Q, kv = B * hq * case.config.head_dim * FP32, hop_bytes(case)
+    both = case.ring * T * 8 + (T * T if causal else 0)
+    forward = both + 2 * kv + T * Q + B * hq * T * FP32 + _forward_block(B, T, hq, Q, causal)
+    backward = both + 3 * kv + 5 * T * Q + _backward_tile_loop(B, T, hq, Q, causal)
     return forward, backward
 
 
