@@ -130,11 +130,11 @@ def test_ring_memory_transients_by_hand():
     assert plan_ring.TILE == ops_ring_attention.TILE  # the planner's copy of the score tile
     case = Case("ulysses", ODD, 1, 20, 2, 0, ring=3)  # 20 tokens, 3 query heads, 1 kv head, hd 16
     # What comm/ring.py and ops/ring_attention.py allocate at step 0 (the diagonal block), as MemoryTracker
-    # measured it (perf/memory.py's ring cases): both passes hold the 3 ring ranks' int64 token indices and the
-    # causal mask (a byte per query-key pair); hops of K/V in bf16, one fp32 token of query heads (Q), score
-    # tiles of 3 heads in fp32.
+    # measured it (perf/memory.py's ring cases): both passes hold the 3 ring ranks' int64 token indices (the
+    # causal mask is made a tile at a time and is gone by each peak); hops of K/V in bf16, one fp32 token of query
+    # heads (Q), score tiles of 3 heads in fp32.
     kv, Q, T = 1280, 3 * 16 * 4, 20
-    both = 3 * T * 8 + T * T
+    both = 3 * T * 8
     fwd, bwd = ring_transients(case)
     # Forward, one key tile: the fp32 running output and lse; K, V in fp32, the row's queries and, at the
     # exponent, three score tiles (scores, less their lse, exp) with the lse.
@@ -147,7 +147,7 @@ def test_ring_memory_transients_by_hand():
     kv, T = 1280 * 60, 1200
     row = 3 * 512 * Q + 2 * 3 * 512 * 4 + 512 * Q
     tiles = 2 * 3 * 512 * (512 + 512) * 4 + 512 * 512
-    assert ring_transients(dataclasses.replace(case, seq=T))[1] == 3 * T * 8 + T * T + 3 * kv + 5 * T * Q + row + tiles
+    assert ring_transients(dataclasses.replace(case, seq=T))[1] == 3 * T * 8 + 3 * kv + 5 * T * Q + row + tiles
     peak = plan.block_peak(case)
     assert {"ring attention forward", "ring attention backward"} <= set(peak.moments)
     # Twice the ring ranks at the same tokens per ring rank: the same memory per rank.
@@ -232,9 +232,16 @@ def test_max_seq_searches_the_ring_degree():
     (flat,) = plan.max_seq(model, 64, hw, strategies=("ulysses+zero3",), offload=False, ring=1)
     assert flat.seq == 0 and "32 query heads" in flat.binding
     # The search includes R = 1: it never finds less than R = 1 alone.
-    (r1,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False)  # ring=1: the default
-    (any_r,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False, ring=None)
+    (r1,) = plan.max_seq(model, 4, hw, strategies=("tp-sp",), offload=False)  # ring=1: the default
+    (any_r,) = plan.max_seq(model, 4, hw, strategies=("tp-sp",), offload=False, ring=None)
     assert any_r.seq >= r1.seq and any_r.ring in (1, 2, 4)
+    # TP holds the whole sequence: never on a ring (the modules refuse a ring mesh for it), searched at R = 1 only.
+    (tp_any,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False, ring=None)
+    assert tp_any.ring == 1 and tp_any.seq > 0
+    (tp_ring,) = plan.max_seq(model, 4, hw, strategies=("tp",), offload=False, ring=2)
+    assert tp_ring.seq == 0 and "needs a sequence-split strategy" in tp_ring.binding
+    (pred,) = plan.predict("llama3-8b", 1 << 16, 8, "h100-nvlink", ring=2, strategies=("tp",))
+    assert not pred.feasible and "needs a sequence-split strategy" in pred.note
     with pytest.raises(ValueError, match="ring=3 must be a positive int dividing gpus=4"):
         plan.max_seq(model, 4, hw, ring=3, offload=False)
 

@@ -28,13 +28,37 @@ TILE = 512
 
 
 @dataclass(frozen=True)
+class TileMask:
+    """Which query-key pairs of a block are hidden, made one score tile at a time: a whole block's mask would be
+    one byte per pair, ``(L/R)^2`` at ring step 0, the one term of a ring rank's memory that grows faster than
+    its tokens. ``q_index: (rows,)``, ``k_index: (cols,)`` global token indices (compared where ``causal``);
+    ``q_docs: (B or 1, rows)``, ``k_docs: (B or 1, cols)`` document ids (None: one document)."""
+
+    q_index: torch.Tensor
+    k_index: torch.Tensor
+    causal: bool
+    q_docs: torch.Tensor | None = None
+    k_docs: torch.Tensor | None = None
+
+    def hidden(self, rows: slice, cols: slice) -> torch.Tensor:
+        """``(B or 1, len(rows), len(cols))`` bool: True where the query does not see the key."""
+        out = None
+        if self.causal:
+            out = (self.q_index[rows, None] < self.k_index[None, cols])[None]
+        if self.q_docs is not None:
+            other = self.q_docs[:, rows, None] != self.k_docs[:, None, cols]
+            out = other if out is None else out | other
+        return out
+
+
+@dataclass(frozen=True)
 class Block:
     """The part of a (queries, keys) pair that attention must compute: query rows ``[q_lo:]``, key columns
-    ``[:k_hi]``, and the mask ``(B or 1, rows, cols)`` bool (None: every query sees every key)."""
+    ``[:k_hi]``, and the :class:`TileMask` of those rows and columns (None: every query sees every key)."""
 
     q_lo: int
     k_hi: int
-    mask: torch.Tensor | None
+    mask: TileMask | None
 
     @property
     def empty(self) -> bool:
@@ -51,7 +75,7 @@ def plan_block(
 ) -> Block:
     """The :class:`Block` of queries at global indices ``q_index: (Tq,)`` (CPU, ascending) and keys at
     ``k_index: (Tk,)``; ``q_docs: (B or 1, Tq)``, ``k_docs: (B or 1, Tk)`` document ids of packed sequences.
-    The mask lies on ``device`` (the documents' device where given)."""
+    The mask's indices lie on ``device`` (the documents' device where given)."""
     Tq, Tk = len(q_index), len(k_index)
     if Tq == 0 or Tk == 0:
         return Block(-1, 0, None)
@@ -63,13 +87,12 @@ def plan_block(
     else:
         q_lo, k_hi = 0, Tk
     qi, ki = q_index[q_lo:], k_index[:k_hi]
-    mask = None
-    if causal and int(ki[-1]) > int(qi[0]):  # some key lies after some query
-        mask = (qi[:, None] >= ki[None, :])[None].to(device if q_docs is None else q_docs.device)
-    if q_docs is not None:
-        same = q_docs[:, q_lo:, None] == k_docs[:, None, :k_hi]
-        mask = same if mask is None else same & mask
-    return Block(q_lo, k_hi, mask)
+    hides = causal and int(ki[-1]) > int(qi[0])  # some key lies after some query
+    if not hides and q_docs is None:
+        return Block(q_lo, k_hi, None)
+    where = device if q_docs is None else q_docs.device
+    docs = (None, None) if q_docs is None else (q_docs[:, q_lo:], k_docs[:, :k_hi])
+    return Block(q_lo, k_hi, TileMask(qi.to(where), ki.to(where), hides, *docs))
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -80,10 +103,10 @@ def _expand(t: torch.Tensor, kv_of_q: torch.Tensor | None) -> torch.Tensor:
     return t if kv_of_q is None else t.index_select(2, kv_of_q)
 
 
-def _scores(q, k, mask, scale):
-    """``(B, H, Tq, Tk)`` scaled scores, ``-inf`` where masked."""
+def _scores(q, k, hidden, scale):
+    """``(B, H, Tq, Tk)`` scaled scores, ``-inf`` where ``hidden: (B or 1, Tq, Tk)``."""
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    return s if mask is None else s.masked_fill(~mask[:, None].to(s.device), float("-inf"))
+    return s if hidden is None else s.masked_fill(hidden[:, None].to(s.device), float("-inf"))
 
 
 def _finite(lse: torch.Tensor) -> torch.Tensor:
@@ -95,12 +118,12 @@ def _tiles(n: int, size: int) -> list[slice]:
     return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
-def _sub(mask: torch.Tensor | None, rows: slice, cols: slice) -> torch.Tensor | None:
-    return None if mask is None else mask[:, rows, cols]
+def _sub(mask: TileMask | None, rows: slice, cols: slice) -> torch.Tensor | None:
+    return None if mask is None else mask.hidden(rows, cols)
 
 
 def block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, kv_of_q=None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: TileMask | None, scale: float, kv_of_q=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q: (B, Tq, Hq, D)`` over ``k, v: (B, Tk, Hkv, D)`` -> ``(out (B, Tq, Hq, D), lse (B, Hq, Tq))``
     in the accumulation dtype; ``kv_of_q``: (Hq,) long index of the kv head each query head reads (None when
@@ -142,7 +165,7 @@ def block_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: TileMask | None,
     scale: float,
     kv_of_q=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

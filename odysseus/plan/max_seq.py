@@ -22,6 +22,7 @@ from .cost import model_step
 from .longseq import LongSeq, longseq_cost, stack_peak
 from .predict import memory_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
+from .ring import ring_refusal
 
 FFN_TILE = 4096
 """Tokens per rank of an FFN tile the planner proposes: its ``(tile, intermediate)`` tensors are small next to
@@ -151,15 +152,21 @@ def max_seq(
     out = []
     for variant in strategies:
         variant = Variant.parse(variant) if isinstance(variant, str) else variant
-        why = heads_feasible(model.config(), gpus // rings[-1])
+        fitting = [R for R in rings if ring_refusal(variant.spec, R) is None]
+        why = (
+            ring_refusal(variant.spec, rings[-1])
+            if not fitting
+            else heads_feasible(model.config(), gpus // fitting[-1])
+        )
         if why is None and dp * gpus > hw.max_gpus:
             why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node"
         if why is not None:
             out.append(MaxSeq(variant.name, 0, LongSeq(), "gathered", 0.0, 0.0, {}, why, rings[-1]))
             continue
+        rings_here = fitting
         best = None
         keeps = ("gathered", "shard") if variant.spec.overlapped else ("gathered",)
-        for R, opt, keep in ((R, o, k) for R in rings for o in tries for k in keeps):
+        for R, opt, keep in ((R, o, k) for R in rings_here for o in tries for k in keeps):
             S, step = gpus // R, gpus if R == 1 else 2 * gpus  # a ring cuts 2R equal chunks
 
             def fits(seq: int, opt=opt, keep=keep, variant=variant, R=R, S=S) -> bool:
@@ -175,7 +182,7 @@ def max_seq(
             if best is None or (seq, -cost.time_s) > (best[0], -best[1].time_s):
                 best = (seq, cost, opt, keep, R, step)
         if best is None:  # the binding without a ring (or at the one asked for)
-            R = rings[0]
+            R = rings_here[0]
             case = _case(variant, model, batch, gpus if R == 1 else 2 * gpus, R, gpus // R, keeps[-1], dtype_bytes)
             opt = tries[-1]
             why = _binding(model, case, hw, a, opt, backend)

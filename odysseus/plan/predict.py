@@ -22,7 +22,7 @@ from .longseq import LongSeq, stack_peak
 from .memory import kept_input_bytes, saved_activation_bytes, sync_bytes
 from .overlap_memory import symm_workspace_bytes
 from .presets import Assumptions, Hardware, Model, get_hardware, get_model
-from .ring import ring_weight_numel, zero3_view
+from .ring import ring_refusal, ring_weight_numel, zero3_view
 
 _PARTS = ("params", "grads", "optimizer", "activations", "transient", "total", "host")
 
@@ -168,7 +168,7 @@ def predict(
         S = gpus // R
         case = Case(variant, model.config(), batch, seq // R, S, 0, dtype_bytes, keeps[0], ring_tokens, ring_slots)
         case = dataclasses.replace(case, ring=R)
-        why = heads_feasible(case.config, S)
+        why = ring_refusal(case.spec, R) or heads_feasible(case.config, S)
         if why is None and dp * gpus > hw.max_gpus:
             why = f"N={dp * gpus} > {hw.gpus_per_node} GPUs in one {hw.name} node (no inter-node link in the preset)"
         if why is not None:

@@ -82,6 +82,14 @@ def load_balance_factor(chunks: list[int], ring: int, causal: bool = True, balan
     return sum(max(row) for row in pairs) / (total / ring) if total else 1.0
 
 
+def ring_refusal(spec, ring: int) -> str | None:
+    """Why ``spec`` cannot run on a ring of ``ring`` ranks (None where it can): a ring cuts the sequence, and
+    ``tp`` holds the whole sequence on every rank (the modules refuse a ring mesh for it too)."""
+    if ring > 1 and not spec.sequence_split:
+        return f"{spec.name} holds the whole sequence on every rank: a ring of {ring} needs a sequence-split strategy"
+    return None
+
+
 def hop_bytes(case: Case) -> int:
     """Bytes of one ring hop on ``case.rank``: the K and V (or dK and dV) of this ring rank's ``L/R`` tokens for
     the kv heads this ``sp`` rank holds, unexpanded."""
@@ -195,19 +203,19 @@ def ring_transients(case: Case) -> tuple[int, int]:
     token's query heads, scores tiled ``TILE x TILE`` in fp32 (checked against MemoryTracker by
     ``perf/memory.py``):
 
-    - both: every ring rank's token indices (int64, the ring's plan, held from forward to backward) and the
-      causal mask of the block (one byte per query-key pair, ``T^2``);
+    - both: every ring rank's token indices (int64, the ring's plan, held from forward to backward); the causal
+      mask is made a score tile at a time (``ops.ring_attention.TileMask``), inside the tile terms;
     - forward: the stacked K/V block and the one arriving (:func:`hop_bytes` each), the fp32 running output and
       lse, K and V expanded to the query heads in fp32, and a tile's query rows in fp32 with two score tiles;
     - backward: the stacked K/V, the dK/dV buffer and the block arriving; the fp32 dQ accumulator, K, V, dK, dV
       expanded in fp32 (``T * Q`` each) and the tile loop (:func:`_backward_tile_loop`).
 
-    Only the mask grows faster than ``T``: the rest is O(L/(R*S)) per rank."""
+    Nothing grows faster than ``T``: O(L/(R*S)) per rank, plus tiles of a fixed size."""
     if case.ring == 1:
         return 0, 0
     B, T, hq, causal = case.batch, case.seq, case.shape.q_heads, case.config.causal
     Q, kv = B * hq * case.config.head_dim * FP32, hop_bytes(case)
-    both = case.ring * T * 8 + (T * T if causal else 0)
+    both = case.ring * T * 8
     forward = both + 2 * kv + T * Q + B * hq * T * FP32 + _forward_block(B, T, hq, Q, causal)
     backward = both + 3 * kv + 5 * T * Q + _backward_tile_loop(B, T, hq, Q, causal)
     return forward, backward
