@@ -48,7 +48,7 @@ class HeadSplitAttention(RegionModule):
         span = self.region.open(
             x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
         )
-        ring = open_ring(self.mesh, span.total, type(self).__name__, self.region.last_prints)
+        ring = open_ring(self.mesh, span.total, type(self).__name__, span.prints)
         check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
         projections = (self.q_proj, self.k_proj, self.v_proj)
         w_qkv = torch.cat([p.weight for p in projections]).t()

@@ -33,10 +33,12 @@ from ..validation import check_not_in_ddp, normalize_position_ids
 
 
 class Span:
-    """One forward call through a region: ``sizes`` holds every rank's sequence length."""
+    """One forward call through a region: ``sizes`` holds every rank's sequence length; ``prints`` the input
+    fingerprint this rank sent in the call's exchange (None where inputs are not checked), which a ring compares
+    over its own ranks too (strategies/ring_span.py)."""
 
-    def __init__(self, region: Region, sizes: list[int]):
-        self.region, self.sizes = region, sizes
+    def __init__(self, region: Region, sizes: list[int], prints: list[int] | None = None):
+        self.region, self.sizes, self.prints = region, sizes, prints
 
     @property
     def offset(self) -> int:
@@ -93,7 +95,6 @@ class Region:
         # check_inputs None: the cheap entry check (no host wait); True: every call, waiting; False: none.
         self.printer = None if module.check_inputs is False else Fingerprinter(sync=module.check_inputs is True)
         self.given_prints: tuple[list[int], str] | None = None  # a model's entry print, for the next open only
-        self.last_prints: list[int] | None = None
 
     @torch.compiler.disable  # host-side checks and ints: one graph break, as the exchange always was
     def open(self, x: torch.Tensor, position_ids: torch.Tensor | None = None, check=None) -> Span:
@@ -112,12 +113,11 @@ class Region:
         ok = error is None
         finite = (bool(torch.isfinite(x).all()) if ok else True) if self.check_finite else None
         prints, hint = self._prints(x if ok else None)
-        self.last_prints = prints  # a ring compares the same print over its own ranks (strategies/ring_span.py)
         sizes = exchange_lengths(
             x.shape[1] if ok else 0, self.pg, self.who, finite, replicated=not self.sequence_split, prints=prints,
             error=error, shape=(x.shape[0], x.shape[-1]) if ok else (0, 0), hint=hint,
         )  # fmt: skip
-        return Span(self, sizes)
+        return Span(self, sizes, prints)
 
     def _prints(self, x: torch.Tensor | None) -> tuple[list[int] | None, str]:
         """(this call's input print, or None where this region does not check; how to turn the check off)."""

@@ -45,7 +45,7 @@ class UlyssesAttention(RegionModule):
             x, position_ids, lambda: check_input(x, self.q_proj.weight, c.hidden_size, self.region.who)
         )
         B, L_r, _ = x.shape
-        ring = open_ring(self.mesh, span.total, type(self).__name__, self.region.last_prints)
+        ring = open_ring(self.mesh, span.total, type(self).__name__, span.prints)
         check_window(c.sliding_window, span.total if ring is None else ring.total, type(self).__name__)
         every = sequence_positions(span, ring, position_ids, B, x.device)  # (B or 1, L): the sp group's tokens
         pos = every[:, span.offset : span.offset + L_r]
