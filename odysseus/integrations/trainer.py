@@ -136,6 +136,10 @@ class OdysseusTrainer(transformers.Trainer):
                 f"multiple of {dp} (each replica trains on per_device_train_batch_size / {dp} of them)"
             )
         self.mesh = job_mesh(device, dp, ring_size, sp) if world > 1 else None
+        # What a replica's sequence is split over, for the loss: the sp group, or the (ring, sp) sub-mesh whose
+        # layout the ring's ranks hold their tokens in; sliced once here, not per micro-batch.
+        ring_mesh = self.mesh is not None and ring_size > 1
+        self.seq_group = self.mesh["ring", "sp"] if ring_mesh else self.sp_group
         model.to(device)
         with torch.random.fork_rng(devices=[]):  # Trainer's data order must not depend on what splitting draws
             parallelize_llama(
@@ -157,14 +161,6 @@ class OdysseusTrainer(transformers.Trainer):
     def sp_group(self):
         """The ``sp`` process group of the layers' head-parallel part (None on one process)."""
         return None if self.mesh is None else self.mesh.get_group("sp")
-
-    @property
-    def seq_group(self):
-        """What a replica's sequence is split over, for the loss: the ``sp`` group, or the ``(ring, sp)`` mesh
-        whose layout the ring's ranks hold their tokens in (None on one process)."""
-        if self.mesh is None or "ring" not in self.mesh.mesh_dim_names:
-            return self.sp_group
-        return self.mesh["ring", "sp"]
 
     def _dp(self) -> tuple[int, int]:
         """(this rank's replica, number of replicas)."""
